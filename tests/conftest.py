@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: tiny.save_tiny(root / f"tiny-{arch}", arch, tokenizer) for arch in ("gpt2", "llama")}
+
+
+# Small but real: enough steps at a high learning rate that a random tiny model's loss clearly drops.
+TINY_SECTIONS = {
+    "data": {"block_size": 64, "max_train_blocks": 96},
+    "finetune": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
+    "distill": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
+    "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024},
+}
+
+
+@pytest.fixture
+def make_recipe(tmp_path):
+    """Write a recipe for a tiny model; `sections` are merged over TINY_SECTIONS."""
+
+    def make(model: Path | str, name: str = "tiny", **sections) -> Path:
+        body = {"model": str(model), "name": name, "output_dir": str(tmp_path / "runs")}
+        for key in set(TINY_SECTIONS) | set(sections):
+            body[key] = {**TINY_SECTIONS.get(key, {}), **sections.get(key, {})}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    return make

@@ -1,0 +1,115 @@
+"""The whole chain on a tiny model, re-runs, and what an interrupted stage leaves behind."""
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import checkpoint
+from pipeline.cli import main
+
+STAGE_FOLDERS = ["base", "finetune", "distill", "quantize"]
+
+
+def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_path):
+    path = make_recipe(tiny_models["gpt2"])
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    for name in STAGE_FOLDERS:
+        folder = run_dir / name
+        for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
+                  "pipeline.json"):
+            assert (folder / f).is_file(), f"{name}/{f}"
+        meta = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
+        assert meta["library_name"] == "transformers"
+        if name != "base":  # `datasets` lists training data; the base model was not trained here
+            assert meta["datasets"] == ["python-stdlib-pydoc-topics"]
+        assert name in meta["tags"] or name == "base"
+        ppl = meta["model-index"][0]["results"][0]["metrics"][0]
+        assert ppl["type"] == "perplexity" and ppl["value"] > 1
+        record = json.loads((folder / "pipeline.json").read_text())
+        assert record["versions"]["transformers"] and record["evaluation"][0]["scored_tokens"] == 1023
+        AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        AutoTokenizer.from_pretrained(folder)
+    assert json.loads((run_dir / "distill" / "pipeline.json").read_text())["parent"] == str(run_dir / "finetune")
+    assert json.loads((run_dir / "quantize" / "pipeline.json").read_text())["parent"] == str(run_dir / "distill")
+    report = json.loads((run_dir / "report.json").read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    assert list(rows) == STAGE_FOLDERS
+    for row in rows.values():
+        assert 1 < row["perplexity"] < 512 and row["params"] > 0 and row["disk_mb"] > 0
+    assert rows["finetune"]["perplexity"] < rows["base"]["perplexity"]
+    assert rows["distill"]["params"] < rows["finetune"]["params"]
+    assert rows["quantize"]["disk_mb"] < rows["distill"]["disk_mb"]
+    md = (run_dir / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in STAGE_FOLDERS)
+
+
+def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, tmp_path, caplog):
+    path = make_recipe(tiny_models["llama"], distill={"enabled": False}, quantize={"enabled": False})
+    assert main(["run", str(path)]) == 0
+    weights = tmp_path / "runs" / "tiny" / "finetune" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    caplog.clear()
+    assert main(["run", str(path)]) == 0
+    assert weights.stat().st_mtime_ns == stamp
+    assert "finetune: " in caplog.text and "up to date" in caplog.text
+    # a changed knob invalidates the stage (and everything after it)
+    assert main(["run", str(path), "finetune.learning_rate=1e-3"]) == 0
+    assert weights.stat().st_mtime_ns != stamp
+    stamp = weights.stat().st_mtime_ns
+    assert main(["run", str(path), "finetune.learning_rate=1e-3", "--force", "--stages", "finetune"]) == 0
+    assert weights.stat().st_mtime_ns != stamp
+
+
+def test_interrupted_stage_leaves_nothing_to_consume(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    path = make_recipe(tiny_models["gpt2"])
+    assert main(["run", str(path), "--stages", "load"]) == 0
+    real_save = checkpoint.save_model
+
+    def save_then_die(folder, model, tok):  # weights half written, then the process is interrupted
+        real_save(folder, model, tok)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.stages.finetune.save_model", save_then_die)
+    assert main(["run", str(path), "--stages", "finetune"]) == 130
+    run_dir = tmp_path / "runs" / "tiny"
+    assert not (run_dir / "finetune").exists()
+    assert not any(p.name.startswith(".finetune") for p in run_dir.iterdir())
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["run", str(path), "--stages", "distill"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune" in err and "missing or incomplete" in err
+    # a leftover partial folder (e.g. from a killed process) is never taken as a finished stage
+    (run_dir / ".finetune.partial").mkdir()
+    (run_dir / ".finetune.partial" / "config.json").write_text("{}")
+    assert main(["run", str(path), "--stages", "distill"]) == 2
+
+
+def test_reloaded_stage_gives_same_logits_as_saved(tiny_models, make_recipe, tmp_path):
+    path = make_recipe(tiny_models["gpt2"], distill={"enabled": False}, quantize={"enabled": False},
+                       evaluate={"enabled": False})
+    assert main(["run", str(path)]) == 0
+    folder = tmp_path / "runs" / "tiny" / "finetune"
+    a = AutoModelForCausalLM.from_pretrained(folder)
+    b = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_on_smollm2(tmp_path):
+    """The offline quick start, on the real SmolLM2-135M, with fewer steps and tokens."""
+    overrides = [f"output_dir={tmp_path}", "finetune.max_steps=6", "distill.max_steps=4",
+                 "evaluate.max_tokens=1024", "data.block_size=64"]
+    assert main(["run", "recipes/quickstart.yaml", *overrides]) == 0
+    report = json.loads((tmp_path / "quickstart" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    assert list(rows) == STAGE_FOLDERS
+    assert 5 < rows["base"]["perplexity"] < 60  # SmolLM2-135M on English prose about Python
+    assert rows["finetune"]["perplexity"] < rows["base"]["perplexity"]
+    assert rows["distill"]["params"] < 0.75 * rows["base"]["params"]
+    assert rows["quantize"]["disk_mb"] < 0.6 * rows["distill"]["disk_mb"]

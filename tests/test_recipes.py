@@ -1,0 +1,66 @@
+"""Recipes: every shipped recipe validates; bad recipes fail at once, with exit code 2, naming the key."""
+from pathlib import Path
+
+import pytest
+
+from pipeline import recipe
+from pipeline.cli import main
+from pipeline.config import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_folder_is_not_empty():
+    assert {"quickstart.yaml", "gpt2-wikitext2.yaml"} <= {p.name for p in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    loaded = recipe.load(path)
+    assert loaded.name == path.stem
+    text = path.read_text()
+    assert text.startswith("#") and "python -m pipeline run" in text.split("\n\n")[0], "header must say how to run it"
+
+
+def test_all_problems_reported_at_once(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: ./no-such-model\n"
+        "data: {block_size: 2, source: ./missing.txt}\n"
+        "finetune: {max_step: 3, learning_rate: fast}\n"
+        "quantize: {method: gptq}\n"
+        "evaluate: {context: 64, stride: 128}\n"
+        "colour: blue\n"
+    )
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    for needle in ["model:", "data.block_size", "data.source", "finetune.max_step: unknown key (did you mean 'max_steps'?)",
+                   "finetune.learning_rate: expected float", "quantize.method: 'gptq' is not allowed; use one of: bnb-int8",
+                   "evaluate.stride", "colour: unknown key"]:
+        assert needle in err, needle
+    assert "8 problem(s)" in err
+
+
+def test_overrides_apply_and_are_typed(tiny_models, make_recipe):
+    path = make_recipe(tiny_models["gpt2"])
+    r = recipe.load(path, ["finetune.max_steps=3", "distill.layers=[0, 3]", "evaluate.max_tokens=null"])
+    assert r.finetune.max_steps == 3 and r.distill.layers == [0, 3] and r.evaluate.max_tokens is None
+    with pytest.raises(RecipeError) as err:
+        recipe.load(path, ["finetune.max_steps=many", "distill.every"])
+    assert "finetune.max_steps" in str(err.value)
+
+
+def test_run_with_bad_override_exits_2_before_loading(tiny_models, make_recipe, capsys):
+    assert main(["run", str(make_recipe(tiny_models["gpt2"])), "quantize.method=awq"]) == 2
+    assert "quantize.method" in capsys.readouterr().err
+
+
+def test_unknown_stage_is_a_clear_error(tiny_models, make_recipe, capsys):
+    assert main(["run", str(make_recipe(tiny_models["gpt2"])), "--stages", "finetune,polish"]) == 2
+    assert "unknown stage(s) polish" in capsys.readouterr().err
+
+
+def test_missing_recipe_file(capsys):
+    assert main(["validate", "recipes/nope.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err

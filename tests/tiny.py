@@ -1,0 +1,46 @@
+"""Tiny real models and a small real tokenizer, built from scratch for tests (no Hub access)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+EOS = "<|endoftext|>"
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the stdlib corpus in about a second."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((topics[k] for k in sorted(topics)), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   model_max_length=256)
+
+
+def build_model(arch: str, tokenizer, layers: int = 4):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer),
+                         bos_token_id=eos, eos_token_id=eos)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tokenizer),
+                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg)
+
+
+def save_tiny(folder: Path, arch: str, tokenizer, layers: int = 4) -> Path:
+    model = build_model(arch, tokenizer, layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
