@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help="comma-separated subset of stages to run (e.g. quantize,evaluate)")
     run.add_argument("--until", help="run the enabled stages up to and including this one (e.g. distill)")
     run.add_argument("--force", action="store_true", help="re-run stages even when their output is up to date")
+    gen = sub.add_parser("generate", help="generate text from a model folder (any stage output)")
+    gen.add_argument("model", help="model folder, e.g. runs/quickstart/finetune")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--num-beams", type=int, default=4, help="beam search width")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="sampling: nucleus probability mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     check = sub.add_parser("validate", help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
@@ -39,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
     from pipeline import recipe as recipes
 
     try:
@@ -61,4 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; the unfinished one left no folder behind", file=sys.stderr)
         return 130
+    return 0
+
+
+def _generate(args) -> int:
+    from pipeline.config import parse
+    from pipeline.generate import GenerationConfig, generate
+    from pipeline.models import load_folder, pick_device
+
+    errors: list[str] = []
+    settings = {k: getattr(args, k) for k in ("strategy", "max_new_tokens", "num_beams", "temperature", "top_k",
+                                               "top_p", "seed")}
+    cfg = parse(GenerationConfig, settings, "generate", errors)
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model, tokenizer = load_folder(args.model, device_map=str(pick_device()))
+    except ModelSourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    for prompt in args.prompt:
+        print(prompt + generate(model, tokenizer, prompt, cfg))
     return 0

@@ -1,42 +1,148 @@
-"""Perplexity with a sliding window, as in the Hugging Face perplexity guide."""
+"""Perplexity with a sliding window (as in the Hugging Face perplexity guide), batched; speed and memory."""
 from __future__ import annotations
 
+import gc
 import math
+import os
+import statistics
+import threading
+import time
 
 import torch
 
 
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) per window: each window scores only the tokens the previous one did not,
+    so every token is predicted once with up to `context - stride` tokens of left context."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        out.append((begin, end, min(end - prev_end, end - begin - 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 @torch.no_grad()
-def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int | None = None) -> dict:
-    """Token-level perplexity of `ids`: each window of `context` tokens scores only the tokens
-    not scored by the previous window, so every token is predicted once with up to
-    `context - stride` tokens of left context."""
+def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int | None = None,
+               batch_size: int = 8) -> dict:
+    """Token-level perplexity of `ids`; windows of equal length run `batch_size` at a time."""
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("evaluation text has fewer than 2 tokens; use a larger validation split")
-    device = next(model.parameters()).device
     stream = torch.tensor(ids, dtype=torch.long)
-    nll, scored, prev_end = 0.0, 0, 0
-    was_training = model.training
-    model.eval()
-    for begin in range(0, len(stream), stride):
-        end = min(begin + context, len(stream))
-        new = end - prev_end  # tokens this window is responsible for
-        window = stream[begin:end].unsqueeze(0).to(device)
-        logits = model(window, attention_mask=torch.ones_like(window)).logits[0, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, window[0, 1:, None])[:, 0]
-        k = min(new, logp.numel())
-        nll -= logp[-k:].sum().item()
-        scored += k
-        prev_end = end
-        if end == len(stream):
-            break
-    model.train(was_training)
+    device = model_device(model)
+    spans = windows(len(stream), context, stride)
+    nll, scored = 0.0, 0
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    groups: dict[int, list] = {}
+    for span in spans:  # only the last window can be shorter; group by length so batches stack
+        groups.setdefault(span[1] - span[0], []).append(span)
+    for length, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            batch = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
+            logp = torch.log_softmax(torch.as_tensor(logits)[:, :-1].float(), dim=-1)
+            token_lp = logp.gather(-1, batch[:, 1:, None].to(logp.device))[..., 0]
+            for row, (_, _, k) in enumerate(chunk):
+                nll -= token_lp[row, -k:].sum().item()
+                scored += k
+    if was_training:
+        model.train()
     return {
         "perplexity": math.exp(nll / scored),
         "nll": nll / scored,
         "scored_tokens": scored,
         "context": context,
         "stride": stride,
+    }
+
+
+def word_perplexity(token_result: dict, text: str) -> float:
+    """Word-level perplexity: the same total NLL spread over whitespace-separated words of the scored text."""
+    words = len(text.split())
+    return math.exp(token_result["nll"] * token_result["scored_tokens"] / max(words, 1))
+
+
+class PeakMemory:
+    """Peak memory the block adds: CUDA allocator peak, or on CPU the rise of process RSS (sampled every
+    20 ms) over what the process held when the block started."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    def _rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{os.getpid()}/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            gc.collect()  # drop the previous model before taking the baseline
+            self.start_mb = self.peak_mb = self._rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb()) - self.start_mb
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls pay for allocation, kernel selection and caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def speed(model, tokenizer, prompts: list[str], prefill_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """Prefill tokens/s (one forward pass over `prefill_tokens`) and greedy generate tokens/s
+    (exactly `new_tokens` new tokens per prompt), median of `repeats` after a warm-up."""
+    device = model_device(model)
+    prompt_ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"]
+    ids = prompt_ids.repeat(1, prefill_tokens // prompt_ids.shape[1] + 1)[:, :prefill_tokens].to(device)
+    prefill_s = _median_seconds(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)), repeats)
+    encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def gen():
+        for enc in encoded:
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=pad)
+
+    gen_s = _median_seconds(gen, repeats)
+    return {
+        "prefill_tok_s": round(ids.shape[1] / prefill_s, 1),
+        "gen_tok_s": round(new_tokens * len(prompts) / gen_s, 2),
+        "speed_settings": {"prefill_tokens": int(ids.shape[1]), "new_tokens": new_tokens,
+                           "prompts": len(prompts), "repeats": repeats, "device": str(device)},
     }

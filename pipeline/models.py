@@ -116,7 +116,10 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
 
 
 def load_folder(folder: str | Path, **kwargs):
-    """Model and tokenizer from a stage folder written by this pipeline."""
+    """Model and tokenizer from a stage folder written by this pipeline (or any model folder)."""
+    if not (Path(folder) / "config.json").is_file():
+        raise ModelSourceError(f"'{folder}' is not a model folder (no config.json); give a stage output folder "
+                               "such as runs/quickstart/finetune")
     source = Source("folder", str(folder))
     return load_model(source, **kwargs), load_tokenizer(source)
 

@@ -1,4 +1,4 @@
-"""runs/<recipe>/report.md and report.json: one row per model, what each step cost and gained."""
+"""runs/<recipe>/report.{md,json,png}: every model side by side on quality, size and speed."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,9 @@ COLUMNS = [  # (key, header, format)
     ("perplexity", "perplexity", "{:.3f}"),
     ("ppl_vs_base_pct", "Δ ppl vs base", "{:+.1f}%"),
     ("size_vs_base_pct", "size vs base", "{:.0f}%"),
-    ("scored_tokens", "tokens scored", "{:,}"),
+    ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
+    ("gen_tok_s", "generate tok/s", "{:.1f}"),
+    ("peak_mem_mb", "peak mem MB", "{:.0f}"),
 ]
 
 
@@ -24,21 +26,73 @@ def write(run_dir: Path, recipe: str, rows: list[dict]) -> None:
             row["size_vs_base_pct"] = round(100 * row["disk_mb"] / base["disk_mb"], 1)
     payload = {"recipe": recipe, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": rows}
     _atomic(run_dir / "report.json", json.dumps(payload, indent=2) + "\n")
+    if rows:
+        plot(rows, recipe, run_dir / "report.png")
     _atomic(run_dir / "report.md", markdown(recipe, rows))
 
 
 def markdown(recipe: str, rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    lines = [f"# Report: {recipe}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
-             "|" + "---|" * len(cols)]
+    extra = [e["dataset"] for e in rows[0].get("evaluations", [])[1:]] if rows else []
+    headers = [h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
+    lines = [f"# Report: {recipe}", "", "![perplexity vs size](report.png)", "",
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]
+        by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
+        cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
         lines.append("| " + " | ".join(cells) + " |")
-    if rows:
-        r = rows[0]
-        lines += ["", f"Perplexity: {r['dataset']} validation split, context {r['context']}, stride {r['stride']}, "
-                  f"on {r['device']}. Size: weight files on disk."]
+    if rows and rows[0].get("evaluations"):
+        first = rows[0]["evaluations"][0]
+        lines += ["", f"Perplexity: token-level on the `{first['dataset']}` validation split ({first['scored_tokens']:,} "
+                  f"tokens scored, context {first['context']}, stride {first['stride']}), on {rows[0]['device']}. "
+                  "Size: weight files on disk."]
+        speed = rows[0].get("speed_settings")
+        if speed:
+            lines.append(f"Speed: prefill of {speed['prefill_tokens']} tokens; greedy generation of "
+                         f"{speed['new_tokens']} new tokens for {speed['prompts']} prompt(s); median of "
+                         f"{speed['repeats']} runs after a warm-up. Peak memory: what loading and "
+                         "scoring the model added (process RSS rise on CPU, allocator peak on CUDA).")
+    sampled = [r for r in rows if r.get("samples")]
+    if sampled:
+        lines += ["", f"## Samples ({sampled[0]['decoding']})", ""]
+        for i, prompt in enumerate(s["prompt"] for s in sampled[0]["samples"]):
+            lines += [f"**Prompt:** {prompt}", ""]
+            for row in sampled:
+                output = " ".join(row["samples"][i]["output"].split())
+                lines.append(f"- **{row['name']}**: {prompt} _{output}_")
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], recipe: str, path: Path) -> None:
+    """Perplexity against size on disk, one labelled point per model; marker area shows generate speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fastest = max((r.get("gen_tok_s") or 0) for r in rows) or 1
+    for row in rows:
+        gen = row.get("gen_tok_s")
+        size = 60 + 540 * (gen / fastest if gen else 0)
+        ax.scatter(row["disk_mb"], row["perplexity"], s=size, alpha=0.7, edgecolors="black")
+        label = row["name"] + (f"\n{gen:.1f} tok/s" if gen else "")
+        ax.annotate(label, (row["disk_mb"], row["perplexity"]), textcoords="offset points", xytext=(10, 6),
+                    fontsize=9)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    if max(r["perplexity"] for r in rows) / min(r["perplexity"] for r in rows) > 10:
+        ax.set_yscale("log")
+    ax.set_title(f"{recipe}: quality vs size (marker area = generate tokens/s)")
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.25, y=0.2)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def _atomic(path: Path, text: str) -> None:

@@ -28,7 +28,8 @@ TINY_SECTIONS = {
     "data": {"block_size": 64, "max_train_blocks": 96},
     "finetune": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
     "distill": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
-    "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024},
+    "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024, "repeats": 1, "new_tokens": 4,
+                 "prefill_tokens": 32, "generation": {"max_new_tokens": 4}},
 }
 
 

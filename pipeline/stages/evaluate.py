@@ -1,4 +1,4 @@
-"""Evaluate: perplexity, parameters and size on disk for the base model and every stage output."""
+"""Evaluate: quality, size and speed of the base model and every stage output, side by side."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +11,12 @@ from typing import Literal
 from pipeline import data, models, report
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
-from pipeline.metrics import perplexity
+from pipeline.generate import GenerationConfig, describe, generate
+from pipeline.metrics import PeakMemory, perplexity, speed, word_perplexity
 
 log = logging.getLogger("pipeline")
 ModelName = Literal["base", "finetune", "distill", "quantize"]
+DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension is"]
 
 
 @dataclass
@@ -22,8 +24,19 @@ class EvaluateConfig:
     enabled: bool = True
     models: list[ModelName] = field(default_factory=lambda: ["base", "finetune", "distill", "quantize"])
     context: int = 256  # tokens of each perplexity window
-    stride: int = 128  # step between windows; each window scores only its last `stride`-ish new tokens
-    max_tokens: int | None = 8192  # score at most this many validation tokens (null = all)
+    stride: int = 128  # step between windows; every token is scored once
+    max_tokens: int | None = 8192  # score at most this many tokens per text (null = all)
+    batch_size: int = 8  # perplexity windows per forward pass
+    texts: list[str] = field(default_factory=list)  # extra evaluation text files (.txt), beside the validation split
+    word_level: bool = False  # also report word-level perplexity (for texts where words are meaningful)
+    speed: bool = True  # measure prefill and generate tokens/s
+    prefill_tokens: int = 128  # prompt length for the prefill measurement
+    new_tokens: int = 32  # tokens generated per prompt for the generate measurement (greedy)
+    repeats: int = 3  # timed repeats after one warm-up; the median is reported
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # speed and sample prompts
+    samples: bool = True  # write generation samples from each model into the report
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding for the samples
+    lm_eval_tasks: list[str] = field(default_factory=list)  # optional lm-eval harness tasks (needs lm-eval + data)
 
     def check(self) -> list[str]:
         problems = []
@@ -33,37 +46,88 @@ class EvaluateConfig:
             problems.append(f"stride: {self.stride} must be between 1 and context ({self.context})")
         if self.max_tokens is not None and self.max_tokens < 2:
             problems.append(f"max_tokens: {self.max_tokens} must be at least 2, or null for all")
+        for key in ("batch_size", "prefill_tokens", "new_tokens", "repeats"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}: {getattr(self, key)} must be at least 1")
+        problems += [f"texts: file '{t}' does not exist" for t in self.texts if not Path(t).expanduser().is_file()]
+        if (self.speed or self.samples) and not self.prompts:
+            problems.append("prompts: give at least one prompt, or set speed and samples to false")
         return problems
 
 
+def _texts(cfg: EvaluateConfig, ctx: Context, tokenizer) -> list[tuple[str, list[int], str]]:
+    """(dataset name, token ids, text) for the validation split and every extra text file."""
+    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
+    ids = data.eval_stream(tokenized["validation"])[: cfg.max_tokens or None]
+    out = [(ctx.data.label, ids, tokenizer.decode(ids) if cfg.word_level else "")]
+    for path in cfg.texts:
+        text = Path(path).expanduser().read_text()
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: cfg.max_tokens or None]
+        out.append((Path(path).name, ids, tokenizer.decode(ids) if cfg.word_level else ""))
+    return out
+
+
 def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
-    """Perplexity of one model folder on the validation split (cached in its pipeline.json)."""
+    """Every metric for one model folder; cached in its pipeline.json for unchanged settings."""
     record = read_record(folder)
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
                           record.get("fingerprint"))
-    cached = [e for e in record.get("evaluation", []) if e.get("fingerprint") == eval_fp]
-    if cached and not ctx.force:
+    cached = record.get("scoreboard", {})
+    if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
-        return cached[0]
+        return cached
     device = models.pick_device()
     started = time.time()
-    model, tokenizer = models.load_folder(folder, device_map=str(device))
-    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
-    result = perplexity(model, data.eval_stream(tokenized["validation"]), cfg.context, cfg.stride, cfg.max_tokens)
-    result.update(
-        dataset=ctx.data.label,
-        split="validation",
-        params=models.count_params(model),
-        disk_mb=round(models.disk_size(folder) / 2**20, 2),
-        device=str(device),
-        seconds=round(time.time() - started, 1),
-        fingerprint=eval_fp,
-    )
-    log.info("evaluate: %s perplexity %.3f on %d tokens", folder.name, result["perplexity"], result["scored_tokens"])
-    # The stage folder's card and record carry their own evaluation, as Hub cards do.
-    record["evaluation"] = [result]
+    with PeakMemory(device) as mem:
+        model, tokenizer = models.load_folder(folder, device_map=str(device))
+        evaluations = []
+        for name, ids, text in _texts(cfg, ctx, tokenizer):
+            result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
+            result["dataset"] = name
+            if cfg.word_level:
+                result["word_perplexity"] = word_perplexity(result, text)
+            evaluations.append(result)
+            log.info("evaluate: %s perplexity %.3f on %s (%d tokens)", folder.name, result["perplexity"], name,
+                     result["scored_tokens"])
+    row = {
+        "perplexity": evaluations[0]["perplexity"],
+        "evaluations": evaluations,
+        "params": models.count_params(model),
+        "disk_mb": round(models.disk_size(folder) / 2**20, 2),
+        "peak_mem_mb": round(mem.peak_mb, 1),
+        "device": str(device),
+    }
+    if cfg.speed:
+        row.update(speed(model, tokenizer, cfg.prompts, cfg.prefill_tokens, cfg.new_tokens, cfg.repeats))
+        log.info("evaluate: %s prefill %.0f tok/s, generate %.1f tok/s", folder.name, row["prefill_tok_s"],
+                 row["gen_tok_s"])
+    if cfg.samples:
+        row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation)} for p in cfg.prompts]
+        row["decoding"] = describe(cfg.generation)
+    if cfg.lm_eval_tasks:
+        row["lm_eval"] = lm_eval(model, tokenizer, cfg.lm_eval_tasks)
+    row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
+    # The stage folder's record and card carry their own evaluation, as Hub cards do.
+    record["evaluation"] = evaluations
+    record["scoreboard"] = row
     write_record(folder, record)
-    return result
+    return row
+
+
+def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
+    """lm-eval harness scores when it is installed and its data reachable; otherwise say why and go on."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        log.warning("evaluate: lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipping")
+        return {"skipped": "lm-eval not installed"}
+    try:
+        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks)
+    except Exception as err:  # no network for task data, unknown task, ...: the rest of the report still matters
+        log.warning("evaluate: lm-eval tasks %s could not run (%s); skipping", tasks, err)
+        return {"skipped": str(err)[:300]}
+    return results.get("results", {})
 
 
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:

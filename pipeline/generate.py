@@ -1,0 +1,57 @@
+"""Text generation from a stage folder with a chosen decoding strategy (greedy, beam search, sampling)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    max_new_tokens: int = 40
+    num_beams: int = 4  # beam search only
+    temperature: float = 0.8  # sampling only
+    top_k: int = 50  # sampling only (0 = off)
+    top_p: float = 0.95  # sampling only (1.0 = off)
+    seed: int = 0  # sampling only: same seed, same sample
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
+        if self.num_beams < 1:
+            problems.append(f"num_beams: {self.num_beams} must be at least 1")
+        if self.temperature <= 0:
+            problems.append(f"temperature: {self.temperature} must be positive")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: {self.top_p} must be in (0, 1]")
+        return problems
+
+    def kwargs(self) -> dict:
+        """Arguments for `model.generate` (transformers' own names)."""
+        if self.strategy == "greedy":
+            return {"do_sample": False, "num_beams": 1}
+        if self.strategy == "beam":
+            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
+    """The continuation of `prompt` (prompt text not included)."""
+    from pipeline.metrics import model_device
+
+    enc = tokenizer(prompt, return_tensors="pt").to(model_device(model))
+    if cfg.strategy == "sample":
+        torch.manual_seed(cfg.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, **cfg.kwargs())
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def describe(cfg: GenerationConfig) -> str:
+    keys = {"greedy": [], "beam": ["num_beams"], "sample": ["temperature", "top_k", "top_p", "seed"]}[cfg.strategy]
+    d = asdict(cfg)
+    return f"{cfg.strategy}, {cfg.max_new_tokens} new tokens" + "".join(f", {k}={d[k]}" for k in keys)

@@ -1,0 +1,113 @@
+"""Evaluation: batched perplexity equals the reference loop, scored-token counts, report files, generation."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline import data
+from pipeline.cli import main
+from pipeline.generate import GenerationConfig, generate
+from pipeline.metrics import perplexity, windows
+from test_stages import guide_perplexity
+
+
+@pytest.fixture(scope="module")
+def llama_and_ids(tiny_models, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    ids = tokenizer(data.stdlib_corpus_file().read_text()[:6000])["input_ids"][:700]
+    return model, ids
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_perplexity_equals_unbatched_reference(batch_size, llama_and_ids):
+    model, ids = llama_and_ids
+    ref, n = guide_perplexity(model, ids, 64, 16)
+    ours = perplexity(model, ids, 64, 16, batch_size=batch_size)
+    assert ours["perplexity"] == pytest.approx(ref, rel=1e-4)
+    assert ours["scored_tokens"] == n
+
+
+def test_context_and_stride_set_the_scored_token_count():
+    # overlapping windows: every token but the first is scored exactly once
+    assert sum(k for *_, k in windows(1000, 128, 64)) == 999
+    assert sum(k for *_, k in windows(1000, 128, 1)) == 999
+    # disjoint windows (stride == context): the first token of each window has no context and is not scored
+    w = windows(1000, 100, 100)
+    assert len(w) == 10 and sum(k for *_, k in w) == 1000 - 10
+    # a larger stride means fewer, wider-spaced windows
+    assert len(windows(1000, 128, 32)) > len(windows(1000, 128, 96))
+
+
+def test_word_level_perplexity_is_reported(tiny_models, make_recipe, tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text(data.stdlib_corpus_file().read_text()[:3000])
+    path = make_recipe(tiny_models["gpt2"], finetune={"enabled": False}, distill={"enabled": False},
+                       quantize={"enabled": False},
+                       evaluate={"word_level": True, "texts": [str(extra)], "speed": False, "samples": False})
+    assert main(["run", str(path)]) == 0
+    row = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())["models"][0]
+    val, ext = row["evaluations"]
+    assert ext["dataset"] == "extra.txt" and ext["scored_tokens"] > 100
+    # BPE tokens are shorter than words, so the same NLL spread over fewer words gives a higher perplexity
+    assert val["word_perplexity"] > val["perplexity"] > 1
+    assert "ppl extra.txt" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
+
+
+def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, tmp_path):
+    path = make_recipe(tiny_models["llama"], evaluate={"repeats": 1, "new_tokens": 4, "prompts": ["The list"]})
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    report = json.loads((run_dir / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["base", "finetune", "distill", "quantize"]
+    for m in report["models"]:
+        for key in ("perplexity", "params", "disk_mb", "peak_mem_mb", "prefill_tok_s", "gen_tok_s", "samples",
+                    "ppl_vs_base_pct", "size_vs_base_pct"):
+            assert m[key] is not None, (m["name"], key)
+        assert math.isfinite(m["perplexity"]) and m["gen_tok_s"] > 0 and m["peak_mem_mb"] >= 0
+        assert m["speed_settings"]["prefill_tokens"] == 32
+        assert m["samples"][0]["prompt"] == "The list" and m["samples"][0]["output"]
+    png = (run_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height) == (800, 500)
+    md = (run_dir / "report.md").read_text()
+    assert "report.png" in md and "## Samples (greedy" in md and "**quantize**" in md
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_generate_each_decoding_mode(strategy, tiny_models, tokenizer, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]).eval()
+    cfg = GenerationConfig(strategy=strategy, max_new_tokens=8, num_beams=3, seed=1)
+    out = generate(model, tokenizer, "The Python", cfg)
+    assert out and out == generate(model, tokenizer, "The Python", cfg)  # deterministic (sampling is seeded)
+    enc = tokenizer("The Python", return_tensors="pt")
+    if strategy == "greedy":
+        ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert out == tokenizer.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert main(["generate", str(tiny_models["gpt2"]), "The Python", "--strategy", strategy,
+                 "--max-new-tokens", "8", "--num-beams", "3", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == ("The Python" + out).strip()
+    if strategy == "sample":
+        other = generate(model, tokenizer, "The Python", GenerationConfig(strategy="sample", max_new_tokens=8, seed=2))
+        greedy = generate(model, tokenizer, "The Python", GenerationConfig(max_new_tokens=8))
+        assert len({out, other, greedy}) > 1
+
+
+def test_generate_bad_arguments_exit_2(tiny_models, capsys):
+    assert main(["generate", str(tiny_models["gpt2"]), "x", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "/no/such/folder", "x"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_peak_memory_sees_a_large_allocation():
+    from pipeline.metrics import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64, 2**20)  # 256 MB
+        del block
+    assert mem.peak_mb > 200
