@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options too (`run r.yaml --force a=b`), which plain argparse rejects
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("run", "validate") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if args.command == "generate":
         return _generate(args)
     from pipeline import recipe as recipes

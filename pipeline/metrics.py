@@ -68,6 +68,28 @@ def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int
     }
 
 
+@torch.no_grad()
+def guide_perplexity(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face perplexity guide's loop (one window at a time, loss from `labels`): the reference
+    that tests and bench/evaluate.py compare `perplexity` against. The guide weights each window's mean
+    loss by `valid - 1`; here the labels that survive the model's internal shift are counted exactly."""
+    enc = torch.tensor([ids], device=model_device(model))
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, enc.size(1), stride):
+        end = min(begin + context, enc.size(1))
+        input_ids = enc[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, : -(end - prev_end)] = -100
+        loss = model(input_ids, labels=target_ids).loss
+        valid = (target_ids[:, 1:] != -100).sum().item()
+        nll_sum += loss.item() * valid
+        n_tokens += valid
+        prev_end = end
+        if end == enc.size(1):
+            break
+    return math.exp(nll_sum / n_tokens), n_tokens
+
+
 def word_perplexity(token_result: dict, text: str) -> float:
     """Word-level perplexity: the same total NLL spread over whitespace-separated words of the scored text."""
     words = len(text.split())

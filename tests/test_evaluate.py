@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import data
 from pipeline.cli import main
 from pipeline.generate import GenerationConfig, generate
-from pipeline.metrics import perplexity, windows
-from test_stages import guide_perplexity
+from pipeline.metrics import guide_perplexity, perplexity, windows
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import checkpoint, data, models, recipe, runner
-from pipeline.metrics import perplexity
+from pipeline.metrics import guide_perplexity, perplexity
 from pipeline.stages import distill
 
 ARCHS = ["gpt2", "llama"]
@@ -123,30 +123,6 @@ def test_quantize_int8_is_smaller_and_reloads_identically(arch, tiny_models, mak
     assert torch.equal(_logits(fresh, ids), _logits(reloaded, ids))
     fp32 = AutoModelForCausalLM.from_pretrained(out["load"])
     assert torch.allclose(_logits(fp32, ids), _logits(reloaded, ids), atol=0.1)
-
-
-def guide_perplexity(model, ids, context, stride):
-    """The loop of the Hugging Face perplexity guide. The guide weights each window's mean loss by
-    `valid - 1` tokens; the labels that survive the internal shift are counted exactly here, which is
-    the same for the first window and exact for the overlapping ones."""
-    enc = torch.tensor([ids])
-    seq_len = enc.size(1)
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, seq_len, stride):
-        end = min(begin + context, seq_len)
-        trg_len = end - prev_end
-        input_ids = enc[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
-        valid = (target_ids[:, 1:] != -100).sum().item()
-        nll_sum += loss.item() * valid
-        n_tokens += valid
-        prev_end = end
-        if end == seq_len:
-            break
-    return math.exp(nll_sum / n_tokens), n_tokens
 
 
 @pytest.mark.parametrize("context,stride", [(64, 32), (64, 64), (48, 16)])

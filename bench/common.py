@@ -1,0 +1,58 @@
+"""Shared bits of the bench scripts: machine description, result files, the models and texts they use."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+WIKITEXT_TEST = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/tiny.py builds the tiny models of --smoke runs
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def save(name: str, payload: dict, out: Path | None = None) -> Path:
+    out = out or RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), **payload}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M as a safetensors folder (the quick start's base/, made once by the load stage)."""
+    from pipeline import recipe, runner
+
+    r = recipe.load(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={ROOT / 'runs'}"])
+    return runner.run(r, ["load"])["load"]
+
+
+def tiny_folder(tmp: Path, arch: str = "llama") -> Path:
+    import tiny
+
+    return tiny.save_tiny(tmp / f"tiny-{arch}", arch, tiny.build_tokenizer())

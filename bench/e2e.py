@@ -1,0 +1,62 @@
+"""End to end: wall time and peak memory of each stage of a recipe (the quick start by default), each
+stage a fresh process as `make all` would run it; writes bench/results/e2e.json."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+STAGES = ["load", "finetune", "distill", "quantize", "evaluate"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--recipe", default=str(common.ROOT / "recipes" / "quickstart.yaml"))
+    p.add_argument("overrides", nargs="*", help="recipe key=value overrides")
+    p.add_argument("--smoke", action="store_true", help="tiny random model with a few steps: checks the script runs")
+    p.add_argument("--out", type=Path, default=None, help="result file (default bench/results/e2e.json)")
+    return p.parse_args(argv)
+
+
+def run_stage(recipe: str, stage: str, overrides: list[str]) -> dict:
+    """One stage in a child process; wait4 gives that child's own peak RSS."""
+    cmd = [sys.executable, "-m", "pipeline", "run", recipe, "--stages", stage, "--force", *overrides]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"stage {stage} failed:\n{stderr[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out_dir = Path(tempfile.mkdtemp(prefix="e2e-"))
+    overrides = [f"output_dir={out_dir}", *args.overrides]
+    if args.smoke:
+        folder = common.tiny_folder(out_dir)
+        overrides += [f"model={folder}", "data.block_size=64", "data.max_train_blocks=16", "finetune.max_steps=2",
+                      "distill.max_steps=2", "evaluate.max_tokens=256", "evaluate.repeats=1",
+                      "evaluate.new_tokens=2", "evaluate.generation.max_new_tokens=2"]
+    stages = {stage: run_stage(args.recipe, stage, overrides) for stage in STAGES}
+    result = {
+        "settings": {"recipe": Path(args.recipe).name, "overrides": args.overrides, "smoke": args.smoke,
+                     "note": "each stage in its own process with --force, as `make all` on a fresh machine"},
+        "stages": stages,
+        "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+        "max_peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
+    }
+    common.save("e2e", result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

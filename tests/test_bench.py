@@ -1,0 +1,44 @@
+"""Bench scripts: argument parsing and a tiny-model smoke run each (the real runs are too slow for CI)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _smoke(script: str, tmp_path, *extra) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--smoke", "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["machine"]["cores"] >= 1 and result["settings"]
+    return result
+
+
+def test_evaluate_bench_args_and_smoke(tmp_path):
+    import evaluate as bench_evaluate
+
+    args = bench_evaluate.parse_args(["--tokens", "100", "--batch-size", "2"])
+    assert args.tokens == 100 and args.batch_size == 2 and not args.smoke
+    result = _smoke("evaluate", tmp_path, "--tokens", "300", "--context", "64", "--stride", "32", "--rounds", "1")
+    assert result["ours_tok_s"] > 0 and result["guide_tok_s"] > 0 and result["same_scored_tokens"]
+    assert result["ours_ppl"] == pytest.approx(result["guide_ppl"], rel=1e-4)
+
+
+def test_e2e_bench_args():
+    import e2e
+
+    args = e2e.parse_args(["finetune.max_steps=3", "--smoke"])
+    assert args.overrides == ["finetune.max_steps=3"] and args.smoke
+
+
+@pytest.mark.slow
+def test_e2e_bench_smoke(tmp_path):
+    result = _smoke("e2e", tmp_path)
+    assert set(result["stages"]) == {"load", "finetune", "distill", "quantize", "evaluate"}
+    assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 100 for s in result["stages"].values())
