@@ -86,7 +86,8 @@ def _push(recipe, args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
-        print("interrupted: the stage being uploaded was not committed; run the same command again", file=sys.stderr)
+        print("interrupted: run the same command again to finish; files already on the Hub are not sent again",
+              file=sys.stderr)
         return 130
     for up in done:
         print(f"pushed {up.stage} → {up.repo_id}")

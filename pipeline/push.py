@@ -112,12 +112,16 @@ def parent_stage(record: dict, run_dir: Path) -> str | None:
     return next((s for s in STAGES if parent.parts[-2:] == (run_dir.name, s)), None)
 
 
-def plan(recipe: Recipe, stages: list[str], user: str, on_hub: Callable[[str], bool]) -> list[Upload]:
-    """Repo, card and file list of every chosen stage; fails before any upload if a folder is not finished."""
+def require_finished(recipe: Recipe, stages: list[str]) -> None:
     missing = [s for s in stages if read_record(recipe.run_dir / s) is None]
     if missing:
         raise PushError(f"push: no finished {', '.join(missing)} folder in {recipe.run_dir}; run the recipe first "
                         f"(python -m pipeline run <recipe>) or choose other stages with --stages")
+
+
+def plan(recipe: Recipe, stages: list[str], user: str, on_hub: Callable[[str], bool]) -> list[Upload]:
+    """Repo, card and file list of every chosen stage; fails before any upload if a folder is not finished."""
+    require_finished(recipe, stages)
     uploads = []
     for stage in stages:
         folder = recipe.run_dir / stage
@@ -169,6 +173,10 @@ def hub_errors(what: str, endpoint: str, repo: str | None = None):
             raise PushError(f"{what}: the Hub refused the request ({status}): {server}") from None
         raise PushError(f"{what}: the Hub failed ({status}): {server}. Run the same command again to finish.",
                         EXIT_RETRY) from None
+    except ValueError as err:  # huggingface_hub turns the Hub's 400 on the card's metadata into this
+        if "metadata" not in str(err):
+            raise
+        raise PushError(f"{what}: the Hub rejected the model card: {err}") from None
     except (httpx.HTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
         raise PushError(f"{what}: cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}). Check the "
                         "network (and HF_ENDPOINT if set), then run the same command again.", EXIT_RETRY) from None
@@ -312,5 +320,5 @@ def dry_run(recipe: Recipe, stages: list[str] | None = None) -> str:
 
 def push(recipe: Recipe, stages: list[str] | None = None) -> list[Upload]:
     names = choose(recipe, stages)
-    plan(recipe, names, "<user>", on_hub=lambda repo: False)  # unfinished folders fail before any network
+    require_finished(recipe, names)  # before any network
     return Publisher(recipe).push(names)

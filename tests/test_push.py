@@ -284,3 +284,15 @@ def test_without_hf_xet_upload_folder_takes_the_single_commit_path(recipe, hub, 
     assert _hub_calls(hub).count("POST /api/validate-yaml") == 2  # create_commit checks the card again
     assert sorted(hub.repos["alice/tiny-base"]["files"]) == sorted(
         p.name for p in (_run_dir(recipe) / "base").iterdir() if p.is_file())
+
+
+def test_card_the_hub_rejects_is_a_clear_error(recipe, hub, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(_run_dir(recipe), runs / "tiny")
+    record = json.loads((runs / "tiny" / "base" / "pipeline.json").read_text())
+    record["base_model"] = "someone/not-on-the-hub"  # e.g. an upstream model that is private or gone
+    (runs / "tiny" / "base" / "pipeline.json").write_text(json.dumps(record))
+    assert main(["push", str(recipe), f"output_dir={runs}", "--stages", "base"]) == 2
+    err = capsys.readouterr().err
+    assert "rejected the model card" in err and "someone/not-on-the-hub" in err and "Traceback" not in err
+    assert hub.repos["alice/tiny-base"]["files"] == {}
