@@ -6,7 +6,7 @@ PY ?= $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test test-slow test-all finetune distill quantize evaluate all clean
+.PHONY: install test test-slow test-all finetune distill quantize evaluate all push clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ evaluate:
 
 all:
 	$(PY) -m pipeline run $(RECIPE) $(ARGS)
+
+# publish the stage folders to the Hugging Face Hub; ARGS="--dry-run" shows the plan and sends nothing
+push:
+	$(PY) -m pipeline push $(RECIPE) $(ARGS)
 
 clean:
 	rm -rf runs

@@ -76,11 +76,28 @@ def save_model(folder: Path, model, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
+USAGE_REF = "path/or/repo-id"  # placeholder in loading snippets; a pushed card puts its repo id here
+
+
 def write_card(folder: Path, record: dict) -> None:
     """Model card README.md with Hub metadata, rebuilt from the stage record."""
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(str(model_card(record, folder)))
+    tmp.replace(folder / "README.md")
+
+
+def model_card(record: dict, folder: Path, repo_id: str | None = None, base_model: str | None = None,
+               relation: str | None = None):
+    """The card of a stage folder. Locally `base_model` is the upstream model; at push time `repo_id` is
+    the repo the card goes to and `base_model` the parent stage's repo, so the Hub shows the lineage."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    name = f"{record['recipe']}-{record['stage']}"
+    name = repo_id.split("/")[-1] if repo_id else f"{record['recipe']}-{record['stage']}"
+    if repo_id is None:
+        base_model = record.get("base_model")
+        made_from = f"`{record.get('parent')}`"
+    else:  # a local path means nothing on the Hub: link the parent repo, or name the source file
+        made_from = f"[{base_model}](/{base_model})" if base_model else f"`{Path(str(record.get('parent'))).name}`"
     evals = [
         EvalResult(
             task_type="text-generation",
@@ -93,7 +110,8 @@ def write_card(folder: Path, record: dict) -> None:
     ]
     data = ModelCardData(
         model_name=name,
-        base_model=record.get("base_model"),
+        base_model=base_model,
+        base_model_relation=relation,
         datasets=[record["dataset"]] if record.get("dataset") else None,
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -107,7 +125,7 @@ def write_card(folder: Path, record: dict) -> None:
     body = f"""
 # {name}
 
-Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipeline from `{record.get('parent')}`.
+Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipeline from {made_from}.
 {record.get('summary', '')}
 
 | metric | value |
@@ -117,23 +135,45 @@ Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipe
 ## Use it
 
 ```python
-{record.get('usage') or _default_usage()}
+{usage(record, folder, repo_id or USAGE_REF)}
 ```
 
 The full stage configuration, library versions and timings are in `pipeline.json`.
 """
-    card = ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
-    tmp = folder / "README.md.tmp"
-    tmp.write_text(str(card))
-    tmp.replace(folder / "README.md")
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
 
 
-def _default_usage() -> str:
-    return (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        'model = AutoModelForCausalLM.from_pretrained("path/or/repo-id")\n'
-        'tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")'
-    )
+def usage(record: dict, folder: Path, ref: str) -> str:
+    """A loading snippet for the folder's format: the stage's own, else one guessed from the files."""
+    text = record.get("usage") or _usage_for_files(Path(folder))
+    return text.replace(USAGE_REF, ref)
+
+
+def _usage_for_files(folder: Path) -> str:
+    if (folder / "adapter_config.json").is_file():
+        return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{USAGE_REF}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")')
+    if (folder / "openvino_model.xml").is_file():
+        return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                f'model = OVModelForCausalLM.from_pretrained("{USAGE_REF}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")')
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if ggufs:
+        return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'model = AutoModelForCausalLM.from_pretrained("{USAGE_REF}", gguf_file="{ggufs[0]}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}", gguf_file="{ggufs[0]}")')
+    try:
+        quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        quant = {}
+    note = ""
+    if quant.get("quant_method") == "bitsandbytes":
+        note = "# needs `pip install bitsandbytes`; the quantization config is read from config.json\n"
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n" + note
+            + f'model = AutoModelForCausalLM.from_pretrained("{USAGE_REF}"'
+            + (', device_map="auto")\n' if note else ")\n")
+            + f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")')
 
 
 def _fmt(v) -> str:

@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run RECIPE.yaml [section.key=value ...] [--stages a,b] [--force]`."""
+"""Command line: `python -m pipeline run RECIPE.yaml [section.key=value ...] [--stages a,b] [--force]`,
+`python -m pipeline push RECIPE.yaml [section.key=value ...] [--stages a,b] [--dry-run]`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def _setup_logging() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_warning()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Hub request when pushing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("validate", help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
+    push = sub.add_parser("push", help="upload stage folders to the Hugging Face Hub, one repo per stage")
+    push.add_argument("recipe")
+    push.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. push.private=false")
+    push.add_argument("--stages", help="comma-separated stage folders to push (default: push.stages)")
+    push.add_argument("--dry-run", action="store_true", help="print repos, files, sizes and cards; send nothing")
     return parser
 
 
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # overrides may come after options too (`run r.yaml --force a=b`), which plain argparse rejects
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("run", "validate") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("run", "validate", "push") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     if args.command == "generate":
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: OK (run folder {recipe.run_dir})")
         return 0
     _setup_logging()
+    if args.command == "push":
+        return _push(recipe, args)
     from pipeline import runner
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(recipe, stages, force=args.force, until=args.until)
     except (StageError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(err, "exit_code", EXIT_USAGE)  # a failed push_to_hub may be worth just re-running
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; the unfinished one left no folder behind", file=sys.stderr)
         return 130
@@ -101,4 +110,25 @@ def _generate(args) -> int:
         return EXIT_USAGE
     for prompt in args.prompt:
         print(prompt + generate(model, tokenizer, prompt, cfg))
+    return 0
+
+
+def _push(recipe, args) -> int:
+    from pipeline import push
+
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    try:
+        if args.dry_run:
+            print(push.dry_run(recipe, stages))
+            return 0
+        done = push.push(recipe, stages)
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to finish; files already on the Hub are not sent again",
+              file=sys.stderr)
+        return 130
+    for up in done:
+        print(f"pushed {up.stage} → {up.repo_id}")
     return 0

@@ -9,6 +9,7 @@ import yaml
 from pipeline import models
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
+from pipeline.push import PushConfig
 from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
 from pipeline.stages.finetune import FinetuneConfig
@@ -27,6 +28,7 @@ class Recipe:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    push: PushConfig = field(default_factory=PushConfig)  # publishing to the Hugging Face Hub
 
     def check(self) -> list[str]:
         problems = []
@@ -51,7 +53,10 @@ def parse_override(text: str) -> tuple[str, object]:
         raise RecipeError([f"override '{text}': write it as section.key=value, e.g. finetune.max_steps=10"],
                           "command line")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:  # not YAML, e.g. push.repo={user}/my-{stage}: take the text as it is
+        return key.strip(), raw
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -44,6 +44,11 @@ def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
             log.info("%s: disabled in the recipe (%s.enabled: false), not running it", stage, stage)
     chosen = [s for s in chosen if s in enabled]
     ctx = context(recipe, force)
+    publisher = None
+    if recipe.push.push_to_hub:  # check the token and namespace before hours of training, not after
+        from pipeline.push import Publisher
+
+        publisher = Publisher(recipe)
     modules = {"finetune": finetune, "distill": distill, "quantize": quantize, "evaluate": evaluate}
     outputs: dict[str, Path] = {}
     for stage in ORDER:
@@ -56,4 +61,6 @@ def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
         else:
             outputs[stage] = modules[stage].run(getattr(recipe, stage), ctx)
         log.info("%s: done in %.1fs → %s", stage, time.time() - started, outputs[stage])
+        if publisher:
+            publisher.after_stage(stage)
     return outputs
