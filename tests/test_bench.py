@@ -42,3 +42,18 @@ def test_e2e_bench_smoke(tmp_path):
     result = _smoke("e2e", tmp_path)
     assert set(result["stages"]) == {"load", "finetune", "distill", "quantize", "evaluate"}
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 100 for s in result["stages"].values())
+
+
+def test_finetune_bench_args():
+    import finetune as bench_finetune
+
+    args = bench_finetune.parse_args(["--methods", "full", "--steps", "5"])
+    assert args.methods == "full" and args.steps == 5 and args.rounds == 2
+
+
+@pytest.mark.slow
+def test_finetune_bench_smoke(tmp_path):
+    result = _smoke("finetune", tmp_path, "--methods", "full", "--rounds", "1", "--steps", "3")
+    full = result["full"]
+    assert full["ours_tok_s"] > 0 and full["baseline_tok_s"] > 0 and full["ratio"] > 0
+    assert full["peak_mem_mb"]["ours"] > 100

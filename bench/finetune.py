@@ -1,0 +1,109 @@
+"""Fine-tuning throughput: our finetune stage vs a plain run_clm.py-style script (bench/baseline_clm.py),
+same model, data, block size, batch and steps, run alternately in fresh processes; tokens/s of the
+training loop, wall time and peak RSS of each process; writes bench/results/finetune.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+METHODS = ["full", "lora"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (ours, baseline) per method")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps: checks the script runs")
+    p.add_argument("--out", type=Path, default=None, help="result file (default bench/results/finetune.json)")
+    return p.parse_args(argv)
+
+
+def run_child(cmd: list[str]) -> tuple[str, dict]:
+    """Run `cmd`, returning its stdout plus wall time and the child's own peak RSS (wait4)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{stderr[-3000:]}")
+    return stdout, {"wall_seconds": round(time.perf_counter() - start, 1), "peak_mem_mb": round(usage.ru_maxrss / 1024)}
+
+
+def ours(model: Path, method: str, args, out_dir: Path) -> dict:
+    overrides = [f"output_dir={out_dir}", f"finetune.input={model}", f"finetune.max_steps={args.steps}",
+                 f"finetune.batch_size={args.batch_size}", f"data.block_size={args.block_size}",
+                 "finetune.warmup_ratio=0", "finetune.lr_scheduler=linear", "finetune.logging_steps=10"]
+    if method == "lora":
+        overrides += ["finetune.method=lora"]
+    _, proc = run_child([sys.executable, "-m", "pipeline", "run", "recipes/quickstart.yaml", "--stages", "finetune",
+                         "--force", *overrides])
+    record = json.loads((out_dir / "quickstart" / "finetune" / "pipeline.json").read_text())
+    return {"tok_s": record["metrics"]["train_tokens_per_s"], **proc}
+
+
+def baseline(model: Path, method: str, args, out_dir: Path) -> dict:
+    from pipeline import data
+
+    cmd = [sys.executable, "bench/baseline_clm.py", "--model", str(model), "--train-file",
+           str(data.stdlib_corpus_file()), "--block-size", str(args.block_size), "--batch-size",
+           str(args.batch_size), "--max-steps", str(args.steps), "--output-dir", str(out_dir / "baseline")]
+    if method == "lora":
+        cmd.append("--lora")
+    stdout, proc = run_child(cmd)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"tok_s": round(result["train_tokens_per_s"], 1), **proc}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-ft-"))
+    model = common.tiny_folder(out_dir) if args.smoke else common.smollm2_folder()
+    if args.smoke:  # tiny model folders have no pipeline.json; the finetune stage reads one from its input
+        from pipeline.checkpoint import write_record
+
+        write_record(model, {"stage": "base", "recipe": "smoke", "fingerprint": "smoke", "parent": "tests/tiny.py"})
+    methods = [m.strip() for m in args.methods.split(",")]
+    results = {}
+    for method in methods:
+        runs = {"ours": [], "baseline": []}
+        for _ in range(args.rounds):  # alternate so drift in machine load hits both sides alike
+            runs["ours"].append(ours(model, method, args, out_dir))
+            runs["baseline"].append(baseline(model, method, args, out_dir))
+        o = statistics.median(r["tok_s"] for r in runs["ours"])
+        b = statistics.median(r["tok_s"] for r in runs["baseline"])
+        results[method] = {
+            "ours_tok_s": o, "baseline_tok_s": b, "ratio": round(o / b, 3),
+            "peak_mem_mb": {"ours": max(r["peak_mem_mb"] for r in runs["ours"]),
+                            "baseline": max(r["peak_mem_mb"] for r in runs["baseline"])},
+            "wall_seconds": {"ours": statistics.median(r["wall_seconds"] for r in runs["ours"]),
+                             "baseline": statistics.median(r["wall_seconds"] for r in runs["baseline"])},
+            "runs": runs,
+        }
+    payload = {
+        "settings": {"model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32)",
+                     "data": "stdlib pydoc topics, train split", "steps": args.steps, "batch_size": args.batch_size,
+                     "block_size": args.block_size, "rounds": args.rounds,
+                     "tok_s": "training-loop tokens/s from Trainer's train_runtime; wall includes load and data prep"},
+        **results,
+    }
+    common.save("finetune", payload, args.out)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
