@@ -34,6 +34,13 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)
+        if teacher:
+            lines += ["", f"Distillation: the student `{row['name']}` has {row['perplexity'] / teacher['perplexity']:.2f}x "
+                      f"the perplexity of its teacher `{teacher['name']}` ({row['perplexity']:.3f} vs "
+                      f"{teacher['perplexity']:.3f}) with {row['params'] / teacher['params']:.0%} of its parameters "
+                      f"and {row['disk_mb'] / teacher['disk_mb']:.0%} of its size."]
     if rows:
         r = rows[0]
         lines += ["", f"Perplexity: {r['dataset']} validation split, context {r['context']}, stride {r['stride']}, "
