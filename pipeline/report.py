@@ -42,6 +42,13 @@ def markdown(recipe: str, rows: list[dict]) -> str:
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
         cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
         lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)
+        if teacher:
+            lines += ["", f"Distillation: the student `{row['name']}` has {row['perplexity'] / teacher['perplexity']:.2f}x "
+                      f"the perplexity of its teacher `{teacher['name']}` ({row['perplexity']:.3f} vs "
+                      f"{teacher['perplexity']:.3f}) with {row['params'] / teacher['params']:.0%} of its parameters "
+                      f"and {row['disk_mb'] / teacher['disk_mb']:.0%} of its size."]
     if rows and rows[0].get("evaluations"):
         first = rows[0]["evaluations"][0]
         lines += ["", f"Perplexity: token-level on the `{first['dataset']}` validation split ({first['scored_tokens']:,} "

@@ -44,6 +44,8 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
     assert rows["quantize"]["disk_mb"] < rows["distill"]["disk_mb"]
     md = (run_dir / "report.md").read_text()
     assert all(f"| {name} |" in md for name in STAGE_FOLDERS)
+    ratio = rows["distill"]["perplexity"] / rows["finetune"]["perplexity"]
+    assert f"the student `distill` has {ratio:.2f}x the perplexity of its teacher `finetune`" in md
 
 
 def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, tmp_path, caplog):

@@ -1,18 +1,27 @@
-"""Distill: a student made of a subset of the teacher's layers, trained on KD + LM loss."""
+"""Distill: a smaller student trained to match the teacher (KD) and the text (CE).
+
+The student is either a subset of the teacher's layers (DistilGPT2's initialisation) or a fresh
+model built from a config; either way it must share the teacher's tokenizer so the two output
+distributions are over the same vocabulary.
+"""
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
 from pipeline import data, models
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
 from pipeline.training import TrainConfig, train, training_args
+
+# Config entries that follow from the width; recomputed when the student's width changes.
+DERIVED_FROM_WIDTH = ("head_dim",)
 
 
 @dataclass
@@ -22,9 +31,16 @@ class DistillConfig(TrainConfig):
     every: int = 2  # keep every n-th teacher layer (DistilGPT2's initialisation)
     keep: int | None = None  # or: keep N evenly spaced layers, first and last included
     layers: list[int] | None = None  # or: exactly these teacher layer indices
+    # or: a fresh, randomly initialised student. A mapping overrides the teacher's config
+    # ({num_hidden_layers: 6, hidden_size: 384}); with `model_type` it builds that architecture
+    # instead ({model_type: gpt2, n_layer: 4}); a string is a folder or Hub id to take the config from.
+    config: dict[str, Any] | str | None = None
     temperature: float = 2.0  # softens both distributions in the KD term
-    alpha_kd: float = 0.5  # weight of T^2 * KL(teacher || student)
+    alpha_kd: float = 0.5  # weight of T^2 * KL between teacher and student
     alpha_ce: float = 0.5  # weight of the plain next-token cross-entropy
+    alpha_cos: float = 0.0  # weight of 1 - cos(student, teacher last hidden state); needs equal hidden sizes
+    kl: Literal["forward", "reverse"] = "forward"  # forward KL(teacher||student) or reverse KL(student||teacher)
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU/CPU has it natively
     learning_rate: float = 2e-4
 
     def check(self) -> list[str]:
@@ -35,10 +51,16 @@ class DistillConfig(TrainConfig):
             problems.append(f"keep: {self.keep} must be at least 1")
         if self.keep is not None and self.layers is not None:
             problems.append("keep and layers: set only one of them")
+        if self.config is not None and (self.keep is not None or self.layers is not None):
+            problems.append("config: a fresh student from `config` cannot also keep teacher layers; "
+                            "remove keep/layers or config")
+        if isinstance(self.config, dict) and "vocab_size" in self.config:
+            problems.append("config.vocab_size: the student always uses the teacher's vocabulary; remove it")
         if self.temperature <= 0:
             problems.append(f"temperature: {self.temperature} must be positive")
-        if self.alpha_kd < 0 or self.alpha_ce < 0 or self.alpha_kd + self.alpha_ce == 0:
-            problems.append("alpha_kd/alpha_ce: must be non-negative and not both zero")
+        weights = (self.alpha_kd, self.alpha_ce, self.alpha_cos)
+        if min(weights) < 0 or sum(weights) == 0:
+            problems.append("alpha_kd/alpha_ce/alpha_cos: must be non-negative and not all zero")
         return problems
 
 
@@ -69,7 +91,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def student_from_teacher(teacher, keep: list[int]):
     """Copy the teacher, keeping only layers `keep` (embeddings, norms and head are shared copies)."""
-    student = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher).requires_grad_(True)  # the teacher may already be frozen
     stack = decoder_layers(student)
     kept = [stack[i] for i in keep]
     parent = next(m for m in student.modules() if any(c is stack for c in m.children()))
@@ -85,33 +107,166 @@ def student_from_teacher(teacher, keep: list[int]):
     return student
 
 
-class DistillTrainer(Trainer):
-    """Trainer whose loss is alpha_kd * T^2 * KL(teacher/T || student/T) + alpha_ce * CE."""
+def student_config(spec: dict | str, teacher_config, trust_remote_code: bool = False):
+    """The config of a fresh student: `spec` overrides the teacher's config, names another
+    architecture (`model_type`), or is a folder / Hub id holding a config.json."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    def __init__(self, *args, teacher, temperature: float, alpha_kd: float, alpha_ce: float, **kwargs):
+    if isinstance(spec, str):
+        try:
+            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise StageError(f"distill.config: cannot read a model config from '{spec}': {err}") from err
+    else:
+        overrides = dict(spec)
+        model_type = overrides.pop("model_type", None)
+        if model_type is None:
+            base = type(teacher_config)
+            values = teacher_config.to_dict()
+            for key in ("_name_or_path", "architectures", "layer_types", "transformers_version", "dtype"):
+                values.pop(key, None)
+            if {"hidden_size", "num_attention_heads"} & set(overrides):
+                for key in DERIVED_FROM_WIDTH:
+                    values.pop(key, None)
+        elif model_type in CONFIG_MAPPING:
+            base = CONFIG_MAPPING[model_type]
+            # the teacher's special tokens, so generation and padding behave the same
+            values = {k: getattr(teacher_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        else:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise StageError(f"distill.config.model_type: unknown architecture '{model_type}'"
+                             + (f"; did you mean {', '.join(close)}?" if close else ""))
+        known = base()
+        unknown = [k for k in overrides if not hasattr(known, k)]
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known.to_dict(), n=1))
+                     else k for k in unknown]
+            raise StageError(f"distill.config: {', '.join(hints)} not a setting of {base.__name__}")
+        try:
+            config = base(**{**values, **overrides, "vocab_size": teacher_config.vocab_size})
+        except Exception as err:  # strict config validation raises several types
+            raise StageError(f"distill.config: invalid {base.__name__}: {err}") from err
+    config.use_cache = True
+    return config
+
+
+def check_vocab(t_vocab: int, s_vocab: int, tokenizer, student_tokenizer=None) -> None:
+    """Teacher and student must score the same vocabulary, or KD compares unrelated tokens."""
+    if t_vocab != s_vocab:
+        raise StageError(
+            f"distill: vocabulary mismatch: the teacher has {t_vocab} tokens, the student {s_vocab}. "
+            "KD compares the two next-token distributions token by token, so the student must use the "
+            "teacher's vocabulary (drop vocab_size from distill.config, or pick a teacher with this tokenizer)"
+        )
+    if len(tokenizer) > s_vocab:
+        raise StageError(f"distill: the tokenizer has {len(tokenizer)} tokens but the models only {s_vocab}")
+    if student_tokenizer is not None and student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(
+            "distill: tokenizer mismatch: the tokenizer next to distill.config is not the teacher's "
+            f"({len(student_tokenizer)} vs {len(tokenizer)} tokens, or different ids). The student is trained "
+            "with the teacher's tokenizer; point distill.config at a config that uses it"
+        )
+
+
+def _folder_tokenizer(spec: dict | str | None):
+    """The tokenizer saved next to a `config` folder, if any (to check it against the teacher's)."""
+    if not isinstance(spec, str) or not Path(spec).is_dir():
+        return None
+    if not any((Path(spec) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise StageError(f"distill.config: cannot read the tokenizer in '{spec}': {err}") from err
+
+
+def build_student(cfg: DistillConfig, teacher, tokenizer, trust_remote_code: bool = False):
+    """Return (student, layer map or None); raises StageError before any training if it cannot work."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.config is None:
+        keep = layer_map(cfg, teacher.config.num_hidden_layers)
+        student = student_from_teacher(teacher, keep)
+    else:
+        keep = None
+        config = student_config(cfg.config, teacher.config, trust_remote_code)
+        check_vocab(teacher.config.vocab_size, config.vocab_size, tokenizer, _folder_tokenizer(cfg.config))
+        student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    check_vocab(teacher.config.vocab_size, student.config.vocab_size, tokenizer)
+    if cfg.alpha_cos > 0 and student.config.hidden_size != teacher.config.hidden_size:
+        raise StageError(
+            f"distill.alpha_cos: the cosine term compares hidden states, but the student's hidden size "
+            f"({student.config.hidden_size}) differs from the teacher's ({teacher.config.hidden_size}); "
+            "set alpha_cos: 0 or give the student the teacher's hidden_size"
+        )
+    return student, keep
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 that is fast, not emulated: GPUs that support it, CPUs with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the guard
+        return bool(probe and probe())
+    return False
+
+
+def teacher_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The teacher only runs forward passes, so bf16 costs little accuracy and saves time and memory."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise StageError("distill.teacher_precision: bf16 is not supported by this GPU; use fp32 or auto")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class DistillTrainer(Trainer):
+    """Trainer whose loss is alpha_kd * T^2 * KL + alpha_ce * CE + alpha_cos * (1 - cos(hidden states))."""
+
+    def __init__(self, *args, teacher, temperature: float, alpha_kd: float, alpha_ce: float,
+                 alpha_cos: float = 0.0, kl: str = "forward", teacher_dtype=torch.float32, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
-        self.temperature, self.alpha_kd, self.alpha_ce = temperature, alpha_kd, alpha_ce
+        # our loss is a per-token mean, so let Trainer divide it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device, dtype=teacher_dtype)
+        self.temperature, self.alpha_kd, self.alpha_ce, self.alpha_cos = temperature, alpha_kd, alpha_ce, alpha_cos
+        self.kl = kl
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        ce = outputs.loss
-        loss = self.alpha_ce * ce
-        if self.alpha_kd > 0:
+        need_hidden = self.alpha_cos > 0
+        outputs = model(**inputs, output_hidden_states=need_hidden)
+        loss = self.alpha_ce * outputs.loss
+        if self.alpha_kd > 0 or need_hidden:
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=inputs["input_ids"]).logits
-            kd = kd_loss(outputs.logits, t_logits, inputs["labels"], self.temperature)
-            loss = loss + self.alpha_kd * kd
+                t_out = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                     output_hidden_states=need_hidden)
+            mask = inputs["labels"][:, 1:] != -100  # logits at position i predict token i+1
+            if self.alpha_kd > 0:
+                loss = loss + self.alpha_kd * kd_loss(outputs.logits, t_out.logits, inputs["labels"],
+                                                      self.temperature, self.kl)
+            if need_hidden:
+                s_h, t_h = outputs.hidden_states[-1][:, :-1][mask], t_out.hidden_states[-1][:, :-1][mask]
+                cos = torch.nn.functional.cosine_similarity(s_h.float(), t_h.float(), dim=-1)
+                loss = loss + self.alpha_cos * (1 - cos).mean()
         return (loss, outputs) if return_outputs else loss
 
 
-def kd_loss(s_logits, t_logits, labels, temperature: float) -> torch.Tensor:
-    """Token-averaged T^2 * KL(teacher || student) over positions that carry a label."""
-    mask = labels[:, 1:] != -100  # logits at position i predict token i+1
-    s = s_logits[:, :-1][mask].float() / temperature
-    t = t_logits[:, :-1][mask].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+def kd_loss(s_logits, t_logits, labels, temperature: float, kl: str = "forward") -> torch.Tensor:
+    """Token-averaged T^2 * KL over positions that carry a label: forward KL(teacher || student)
+    (mass-covering, Hinton et al.) or reverse KL(student || teacher) (mode-seeking, MiniLLM)."""
+    mask = labels[:, 1:] != -100
+    log_s = torch.log_softmax(s_logits[:, :-1][mask].float() / temperature, -1)
+    log_t = torch.log_softmax(t_logits[:, :-1][mask].float() / temperature, -1)
+    if kl == "reverse":
+        per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return per_token.mean() * temperature**2
 
 
 def run(cfg: DistillConfig, ctx: Context) -> Path:
@@ -122,13 +277,15 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         return ctx.run_dir / "distill"
     set_seed(ctx.seed)
     teacher, tokenizer = models.load_folder(ctx.inputs["distill"])
-    keep = layer_map(cfg, teacher.config.num_hidden_layers)
-    student = student_from_teacher(teacher, keep)
+    student, keep = build_student(cfg, teacher, tokenizer, ctx.trust_remote_code)
+    args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed)
+    t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
     tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
     blocks = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+    t_params, t_layers = models.count_params(teacher), teacher.config.num_hidden_layers
     trainer = DistillTrainer(
         model=student,
-        args=training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed),
+        args=args,
         train_dataset=blocks["train"],
         data_collator=default_data_collator,
         processing_class=tokenizer,
@@ -136,18 +293,42 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         temperature=cfg.temperature,
         alpha_kd=cfg.alpha_kd,
         alpha_ce=cfg.alpha_ce,
+        alpha_cos=cfg.alpha_cos,
+        kl=cfg.kl,
+        teacher_dtype=t_dtype,
     )
     metrics = train(trainer, ctx.data.block_size)
-    t_params, s_params = models.count_params(teacher), models.count_params(trainer.model)
+    s_params = models.count_params(trainer.model)
+    loss = {"alpha_kd": cfg.alpha_kd, "alpha_ce": cfg.alpha_ce, "alpha_cos": cfg.alpha_cos,
+            "temperature": cfg.temperature, "kl": cfg.kl, "teacher_precision": str(t_dtype).replace("torch.", "")}
+    teacher_info = {"folder": str(ctx.inputs["distill"]), "base_model": stage.parent.get("base_model"),
+                    "fingerprint": stage.parent.get("fingerprint"), "params": t_params, "layers": t_layers,
+                    "architecture": type(teacher).__name__}
     with staging(stage.out) as tmp:
         save_model(tmp, trainer.model, tokenizer)
         write_record(tmp, stage.record(
             ctx,
             metrics={"params": s_params, "teacher_params": t_params,
                      "params_ratio": round(s_params / t_params, 4), **metrics},
+            teacher=teacher_info,
             layer_map=keep,
+            student_config=None if keep is not None else cfg.config,
+            loss=loss,
             tags=["distillation"],
-            summary=f"Student with teacher layers {keep} ({len(keep)} of {teacher.config.num_hidden_layers}), "
-            f"trained with {cfg.alpha_kd} x KD (T={cfg.temperature}) + {cfg.alpha_ce} x CE.",
+            summary=_summary(keep, cfg, teacher_info, trainer.model, loss),
         ))
     return stage.out
+
+
+def _summary(keep, cfg: DistillConfig, teacher: dict, student, loss: dict) -> str:
+    if keep is not None:
+        what = f"Student with teacher layers {keep} ({len(keep)} of {teacher['layers']}), initialised from the teacher."
+    else:
+        what = (f"Fresh {type(student).__name__} student ({student.config.num_hidden_layers} layers, hidden size "
+                f"{student.config.hidden_size}) built from `distill.config` {cfg.config!r}.")
+    terms = [f"{cfg.alpha_kd} x {cfg.kl} KD (T={cfg.temperature})", f"{cfg.alpha_ce} x CE"]
+    if cfg.alpha_cos:
+        terms.append(f"{cfg.alpha_cos} x cosine(hidden states)")
+    return (f"{what}\nTeacher: `{teacher['folder']}` ({teacher['architecture']}, {teacher['layers']} layers, "
+            f"{teacher['params']:,} parameters; base model {teacher['base_model']}), "
+            f"run in {loss['teacher_precision']}.\nLoss: {' + '.join(terms)}.")

@@ -137,6 +137,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
         if read_record(folder) is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
-        rows.append({"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx)})
+        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx)}
+        if name == "distill":  # so the report can set the student against its teacher
+            row["teacher"] = read_record(folder).get("parent")
+        rows.append(row)
     report.write(ctx.run_dir, ctx.recipe, rows)
     return ctx.run_dir

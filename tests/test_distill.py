@@ -1,0 +1,306 @@
+"""Distillation on tiny real models: both student constructions, the loss terms, errors, the card."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from pipeline import models, recipe, runner
+from pipeline.cli import main
+from pipeline.config import StageError
+from pipeline.stages import distill
+
+ARCHS = ["gpt2", "llama"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(path, stages=None, overrides=()):
+    r = recipe.load(path, list(overrides))
+    return r, runner.run(r, stages)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _record(folder):
+    return json.loads((folder / "pipeline.json").read_text())
+
+
+def _trainer(student, teacher, **loss):
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none", use_cpu=True)
+    weights = {"temperature": 2.0, "alpha_kd": 0.0, "alpha_ce": 0.0, **loss}
+    return distill.DistillTrainer(model=student, args=args, teacher=teacher, **weights)
+
+
+def _batch(tokenizer, n=32):
+    torch.manual_seed(0)
+    ids = torch.randint(1, len(tokenizer), (2, n))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+# --- layer-subset students -------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_student_keeps_layers_and_round_trips(arch, tiny_models, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    student = distill.student_from_teacher(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    assert len(distill.decoder_layers(student)) == 2
+    per_layer = sum(p.numel() for p in distill.decoder_layers(teacher)[0].parameters())
+    assert models.count_params(teacher) - models.count_params(student) == 2 * per_layer
+    # kept layers are copies of teacher layers 0 and 3
+    t_state, s_state = distill.decoder_layers(teacher).state_dict(), distill.decoder_layers(student).state_dict()
+    for key, value in s_state.items():
+        idx, rest = key.split(".", 1)
+        assert torch.equal(value, t_state[f"{[0, 3][int(idx)]}.{rest}"])
+    student.save_pretrained(tmp_path / "s")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    ids = torch.arange(1, 33).unsqueeze(0)
+    assert torch.equal(_logits(student, ids), _logits(reloaded, ids))
+    out = student.generate(ids[:, :4], max_new_tokens=4, do_sample=False)  # KV cache indexes by layer
+    assert out.shape == (1, 8)
+
+
+def test_student_of_a_frozen_teacher_is_trainable(tiny_models):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval().requires_grad_(False)
+    student = distill.student_from_teacher(teacher, [0, 2])
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_layer_maps():
+    cfg = distill.DistillConfig
+    assert distill.layer_map(cfg(), 12) == [0, 2, 4, 6, 8, 10]
+    assert distill.layer_map(cfg(every=3), 30) == list(range(0, 30, 3))
+    assert distill.layer_map(cfg(keep=4), 12) == [0, 4, 7, 11]
+    assert distill.layer_map(cfg(keep=1), 12) == [0]
+    assert distill.layer_map(cfg(layers=[1, 5]), 12) == [1, 5]
+    with pytest.raises(StageError, match="out of range"):
+        distill.layer_map(cfg(layers=[12]), 12)
+    with pytest.raises(StageError, match="more than the teacher's 12 layers"):
+        distill.layer_map(cfg(keep=13), 12)
+
+
+# --- fresh students from a config ------------------------------------------------------------
+
+def test_fresh_student_overrides_the_teacher_config(tiny_models, tokenizer):
+    teacher, tok = models.load_folder(tiny_models["llama"])
+    cfg = distill.DistillConfig(config={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64})
+    student, keep = distill.build_student(cfg, teacher, tok)
+    assert keep is None and type(student) is type(teacher)
+    c = student.config
+    assert (c.num_hidden_layers, c.hidden_size, c.head_dim, c.vocab_size) == (2, 32, 8, teacher.config.vocab_size)
+    # q,o: h*h; k,v: h*(2 kv heads * 8); mlp: 3*h*64; two norms per layer; final norm; tied embeddings
+    h, v = 32, len(tokenizer)
+    per_layer = 2 * h * h + 2 * h * 16 + 3 * h * 64 + 2 * h
+    assert models.count_params(student) == 2 * per_layer + h + v * h
+    # fresh = randomly initialised, not the teacher's weights
+    assert not torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, :32])
+
+
+def test_fresh_student_of_another_architecture(tiny_models):
+    teacher, tok = models.load_folder(tiny_models["llama"])
+    cfg = distill.DistillConfig(config={"model_type": "gpt2", "n_layer": 3, "n_embd": 32, "n_head": 4})
+    student, _ = distill.build_student(cfg, teacher, tok)
+    assert type(student).__name__ == "GPT2LMHeadModel"
+    assert student.config.n_layer == 3 and student.config.vocab_size == teacher.config.vocab_size
+    assert student.config.eos_token_id == teacher.config.eos_token_id
+    batch = _batch(tok)
+    loss = _trainer(student, teacher, alpha_kd=1.0).compute_loss(student, batch)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_fresh_student_from_a_config_folder(tiny_models, tmp_path, tokenizer):
+    teacher, tok = models.load_folder(tiny_models["gpt2"])
+    # a config-only folder: e.g. a published architecture to copy
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).config.save_pretrained(tmp_path / "cfg")
+    student, _ = distill.build_student(distill.DistillConfig(config=str(tmp_path / "cfg")), teacher, tok)
+    assert type(student).__name__ == "LlamaForCausalLM" and student.config.num_hidden_layers == 4
+
+
+def test_config_mistakes_are_named(tiny_models):
+    teacher, tok = models.load_folder(tiny_models["llama"])
+    build = lambda spec: distill.build_student(distill.DistillConfig(config=spec), teacher, tok)  # noqa: E731
+    with pytest.raises(StageError, match=r"num_hiden_layers \(did you mean num_hidden_layers\?\) not a setting"):
+        build({"num_hiden_layers": 2})
+    with pytest.raises(StageError, match="unknown architecture 'lama'; did you mean llama"):
+        build({"model_type": "lama"})
+    with pytest.raises(StageError, match="(?s)invalid LlamaConfig.*multiple of the number of attention heads"):
+        build({"hidden_size": 30})
+    with pytest.raises(StageError, match="cannot read a model config from"):
+        build("/nonexistent/folder")
+    problems = distill.DistillConfig(config={"vocab_size": 100}, keep=2).check()
+    assert any("vocab_size" in p and "teacher's vocabulary" in p for p in problems)
+    assert any("cannot also keep teacher layers" in p for p in problems)
+
+
+def test_vocabulary_and_tokenizer_mismatch_fail_before_training(tiny_models, tmp_path, make_recipe):
+    import tiny
+
+    # a config folder whose vocabulary differs from the teacher's
+    other = tiny.build_tokenizer(vocab_size=300)
+    tiny.save_tiny(tmp_path / "other-vocab", "llama", other, layers=2)
+    teacher, tok = models.load_folder(tiny_models["llama"])
+    with pytest.raises(StageError, match="vocabulary mismatch: the teacher has 512 tokens, the student 300"):
+        distill.build_student(distill.DistillConfig(config=str(tmp_path / "other-vocab")), teacher, tok)
+    # same size, different tokens: the tokenizer next to the config is compared too
+    import tokenizers
+
+    shuffled = tmp_path / "shuffled"
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).config.save_pretrained(shuffled)
+    raw = json.loads(tokenizers.Tokenizer.from_file(str(tiny_models["llama"] / "tokenizer.json")).to_str())
+    vocab = raw["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (shuffled / "tokenizer.json").write_text(json.dumps(raw))
+    (shuffled / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(StageError, match="tokenizer mismatch"):
+        distill.build_student(distill.DistillConfig(config=str(shuffled)), teacher, tok)
+    # through the CLI: exit code 2, a message naming the problem, and no student folder
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
+                       distill={"config": str(tmp_path / "other-vocab")})
+    assert main(["run", str(path), "--stages", "load"]) == 0
+    assert main(["run", str(path), "--stages", "distill"]) == 2
+    assert not (tmp_path / "runs" / "tiny" / "distill").exists()
+    assert not (tmp_path / "runs" / "tiny" / ".trainer" / "distill").exists()
+
+
+def test_alpha_cos_needs_equal_hidden_sizes(tiny_models):
+    teacher, tok = models.load_folder(tiny_models["llama"])
+    cfg = distill.DistillConfig(config={"hidden_size": 32}, alpha_cos=1.0)
+    with pytest.raises(StageError, match=r"alpha_cos.*hidden size \(32\) differs from the teacher's \(64\)"):
+        distill.build_student(cfg, teacher, tok)
+
+
+# --- the loss --------------------------------------------------------------------------------
+
+def test_alpha_kd_zero_is_plain_ce_and_twins_have_zero_kd(tiny_models, tokenizer):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    student = distill.student_from_teacher(teacher, [0, 2])
+    batch = _batch(tokenizer)
+    ce_only = _trainer(student, teacher, alpha_ce=1.0)
+    assert torch.allclose(ce_only.compute_loss(student, batch), student(**batch).loss)
+    for kl in ("forward", "reverse"):
+        assert _trainer(student, teacher, alpha_kd=1.0, kl=kl).compute_loss(student, batch).item() > 1e-4
+        twin = _trainer(teacher, teacher, alpha_kd=1.0, alpha_cos=1.0, kl=kl)
+        assert twin.compute_loss(teacher, batch).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kd_loss_matches_its_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    labels = torch.ones(2, 6, dtype=torch.long)
+    labels[1, 3:] = -100  # positions 2..4 of row 1 predict ignored tokens
+    T = 3.0
+    mask = labels[:, 1:] != -100
+    ps, pt = torch.softmax(s[:, :-1][mask] / T, -1), torch.softmax(t[:, :-1][mask] / T, -1)
+    forward = (pt * (pt.log() - ps.log())).sum(-1).mean() * T**2
+    reverse = (ps * (ps.log() - pt.log())).sum(-1).mean() * T**2
+    assert distill.kd_loss(s, t, labels, T) == pytest.approx(forward.item(), rel=1e-5)
+    assert distill.kd_loss(s, t, labels, T, "reverse") == pytest.approx(reverse.item(), rel=1e-5)
+    assert forward.item() != pytest.approx(reverse.item(), rel=1e-2)
+
+
+def test_cosine_term_is_one_minus_cosine_of_last_hidden_states(tiny_models, tokenizer):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    student = distill.student_from_teacher(teacher, [0, 1])
+    batch = _batch(tokenizer)
+    got = _trainer(student, teacher, alpha_cos=1.0).compute_loss(student, batch)
+    with torch.no_grad():
+        s = student(**batch, output_hidden_states=True).hidden_states[-1][:, :-1]
+        t = teacher(**batch, output_hidden_states=True).hidden_states[-1][:, :-1]
+    want = (1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4) and 0 < got.item() < 2
+
+
+def test_teacher_precision():
+    cpu = torch.device("cpu")
+    assert distill.teacher_dtype("fp32", cpu) == torch.float32
+    assert distill.teacher_dtype("bf16", cpu) == torch.bfloat16
+    assert distill.teacher_dtype("auto", cpu) == (torch.bfloat16 if distill.native_bf16(cpu) else torch.float32)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_distill_stage_kd_loss_decreases_and_card_records_teacher(arch, tiny_models, make_recipe):
+    path = make_recipe(tiny_models[arch], finetune={"enabled": False},
+                       distill={"every": 2, "alpha_kd": 1.0, "alpha_ce": 0.0, "temperature": 1.5})
+    r, out = _run(path, ["load"])
+    # give the teacher a Hub id, as a real base model has, to see it reach the student's card
+    base_record = _record(out["load"])
+    base_record["base_model"] = "tiny-org/tiny-teacher"
+    (out["load"] / "pipeline.json").write_text(json.dumps(base_record))
+    _, out = _run(path, ["distill"])
+    rec = _record(out["distill"])
+    assert rec["layer_map"] == [0, 2]
+    # KD only: the student's distributions move towards the teacher's (a random tiny teacher is close
+    # to uniform, so the KL starts small; it still has to shrink a lot)
+    assert rec["metrics"]["train_loss_last"] < 0.7 * rec["metrics"]["train_loss_first"], rec["metrics"]
+    assert rec["metrics"]["params_ratio"] < 1
+    assert rec["loss"] == {"alpha_kd": 1.0, "alpha_ce": 0.0, "alpha_cos": 0.0, "temperature": 1.5,
+                           "kl": "forward", "teacher_precision": rec["loss"]["teacher_precision"]}
+    assert rec["teacher"]["folder"] == str(r.run_dir / "base") and rec["teacher"]["layers"] == 4
+    card = (out["distill"] / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "tiny-org/tiny-teacher" and "distillation" in meta["tags"]
+    assert "layers [0, 2] (2 of 4)" in card and "1.0 x forward KD (T=1.5) + 0.0 x CE" in card
+    assert str(r.run_dir / "base") in card
+
+
+def test_distill_stage_fresh_student_with_reverse_kl_and_bf16_teacher(tiny_models, make_recipe):
+    spec = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4}
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
+                       distill={"config": spec, "kl": "reverse", "alpha_cos": 0.5, "teacher_precision": "bf16"})
+    _, out = _run(path, ["load", "distill"])
+    rec = _record(out["distill"])
+    assert rec["layer_map"] is None and rec["student_config"] == spec
+    assert rec["loss"]["kl"] == "reverse" and rec["loss"]["teacher_precision"] == "bfloat16"
+    assert rec["metrics"]["train_loss_last"] < rec["metrics"]["train_loss_first"] - 0.3, rec["metrics"]
+    student = AutoModelForCausalLM.from_pretrained(out["distill"])
+    assert type(student).__name__ == "GPT2LMHeadModel" and student.config.n_layer == 2
+    assert "Fresh GPT2LMHeadModel student (2 layers, hidden size 64)" in (out["distill"] / "README.md").read_text()
+
+
+# --- the bench -------------------------------------------------------------------------------
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import distill as bench  # bench/distill.py, not the stage
+
+    sys.path.pop(0)
+    sys.modules.pop("distill", None)
+    return bench
+
+
+def test_bench_arguments():
+    bench = _bench()
+    a = bench.parse_args([])
+    assert (a.teacher, a.every, a.variants, a.wiki_tokens) == ("smollm2-135m", 2, "kd,ce", 32768)
+    a = bench.parse_args(["--smoke", "--train-tokens", "99999", "--alpha-kd", "0.9"])
+    assert a.train_tokens == bench.SMOKE["train_tokens"] and a.alpha_kd == 0.9
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "kd,mse"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-tokens", "10"])
+
+
+def test_bench_smoke_run(tiny_models, tmp_path):
+    bench = _bench()
+    out = tmp_path / "distill.json"
+    result = bench.main(["--smoke", "--teacher", str(tiny_models["llama"]), "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    for name in ("kd", "ce"):
+        v = result["variants"][name]
+        assert v["train_tokens"] == bench.SMOKE["train_tokens"] and v["layer_map"] == [0, 2]
+        assert v["params"] < result["teacher"]["params"]
+        for split in ("stdlib", "wikitext2"):
+            assert 1 < v["student_ppl"][split] < 2 * 512
+            assert v["ratio"][split] == pytest.approx(v["student_ppl"][split] / v["teacher_ppl"][split], rel=1e-3)
+    assert result["variants"]["ce"]["alpha_kd"] == 0 and set(result["kd_beats_ce"]) == {"stdlib", "wikitext2"}
+    assert result["machine"]["cores"] >= 1 and result["settings"]["smoke"] is True
