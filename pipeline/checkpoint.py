@@ -7,8 +7,11 @@ import json
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
+
+from pipeline import dist
 
 log = logging.getLogger("pipeline")
 RECORD = "pipeline.json"
@@ -32,7 +35,14 @@ def read_record(folder: str | Path) -> dict | None:
 
 @contextlib.contextmanager
 def staging(final: Path):
-    """Yield a temporary sibling folder; on success it atomically replaces `final`, on failure it is removed."""
+    """Yield a temporary sibling folder; on success it atomically replaces `final`, on failure it is removed.
+
+    In a multi-process run only rank 0 writes: the other ranks get a scratch folder that is thrown away
+    (the runner makes them wait for rank 0 before they read the finished folder)."""
+    if not dist.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"{final.name}-rank{dist.rank()}-") as scratch:
+            yield Path(scratch)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.partial"
     if tmp.exists():  # left over from an interrupted run: never consumed, safe to discard
@@ -64,6 +74,9 @@ def versions() -> dict:
 
 
 def write_record(folder: Path, record: dict) -> None:
+    """pipeline.json and the model card (rank 0 only, like every write)."""
+    if not dist.is_main():
+        return
     record = {**record, "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     tmp = folder / (RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -72,6 +85,9 @@ def write_record(folder: Path, record: dict) -> None:
 
 
 def save_model(folder: Path, model, tokenizer) -> None:
+    """Weights (safetensors), config and tokenizer; rank 0 only, as `Trainer.save_model` does."""
+    if not dist.is_main():
+        return
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

@@ -15,7 +15,10 @@ EXIT_USAGE = 2
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [pipeline] %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pipeline").setLevel(logging.INFO)  # even when the host app configured logging first
+    # INFO even when the host app configured logging first; in a multi-process run only rank 0 reports.
+    from pipeline import dist
+
+    logging.getLogger("pipeline").setLevel(logging.INFO if dist.is_main() else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers/datasets keep their progress bars; their info chatter is noise in a pipeline log.
     from transformers.utils import logging as hf_logging

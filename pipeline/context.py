@@ -61,11 +61,18 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
         )
     out = out or ctx.run_dir / stage
     config = dataclasses.asdict(cfg)
-    fp = fingerprint(stage, config, parent.get("fingerprint"), dataclasses.asdict(ctx.data), ctx.seed)
+    fp = fingerprint(stage, result_settings(cfg), parent.get("fingerprint"), dataclasses.asdict(ctx.data), ctx.seed)
     if up_to_date(ctx, stage, out, fp):
         return None
     log.info("%s: reading %s, writing %s", stage, folder, out)
     return StageRun(stage, out, fp, parent, config)
+
+
+def result_settings(cfg) -> dict:
+    """The settings that can change a stage's output; fields marked `metadata={"fingerprint": False}`
+    (where checkpoints go, progress bars, ...) are left out so changing them re-runs nothing."""
+    values = dataclasses.asdict(cfg)
+    return {f.name: values[f.name] for f in dataclasses.fields(cfg) if f.metadata.get("fingerprint", True)}
 
 
 def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:

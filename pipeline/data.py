@@ -1,4 +1,5 @@
-"""Text data: Hub datasets, local files or the stdlib corpus → deterministic split → packed blocks."""
+"""Text data: Hub datasets, local files or the stdlib corpus → deterministic split → packed blocks.
+Chat data (`format: chat`) is rendered with a chat template and tokenized by `pipeline.chat`."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pipeline.config import StageError
 
@@ -20,8 +22,13 @@ class DataConfig:
     validation_split: str | None = None  # use this split for validation instead of carving one out
     validation_percent: float = 10.0  # % of documents held out for validation when no split is named
     text_column: str = "text"
-    block_size: int = 256  # tokens per packed training block
-    max_train_blocks: int | None = None  # cap on training blocks (quick runs)
+    block_size: int = 256  # tokens per packed training block (chat: longest example, longer ones are cut)
+    max_train_blocks: int | None = None  # cap on training blocks (chat: examples), for quick runs
+    format: Literal["text", "chat"] = "text"  # chat: conversations, loss on the assistant's tokens only
+    messages_column: str = "messages"  # chat: list of {role, content} ...
+    prompt_column: str = "prompt"  # ... or a prompt and a response column
+    response_column: str = "response"
+    chat_template: str | None = None  # chat: Jinja template; null = the tokenizer's own
 
     def check(self) -> list[str]:
         problems = []
@@ -58,7 +65,7 @@ def stdlib_corpus_file() -> Path:
 
     out = _cache_dir() / f"pydoc_topics_py{sys.version_info.major}{sys.version_info.minor}.jsonl"
     if not out.exists():
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")  # ranks of a multi-process run may both write it
         with tmp.open("w") as fh:
             for key in sorted(topics):
                 fh.write(json.dumps({"text": topics[key], "topic": key}) + "\n")
@@ -91,6 +98,10 @@ def load_splits(cfg: DataConfig, seed: int):
 
 
 def _checked(dsd, cfg: DataConfig):
+    if cfg.format == "chat":
+        from pipeline import chat
+
+        return chat.check_columns(dsd, cfg)
     for name, split in dsd.items():
         if cfg.text_column not in split.column_names:
             raise StageError(
@@ -101,7 +112,12 @@ def _checked(dsd, cfg: DataConfig):
 
 
 def tokenize(dsd, tokenizer, cfg: DataConfig):
-    """Tokenize documents, appending EOS so packed documents stay separated (cached by `datasets`)."""
+    """Tokenize documents, appending EOS so packed documents stay separated (cached by `datasets`).
+    Chat data gets `labels` too: the token ids of the assistant's turns, -100 elsewhere."""
+    if cfg.format == "chat":
+        from pipeline import chat
+
+        return chat.tokenize(dsd, tokenizer, cfg)
     eos = tokenizer.eos_token_id
     column = cfg.text_column
 
@@ -116,18 +132,29 @@ def tokenize(dsd, tokenizer, cfg: DataConfig):
 
 
 def pack(tokenized, block_size: int, max_blocks: int | None = None):
-    """Concatenate and cut into `block_size` blocks, as run_clm.py's group_texts does (no padding)."""
+    """Concatenate and cut into `block_size` blocks, as run_clm.py's group_texts does (no padding).
+    Masked labels (chat data) stay masked; `max_blocks` caps the train split."""
 
     def group(batch):
         flat = [t for ids in batch["input_ids"] for t in ids]
+        labels = [t for ids in batch.get("labels", batch["input_ids"]) for t in ids]
         usable = len(flat) // block_size * block_size
-        blocks = [flat[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        cut = range(0, usable, block_size)
+        return {"input_ids": [flat[i : i + block_size] for i in cut], "labels": [labels[i : i + block_size] for i in cut]}
 
     packed = tokenized.map(group, batched=True, batch_size=1000, desc=f"Packing into {block_size}-token blocks")
-    if max_blocks is not None and len(packed) > max_blocks:
-        packed = packed.select(range(max_blocks))
-    return packed
+    return cap_train(packed, max_blocks)
+
+
+def cap_train(dsd, limit: int | None):
+    """At most `limit` rows of the train split (a DatasetDict) or of a single Dataset."""
+    if limit is None:
+        return dsd
+    if hasattr(dsd, "keys"):
+        if len(dsd["train"]) > limit:
+            dsd["train"] = dsd["train"].select(range(limit))
+        return dsd
+    return dsd.select(range(limit)) if len(dsd) > limit else dsd
 
 
 def eval_stream(tokenized_validation) -> list[int]:

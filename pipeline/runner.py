@@ -5,12 +5,14 @@ import logging
 import time
 from pathlib import Path
 
+from pipeline import dist
 from pipeline.context import Context, StageError
 from pipeline.recipe import Recipe
 from pipeline.stages import ORDER, distill, evaluate, finetune, load, quantize
 
 log = logging.getLogger("pipeline")
 MODEL_STAGES = ("finetune", "distill", "quantize")
+TRAINING_STAGES = ("finetune", "distill")  # the stages every rank of a multi-process run takes part in
 
 
 def context(recipe: Recipe, force: bool = False) -> Context:
@@ -54,12 +56,21 @@ def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
     for stage in ORDER:
         if stage not in chosen:
             continue
+        # Under `accelerate launch` every rank trains; rank 0 alone loads, quantizes and evaluates. All ranks
+        # meet before and after each training stage, so nobody reads a folder rank 0 is still writing.
+        together = stage in TRAINING_STAGES
+        if not together and not dist.is_main():
+            continue
+        if together:
+            dist.barrier()
         started = time.time()
         log.info("=== %s ===", stage)
         if stage == "load":
             outputs[stage] = load.run(load.LoadConfig(model=recipe.model), ctx)
         else:
             outputs[stage] = modules[stage].run(getattr(recipe, stage), ctx)
+        if together:
+            dist.barrier()
         log.info("%s: done in %.1fs → %s", stage, time.time() - started, outputs[stage])
         if publisher:
             publisher.after_stage(stage)

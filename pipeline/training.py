@@ -1,14 +1,27 @@
-"""Training knobs shared by the fine-tune and distill stages, mapped onto `TrainingArguments`."""
+"""Training knobs shared by the fine-tune and distill stages, mapped onto `TrainingArguments`,
+plus resumable training: checkpoints every N steps, marked with the stage fingerprint."""
 from __future__ import annotations
 
+import json
+import logging
 import math
-from dataclasses import dataclass
+import re
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import TrainerCallback
 
+from pipeline import dist
+from pipeline.config import StageError
+
+log = logging.getLogger("pipeline")
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+# Settings that do not change the trained model: left out of the stage fingerprint (context.result_settings).
+RUN_ONLY = {"fingerprint": False}
+MARKER = "pipeline-checkpoint.json"  # written into each finished checkpoint-N folder
 
 
 @dataclass
@@ -23,6 +36,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that support it, else fp32
     logging_steps: int = 10
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    eval_steps: int | None = None  # validation loss every N steps (null: no evaluation while training)
+    early_stopping_patience: int | None = None  # stop after N evaluations without improvement (implies keep_best)
+    keep_best: bool = False  # end with the weights of the evaluation with the lowest validation loss
+    save_steps: int | None = field(default=None, metadata=RUN_ONLY)  # checkpoint every N steps (null: none)
+    save_total_limit: int = field(default=2, metadata=RUN_ONLY)  # checkpoints kept (the best one is kept too)
+    resume_from: str | None = field(default="auto", metadata=RUN_ONLY)  # auto | null | a checkpoint-N folder
+    report_to: Literal["auto", "tensorboard", "none"] = field(default="auto", metadata=RUN_ONLY)  # auto: TB if installed
+    progress_bar: bool = field(default=True, metadata=RUN_ONLY)
 
     def check(self) -> list[str]:
         problems = []
@@ -30,14 +52,29 @@ class TrainConfig:
             problems.append(f"max_steps: {self.max_steps} must be positive, or -1 to use epochs")
         if self.max_steps == -1 and self.epochs <= 0:
             problems.append(f"epochs: {self.epochs} must be positive when max_steps is -1")
-        for key in ("batch_size", "grad_accum", "logging_steps"):
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_total_limit"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1")
+        for key in ("eval_steps", "early_stopping_patience", "save_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                problems.append(f"{key}: {getattr(self, key)} must be at least 1, or null")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate: {self.learning_rate} must be positive")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.eval_steps is None and (self.keep_best or self.early_stopping_patience):
+            problems.append("keep_best/early_stopping_patience: need eval_steps (how often to measure validation loss)")
+        if self.best_model and self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
+            problems.append(f"save_steps: {self.save_steps} must be a multiple of eval_steps ({self.eval_steps}) "
+                            f"to keep the best model; e.g. save_steps: {self.eval_steps}")
+        if self.resume_from not in (None, "auto") and not (Path(self.resume_from) / "trainer_state.json").is_file():
+            problems.append(f"resume_from: '{self.resume_from}' is not a Trainer checkpoint folder (no "
+                            "trainer_state.json); use auto, null, or a .trainer/<stage>/checkpoint-N folder")
         return problems
+
+    @property
+    def best_model(self) -> bool:
+        return self.eval_steps is not None and (self.keep_best or self.early_stopping_patience is not None)
 
 
 def _precision_flags(precision: str) -> dict:
@@ -47,9 +84,24 @@ def _precision_flags(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_args(cfg: TrainConfig, output_dir: Path, seed: int):
+def _report_to(choice: str) -> str:
+    if choice == "auto":
+        from transformers.integrations import is_tensorboard_available
+
+        return "tensorboard" if is_tensorboard_available() else "none"
+    return choice
+
+
+def training_args(cfg: TrainConfig, output_dir: Path, seed: int, *, evaluate: bool = False,
+                  count_tokens: bool = False):
+    """TrainingArguments for `cfg`. `evaluate`: the stage passes a validation set to the Trainer.
+    `count_tokens`: batches are padded, so count real tokens instead of batch shape x steps."""
     from transformers import TrainingArguments
 
+    if cfg.eval_steps is not None and not evaluate:
+        raise StageError("eval_steps/keep_best/early_stopping_patience: this stage does not evaluate while "
+                         "training; remove them")
+    save_steps = cfg.save_steps or (cfg.eval_steps if cfg.best_model else None)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -63,32 +115,149 @@ def training_args(cfg: TrainConfig, output_dir: Path, seed: int):
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # non-reentrant checkpointing also works when only adapter weights need gradients (LoRA)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=cfg.best_model,
+        metric_for_best_model="eval_loss" if cfg.eval_steps else None,
+        greater_is_better=False,
+        report_to=_report_to(cfg.report_to),  # TensorBoard event files go to <output_dir>/runs/
+        disable_tqdm=not cfg.progress_bar,
+        include_num_input_tokens_seen="non_padding" if count_tokens else "no",
         seed=seed,
         data_seed=seed,
+        use_cpu=dist.uses_cpu(),  # on a CPU-only machine this makes `accelerate launch` DDP use gloo
+        ddp_find_unused_parameters=False,  # causal LMs (and LoRA adapters) use every trainable weight
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(cfg.precision),
     )
 
 
-def train(trainer, block_size: int) -> dict:
+def train(trainer, block_size: int, resume_from: str | None = None) -> dict:
     """Run `trainer` and summarise what it did: first/last logged loss, tokens, speed."""
-    result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = trainer.state.global_step
-    args = trainer.args
-    tokens = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size
-    tokens *= max(1, args.world_size)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    state, args = trainer.state, trainer.args
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    steps = state.global_step
+    tokens = state.num_input_tokens_seen or (
+        steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * block_size
+        * max(1, args.world_size))
     runtime = result.metrics.get("train_runtime", float("nan"))
-    return {
+    metrics = {
         "train_loss_first": losses[0] if losses else math.nan,
         "train_loss_last": losses[-1] if losses else math.nan,
-        "train_loss_mean": result.training_loss,
+        # after a resume the Trainer averages only the resumed steps' losses over all steps; the log has them all
+        "train_loss_mean": _logged_mean(state.log_history) if resume_from else result.training_loss,
         "train_steps": steps,
         "train_tokens": tokens,
         "train_seconds": round(runtime, 2),
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime else math.nan,
+        "world_size": max(1, args.world_size),
     }
+    if evals:
+        metrics.update(eval_loss_first=evals[0], eval_loss_last=evals[-1], eval_loss_best=min(evals))
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        metrics["best_step"] = int(state.best_model_checkpoint.rsplit("-", 1)[1])
+    if resume_from:
+        metrics["resumed_from"] = Path(resume_from).name
+    return metrics
+
+
+def _logged_mean(history: list[dict]) -> float:
+    """Step-weighted mean of the logged training losses (each covers the steps since the previous log)."""
+    total, prev = 0.0, 0
+    for entry in (h for h in history if "loss" in h):
+        total += entry["loss"] * (entry["step"] - prev)
+        prev = entry["step"]
+    return total / prev if prev else math.nan
+
+
+def fit(trainer, cfg: TrainConfig, fingerprint: str, recipe: str, block_size: int, force: bool = False) -> dict:
+    """Train with checkpoints marked by this stage's fingerprint, resuming an unfinished run;
+    call `clear_checkpoints` once the stage folder is written."""
+    from transformers import EarlyStoppingCallback
+
+    out = Path(trainer.args.output_dir)
+    resume = resume_point(cfg, out, fingerprint, recipe, force)
+    trainer.add_callback(CheckpointMarker(fingerprint, recipe))
+    if cfg.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return train(trainer, block_size, resume)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _marker(checkpoint: Path) -> dict | None:
+    try:
+        return json.loads((checkpoint / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resume_point(cfg: TrainConfig, out: Path, fingerprint: str, recipe: str, force: bool) -> str | None:
+    """The checkpoint to resume from: `resume_from` if it names one, else the newest finished checkpoint of
+    an unfinished run with the same fingerprint. Checkpoints of different settings are refused, not mixed in."""
+    if cfg.resume_from not in (None, "auto"):
+        path = Path(cfg.resume_from)
+        _same_run(path, _marker(path), fingerprint, recipe, "resume_from")
+        log.info("resuming from %s", path)
+        return str(path)
+    found = _checkpoints(out)
+    if found and (force or cfg.resume_from is None):
+        log.info("starting afresh (%s): removing %d old checkpoint(s) in %s",
+                 "--force" if force else "resume_from: null", len(found), out)
+        clear_checkpoints(out)
+        return None
+    finished = [p for p in found if _marker(p) is not None]
+    for p in found:
+        if p not in finished:  # killed while writing it; Trainer writes the marker-less folder first
+            log.info("ignoring %s: incomplete (killed while saving?)", p)
+    if not finished:
+        return None
+    last = finished[-1]
+    _same_run(last, _marker(last), fingerprint, recipe, str(out))
+    log.info("resuming from %s (step %s)", last, last.name.split("-")[1])
+    return str(last)
+
+
+def _same_run(path: Path, marker: dict | None, fingerprint: str, recipe: str, where: str) -> None:
+    if marker is None:
+        raise StageError(f"{where}: {path} is not a finished llm-pipeline checkpoint (no {MARKER}); "
+                         "point resume_from at a checkpoint-N folder this pipeline wrote, or use auto")
+    if marker.get("fingerprint") != fingerprint:
+        raise StageError(
+            f"{where}: checkpoint {path} belongs to a different run (recipe '{marker.get('recipe')}', settings "
+            f"fingerprint {marker.get('fingerprint')}; this run: recipe '{recipe}', {fingerprint}). Restore that "
+            f"run's settings to resume it, or start afresh with --force (deletes the old checkpoints)."
+        )
+
+
+def clear_checkpoints(folder: str | Path) -> None:
+    if dist.is_main():
+        for p in _checkpoints(Path(folder)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes the stage fingerprint into each checkpoint once the Trainer has finished saving it."""
+
+    def __init__(self, fingerprint: str, recipe: str):
+        self.fingerprint, self.recipe = fingerprint, recipe
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = folder / (MARKER + ".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "recipe": self.recipe,
+                                       "step": state.global_step}) + "\n")
+            tmp.replace(folder / MARKER)

@@ -1,45 +1,122 @@
-"""Fine-tune: full fine-tuning of a causal LM on packed text blocks with `transformers.Trainer`."""
+"""Fine-tune: full, LoRA or QLoRA fine-tuning of a causal LM with `transformers.Trainer`.
+
+The stage output is always a full-weight model (adapters are merged), so later stages never see
+adapters; the LoRA adapter itself is kept in `adapter/` as a PEFT folder. Training checkpoints go to
+`.trainer/finetune/` and an interrupted run resumes from the last one (see `pipeline.training.fit`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipeline import data, models
+from pipeline import chat, data, dist, lora, models
 from pipeline.checkpoint import save_model, staging, write_record
-from pipeline.context import Context, begin
-from pipeline.training import TrainConfig, train, training_args
+from pipeline.context import Context, StageError, StageRun, begin
+from pipeline.lora import LoraSettings, QLoraSettings
+from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, training_args
+
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
     enabled: bool = True
     input: str = "auto"  # model folder to fine-tune; auto = the base model
+    method: Literal["full", "lora", "qlora"] = "full"  # qlora: LoRA on a frozen 4-bit (bitsandbytes) base
+    lora: LoraSettings = field(default_factory=LoraSettings)  # adapter settings (lora and qlora)
+    qlora: QLoraSettings = field(default_factory=QLoraSettings)  # 4-bit base settings (qlora)
+    save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if self.method == "qlora" and lora.bitsandbytes_missing():
+            problems.append("method: qlora needs bitsandbytes (pip install bitsandbytes); or use method: lora")
+        return problems
+
+
+def _model(cfg: FinetuneConfig, folder: Path):
+    """The model the Trainer updates: all weights (full) or a PEFT adapter on a frozen base."""
+    if cfg.method == "qlora":
+        return lora.add_adapter(lora.load_4bit(folder, cfg.qlora, cfg.gradient_checkpointing), cfg.lora)
+    model = models.load_model(models.Source("folder", str(folder)))
+    return model if cfg.method == "full" else lora.add_adapter(model, cfg.lora)
+
+
+def _datasets(ctx: Context, tokenizer, evaluate: bool):
+    """(train, validation or None, collator): packed text blocks, or one padded example per conversation."""
+    from transformers import default_data_collator
+
+    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
+    if ctx.data.format == "chat":
+        sets, collator = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks), chat.collator(tokenizer)
+    else:
+        sets, collator = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks), default_data_collator
+    for name in ("train", "validation") if evaluate else ("train",):
+        if len(sets[name]) == 0:
+            raise StageError(f"finetune: the {name} split of '{ctx.data.source}' has no complete "
+                             f"{'examples' if ctx.data.format == 'chat' else 'blocks'} of data.block_size "
+                             f"{ctx.data.block_size} tokens; use more data or a smaller data.block_size")
+    return sets["train"], sets["validation"] if evaluate else None, collator
+
+
+def _save(cfg: FinetuneConfig, model, tokenizer, tmp: Path, stage: StageRun, folder: Path):
+    """Write the full-weight model into `tmp` (and the adapter into tmp/adapter); return the saved model."""
+    if cfg.method == "full":
+        save_model(tmp, model, tokenizer)
+        return model
+    # A Hub PEFT folder names the model it adapts: the Hub id when we adapted the unmodified source model.
+    base_id = stage.parent.get("base_model") if stage.parent.get("stage") == "base" else None
+    model.peft_config["default"].base_model_name_or_path = base_id or str(folder)
+    model.save_pretrained(tmp / ADAPTER_DIR)
+    merged = model.merge_and_unload() if cfg.method == "lora" else lora.merged_from_4bit(folder, tmp / ADAPTER_DIR)
+    save_model(tmp, merged, tokenizer)
+    return merged
+
+
+def _summary(cfg: FinetuneConfig, metrics: dict, targets) -> str:
+    done = f"for {metrics['train_steps']} steps ({metrics['train_tokens']} tokens)"
+    if cfg.method == "full":
+        return f"Full fine-tune {done}."
+    base = "a frozen 4-bit (bitsandbytes " + cfg.qlora.quant_type + ") base" if cfg.method == "qlora" else "a frozen base"
+    return (f"{cfg.method.upper()} fine-tune {done}: rank-{cfg.lora.r} adapters (alpha {cfg.lora.alpha:g}) on "
+            f"{targets} of {base}, merged into full-precision weights. The adapter alone is in `{ADAPTER_DIR}/`.")
 
 
 def run(cfg: FinetuneConfig, ctx: Context) -> Path:
-    from transformers import Trainer, default_data_collator, set_seed
+    from transformers import Trainer, set_seed
 
     stage = begin(ctx, "finetune", cfg)
     if stage is None:
         return ctx.run_dir / "finetune"
-    set_seed(ctx.seed)
-    model, tokenizer = models.load_folder(ctx.inputs["finetune"])
-    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
-    blocks = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+    set_seed(ctx.seed)  # before the adapter is initialised
+    folder = ctx.inputs["finetune"]
+    tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
+    train_set, eval_set, collator = _datasets(ctx, tokenizer, evaluate=cfg.eval_steps is not None)
+    model = _model(cfg, folder)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    targets = sorted(model.peft_config["default"].target_modules) if cfg.method != "full" else None
     trainer = Trainer(
         model=model,
-        args=training_args(cfg, ctx.run_dir / ".trainer" / "finetune", ctx.seed),
-        train_dataset=blocks["train"],
-        data_collator=default_data_collator,
+        args=training_args(cfg, ctx.run_dir / ".trainer" / "finetune", ctx.seed, evaluate=eval_set is not None,
+                           count_tokens=ctx.data.format == "chat"),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
         processing_class=tokenizer,
     )
-    metrics = train(trainer, ctx.data.block_size)
+    metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     with staging(stage.out) as tmp:
-        save_model(tmp, trainer.model, tokenizer)
+        if dist.is_main():
+            saved = _save(cfg, trainer.model, tokenizer, tmp, stage, folder)
+            metrics = {"params": models.count_params(saved), "trainable_params": trainable, **metrics}
         write_record(tmp, stage.record(
             ctx,
-            metrics={"params": models.count_params(trainer.model), **metrics},
-            tags=["fine-tuned"],
-            summary=f"Full fine-tune for {metrics['train_steps']} steps ({metrics['train_tokens']} tokens).",
+            metrics=metrics,
+            method=cfg.method,
+            lora_targets=targets,
+            tags=["fine-tuned"] + ([cfg.method] if cfg.method != "full" else []),
+            summary=_summary(cfg, metrics, targets),
         ))
+    clear_checkpoints(trainer.args.output_dir)
     return stage.out

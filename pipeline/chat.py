@@ -1,0 +1,110 @@
+"""Chat / instruction data: conversations rendered with a chat template, loss on the assistant's tokens.
+
+Rows hold either `messages` (a list of {role, content}) or a `prompt` and a `response`. The assistant's
+part of the rendered text is found by rendering the conversation up to each assistant turn with the
+generation prompt (everything the model is given) and up to the end of that turn; the characters in
+between are the response, and the tokens that cover them are the only ones with labels.
+"""
+from __future__ import annotations
+
+from pipeline.config import StageError
+
+IGNORE = -100  # label value the loss skips (transformers' convention)
+
+
+def check_columns(dsd, cfg):
+    for name, split in dsd.items():
+        cols = split.column_names
+        if cfg.messages_column not in cols and not {cfg.prompt_column, cfg.response_column} <= set(cols):
+            raise StageError(
+                f"data.format chat: the {name} split of '{cfg.source}' has columns {', '.join(cols)}; it needs a "
+                f"'{cfg.messages_column}' column (list of {{role, content}}) or '{cfg.prompt_column}' and "
+                f"'{cfg.response_column}' columns. Name yours with data.messages_column, data.prompt_column "
+                "and data.response_column, or use data.format: text"
+            )
+    return dsd
+
+
+def conversation(row: dict, cfg) -> list[dict]:
+    messages = row.get(cfg.messages_column)
+    if messages is not None:
+        return messages
+    return [{"role": "user", "content": row[cfg.prompt_column]},
+            {"role": "assistant", "content": row[cfg.response_column]}]
+
+
+def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode(messages: list[dict], tokenizer) -> dict:
+    """input_ids of the rendered conversation, and labels that are -100 outside the assistant's turns."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        upto = _render(tokenizer, messages[: i + 1])
+        if not text.startswith(upto) or start > len(upto):
+            raise StageError(
+                "data.chat_template: the chat template does not render a conversation as a prefix of the "
+                "longer one, so the response tokens cannot be found; set data.chat_template to a template "
+                "that only appends each turn"
+            )
+        spans.append((start, len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A token that straddles the boundary (" A" after "A:") carries response text, so it is learned too.
+    labels = [tok if any(begin < b and end > a for a, b in spans) else IGNORE
+              for tok, (begin, end) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return {"input_ids": enc["input_ids"], "labels": labels}
+
+
+def tokenize(dsd, tokenizer, cfg):
+    """Render and tokenize every conversation (cached by `datasets`)."""
+    if cfg.chat_template:
+        tokenizer.chat_template = cfg.chat_template  # saved with the model, so inference formats alike
+    if not tokenizer.chat_template:
+        raise StageError(
+            f"data.chat_template: the tokenizer of this model has no chat template; set data.chat_template to a "
+            "Jinja template, e.g. \"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\""
+        )
+    if not tokenizer.is_fast:
+        raise StageError("data.format chat needs a fast (Rust) tokenizer to map the response text to tokens")
+
+    def encode_batch(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out = {"input_ids": [], "labels": []}
+        for row in rows:
+            try:
+                enc = encode(conversation(row, cfg), tokenizer)
+            except StageError:
+                raise
+            except Exception as err:  # jinja / malformed rows: name the row, not the template engine
+                raise StageError(f"data.format chat: cannot render the conversation {row}: {err}") from err
+            out["input_ids"].append(enc["input_ids"])
+            out["labels"].append(enc["labels"])
+        return out
+
+    return dsd.map(encode_batch, batched=True, remove_columns=dsd["train"].column_names,
+                   desc="Rendering chat template", load_from_cache_file=True)
+
+
+def examples(tokenized, block_size: int, max_examples: int | None):
+    """One training example per conversation, cut to `block_size` tokens; examples whose response was cut
+    off entirely are dropped (they would have no loss at all)."""
+    from pipeline.data import cap_train
+
+    def cut(row):
+        return {"input_ids": row["input_ids"][:block_size], "labels": row["labels"][:block_size]}
+
+    cut_rows = tokenized.map(cut, desc=f"Cutting conversations to {block_size} tokens")
+    kept = cut_rows.filter(lambda row: any(t != IGNORE for t in row["labels"]), desc="Dropping empty responses")
+    return cap_train(kept, max_examples)
+
+
+def collator(tokenizer):
+    """Pads each batch to its longest example; padded positions get label -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding="longest")
