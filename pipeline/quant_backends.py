@@ -37,7 +37,7 @@ class Candidate:
     double_quant: bool | None = None  # bnb-nf4/fp4: also quantize the quantization scales (default true)
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # bnb-nf4/fp4: matmul dtype (float32)
     sym: bool | None = None  # openvino: symmetric weights, no zero points (default false)
-    group_size: int | None = None  # openvino-int4: weights sharing one scale; -1 = per channel (default 128)
+    group_size: int | None = None  # openvino-int4: weights sharing one scale; -1 = per channel (default 128, adjusted)
     ratio: float | None = None  # openvino-int4: fraction of layers in 4-bit, the rest 8-bit (default 1.0)
 
     def check(self) -> list[str]:
@@ -89,7 +89,8 @@ def bnb_config(cand: Candidate):
     from transformers import BitsAndBytesConfig
 
     if cand.method == "bnb-int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0 if cand.threshold is None else cand.threshold)
+        threshold = 6.0 if cand.threshold is None else cand.threshold
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cand.method.removeprefix("bnb-"),
@@ -103,7 +104,10 @@ def openvino_config(cand: Candidate):
 
     options = {"bits": cand.bits, "sym": bool(cand.sym)}
     if cand.method == "openvino-int4":
+        # The default group size is adjusted per layer where it does not divide the weight (SmolLM2's 576
+        # channels, say), as optimum-intel's own int4 presets do; a group size the recipe sets is used as given.
         options.update(group_size=128 if cand.group_size is None else cand.group_size,
+                       group_size_fallback="adjust" if cand.group_size is None else "error",
                        ratio=1.0 if cand.ratio is None else cand.ratio)
     return OVWeightQuantizationConfig(**options)
 
@@ -141,7 +145,8 @@ def describe(cand: Candidate) -> str:
     text = f"OpenVINO int{cand.bits} weights via optimum-intel/NNCF ({'symmetric' if cand.sym else 'asymmetric'}"
     if cand.method == "openvino-int4":
         ratio = 1.0 if cand.ratio is None else cand.ratio
-        text += f", group size {128 if cand.group_size is None else cand.group_size}, {ratio:.0%} of layers in 4-bit"
+        group = "128 (adjusted per layer)" if cand.group_size is None else cand.group_size
+        text += f", group size {group}, {ratio:.0%} of layers in 4-bit"
     return text + ")"
 
 

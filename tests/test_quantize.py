@@ -1,7 +1,9 @@
 """Quantize stage: every method on tiny real models, the quality gate, and what the evaluate stage sees."""
 import collections
 import json
+import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from pipeline.cli import main
 from pipeline.metrics import perplexity
 from pipeline.stages import quantize
 
+ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "llama"]
 CPU = torch.device("cpu")
 IDS = torch.arange(1, 33).unsqueeze(0)
@@ -46,10 +49,7 @@ def ov_constants(ov_model) -> list[tuple[str, tuple[int, int]]]:
         if op.get_type_name() == "Constant":
             shape = list(op.get_output_shape(0))
             if len(shape) >= 2:
-                rest = 1
-                for d in shape[1:]:
-                    rest *= d
-                out.append((op.get_element_type().get_type_name(), (shape[0], rest)))
+                out.append((op.get_element_type().get_type_name(), (shape[0], math.prod(shape[1:]))))
     return out
 
 
@@ -62,7 +62,7 @@ def _record(folder):
     return json.loads((folder / "pipeline.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4"])
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4", "bnb-fp4"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bnb_quantizes_every_projection_and_reloads_identically(arch, method, tiny_models, tmp_path):
     import bitsandbytes as bnb
@@ -119,11 +119,18 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     assert weights < 0.3 * models.disk_size(tiny_models[arch])
     err = (logits(reloaded) - logits(fp32)).abs().max().item()
     assert 0 < err < (0.05 if method == "openvino-int8" else 0.3), err
+    # perplexity runs on the OpenVINO model as on torch ones: same windows, batched or not
+    ids = list(range(1, 300))
+    ov = [perplexity(reloaded, ids, 64, 32, batch_size=b) for b in (1, 8)]
+    torch_ppl = perplexity(fp32, ids, 64, 32)
+    assert ov[0]["scored_tokens"] == ov[1]["scored_tokens"] == torch_ppl["scored_tokens"] == 298
+    assert ov[0]["perplexity"] == pytest.approx(ov[1]["perplexity"], rel=1e-5)
+    assert ov[0]["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=0.02)
 
 
 def test_gate_picks_by_policy_reports_failures_and_evaluate_reads_the_winner(tiny_models, make_recipe):
     candidates = [{"method": "bnb-int8"},
-                  {"method": "openvino-int4"},  # groups of 128 do not fit hidden size 64: fails to convert
+                  {"method": "openvino-int4", "group_size": 128},  # does not fit hidden size 64: fails
                   {"method": "openvino-int4", "name": "ov-int4-g32", "group_size": 32, "sym": True}]
     path = _recipe(make_recipe, tiny_models["gpt2"], candidates=candidates, max_ppl_increase=5.0)
     assert main(["run", str(path)]) == 0
@@ -230,3 +237,19 @@ def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):
                    "quantize.max_ppl_increase: -1.0 must be", "quantize.prefer: speed needs speed_tokens > 0"]:
         assert needle in err, needle
     assert "3 problem(s)" in err
+
+
+def test_quantize_bench_args_and_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quantize as bench_quantize
+    from test_bench import _smoke
+
+    args = bench_quantize.parse_args(["--methods", "bnb-nf4", "openvino-int4", "--wiki-tokens", "1000"])
+    assert args.methods == ["bnb-nf4", "openvino-int4"] and args.wiki_tokens == 1000 and not args.smoke
+    result = _smoke("quantize", tmp_path, "--methods", "bnb-int8", "openvino-int8")
+    fp32, rows = result["fp32"], result["candidates"]
+    assert list(rows) == ["bnb-int8", "openvino-int8"]
+    for row in rows.values():
+        for text, ppl in row["ppl"].items():  # a random tiny model: ppl near its 512-token vocabulary
+            assert 100 < ppl < 2000 and abs(row["ppl_increase_pct"][text]) < 5
+        assert row["disk_mb"] < fp32["disk_mb"] and row["gen_tok_s"] > 0 and row["speedup_vs_fp32"] > 0

@@ -101,8 +101,6 @@ def test_distill_stage_kd_loss_decreases(arch, tiny_models, make_recipe):
     assert "distillation" in card and "layers [0, 2]" in card
 
 
-
-
 @pytest.mark.parametrize("context,stride", [(64, 32), (64, 64), (48, 16)])
 def test_perplexity_matches_the_guide(context, stride, tiny_models, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
