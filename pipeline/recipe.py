@@ -39,7 +39,8 @@ class Recipe:
                 problems.append(f"model: {err}")
         for stage in ("finetune", "distill", "quantize"):
             value = getattr(self, stage).input
-            if value != "auto" and not (Path(value) / "config.json").is_file():
+            adapter = stage == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
+            if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
                 problems.append(f"{stage}.input: '{value}' is not a model folder; use auto or a stage output folder")
         return problems
 

@@ -30,6 +30,7 @@ TINY_SECTIONS = {
     "distill": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
     "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024, "repeats": 1, "new_tokens": 4,
                  "prefill_tokens": 32, "generation": {"max_new_tokens": 4}},
+    "quantize": {"context": 64, "stride": 32, "max_tokens": 512, "speed_tokens": 4},  # a quick quality gate
 }
 
 

@@ -106,7 +106,7 @@ def test_reloaded_stage_gives_same_logits_as_saved(tiny_models, make_recipe, tmp
 def test_quickstart_recipe_on_smollm2(tmp_path):
     """The offline quick start, on the real SmolLM2-135M, with fewer steps and tokens."""
     overrides = [f"output_dir={tmp_path}", "finetune.max_steps=6", "distill.max_steps=4",
-                 "evaluate.max_tokens=1024", "data.block_size=64"]
+                 "evaluate.max_tokens=1024", "quantize.max_tokens=1024", "data.block_size=64"]
     assert main(["run", "recipes/quickstart.yaml", *overrides]) == 0
     report = json.loads((tmp_path / "quickstart" / "report.json").read_text())
     rows = {r["name"]: r for r in report["models"]}

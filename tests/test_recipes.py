@@ -29,14 +29,14 @@ def test_all_problems_reported_at_once(tmp_path, capsys):
         "model: ./no-such-model\n"
         "data: {block_size: 2, source: ./missing.txt}\n"
         "finetune: {max_step: 3, learning_rate: fast}\n"
-        "quantize: {method: gptq}\n"
+        "quantize: {candidates: [{method: gptq}]}\n"
         "evaluate: {context: 64, stride: 128}\n"
         "colour: blue\n"
     )
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     for needle in ["model:", "data.block_size", "data.source", "finetune.max_step: unknown key (did you mean 'max_steps'?)",
-                   "finetune.learning_rate: expected float", "quantize.method: 'gptq' is not allowed; use one of: bnb-int8",
+                   "finetune.learning_rate: expected float", "quantize.candidates[0].method: 'gptq' is not allowed; use one of: bnb-int8",
                    "evaluate.stride", "colour: unknown key"]:
         assert needle in err, needle
     assert "8 problem(s)" in err

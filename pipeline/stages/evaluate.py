@@ -12,7 +12,7 @@ from pipeline import data, models, report
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
-from pipeline.metrics import PeakMemory, perplexity, speed, word_perplexity
+from pipeline.metrics import PeakMemory, model_device, perplexity, speed, word_perplexity
 
 log = logging.getLogger("pipeline")
 ModelName = Literal["base", "finetune", "distill", "quantize"]
@@ -92,10 +92,11 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
     row = {
         "perplexity": evaluations[0]["perplexity"],
         "evaluations": evaluations,
-        "params": models.count_params(model),
+        # an OpenVINO model has no torch parameters; its stage record knows the count
+        "params": models.count_params(model) or record.get("metrics", {}).get("params"),
         "disk_mb": round(models.disk_size(folder) / 2**20, 2),
         "peak_mem_mb": round(mem.peak_mb, 1),
-        "device": str(device),
+        "device": str(model_device(model)),  # OpenVINO runs on the CPU whatever torch could use
     }
     if cfg.speed:
         row.update(speed(model, tokenizer, cfg.prompts, cfg.prefill_tokens, cfg.new_tokens, cfg.repeats))

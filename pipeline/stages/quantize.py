@@ -1,65 +1,226 @@
-"""Quantize: bitsandbytes 8-bit (LLM.int8) weights, saved so `from_pretrained` reloads them."""
+"""Quantize: try each candidate method, keep the best one whose perplexity stays within budget.
+
+Every candidate is converted, saved, reloaded from its folder and scored on the validation split
+with the evaluate stage's sliding windows, next to the unquantized input. Candidates over the
+`max_ppl_increase` budget are rejected; `prefer` picks the winner among the rest, which becomes the
+stage output. A candidate that cannot run here or fails to convert is reported and the others go on.
+"""
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import models
+import torch
+
+from pipeline import data, models
+from pipeline import quant_backends as backends
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
+from pipeline.metrics import perplexity, speed
+from pipeline.quant_backends import Candidate
+from pipeline.stages.evaluate import DEFAULT_PROMPTS, EvaluateConfig
 
-USAGE = """from transformers import AutoModelForCausalLM, AutoTokenizer
-
-# needs `pip install bitsandbytes`; the quantization config is read from config.json
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")"""
+log = logging.getLogger("pipeline")
 
 
 @dataclass
 class QuantizeConfig:
     enabled: bool = True
     input: str = "auto"  # model folder to quantize; auto = the distilled student (or the last stage before)
-    method: Literal["bnb-int8"] = "bnb-int8"  # bitsandbytes LLM.int8 weight quantization
-    threshold: float = 6.0  # LLM.int8 outlier threshold: activations above it stay in 16-bit
+    candidates: list[Candidate] = field(default_factory=lambda: [Candidate("bnb-int8")])  # methods to try
+    max_ppl_increase: float = 3.0  # % perplexity a candidate may add over the unquantized input (8-bit fits)
+    prefer: Literal["size", "speed", "quality"] = "size"  # winner among candidates within budget
+    # Gate perplexity windows; the defaults are the evaluate stage's, keep them equal to its settings.
+    context: int = EvaluateConfig.context
+    stride: int = EvaluateConfig.stride
+    max_tokens: int | None = EvaluateConfig.max_tokens
+    speed_tokens: int = 16  # greedy tokens per evaluate prompt to time each candidate's generation (0 = skip)
 
     def check(self) -> list[str]:
-        if self.enabled and importlib.util.find_spec("bitsandbytes") is None:
-            return ["method: bnb-int8 needs bitsandbytes: pip install bitsandbytes"]
-        return []
+        problems = EvaluateConfig(context=self.context, stride=self.stride, max_tokens=self.max_tokens).check()
+        if not self.candidates:
+            problems.append("candidates: list at least one method, e.g. [{method: bnb-int8}]")
+        labels = [c.label for c in self.candidates]
+        for label in sorted({x for x in labels if labels.count(x) > 1}):
+            problems.append(f"candidates: '{label}' appears twice; give each a distinct `name`")
+        if self.max_ppl_increase < 0:
+            problems.append(f"max_ppl_increase: {self.max_ppl_increase} must be a non-negative percentage")
+        if self.speed_tokens < 0:
+            problems.append(f"speed_tokens: {self.speed_tokens} must be non-negative")
+        if self.prefer == "speed" and self.speed_tokens == 0:
+            problems.append("prefer: speed needs speed_tokens > 0 to time the candidates")
+        return problems
 
 
-def quantize_bnb_int8(folder: Path, threshold: float, device):
-    from transformers import BitsAndBytesConfig
+def full_precision(folder: Path, out: Path, trust_remote_code: bool = False) -> Path:
+    """The input as a plain model folder: a PEFT adapter is merged into its base in float32 first,
+    so that quantization rounds the merged weights once."""
+    if not (folder / "adapter_config.json").is_file():
+        return folder
+    from peft import AutoPeftModelForCausalLM, PeftConfig
 
-    qconfig = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
-    model = models.load_model(models.Source("folder", str(folder)), quantization_config=qconfig, device_map=str(device))
-    return model
+    log.info("quantize: %s holds a PEFT adapter; merging it into its base model in float32", folder)
+    model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code).merge_and_unload()
+    try:
+        tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
+    except models.ModelSourceError:  # adapter saved without a tokenizer: use the base model's
+        base = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        tokenizer = models.load_tokenizer(models.Source("folder", base))
+    save_model(out, model, tokenizer)
+    return out
+
+
+def measure(model, tokenizer, ids: list[int], cfg: QuantizeConfig) -> dict:
+    """Gate perplexity (the evaluate stage's windows) and, if asked, prefill/generate speed."""
+    started = time.perf_counter()
+    ppl = perplexity(model, ids, cfg.context, cfg.stride, cfg.max_tokens, batch_size=EvaluateConfig.batch_size)
+    out = {"perplexity": ppl["perplexity"], "scored_tokens": ppl["scored_tokens"],
+           "eval_tok_s": round(ppl["scored_tokens"] / (time.perf_counter() - started), 1)}
+    if cfg.speed_tokens:  # the evaluate stage's prompts and prefill length, one timed run after a warm-up
+        timed = speed(model, tokenizer, DEFAULT_PROMPTS, EvaluateConfig.prefill_tokens, cfg.speed_tokens, 1)
+        out.update(prefill_tok_s=timed["prefill_tok_s"], gen_tok_s=timed["gen_tok_s"])
+    return out
+
+
+def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: list[int], cfg: QuantizeConfig,
+                  device: torch.device, ctx: Context) -> dict:
+    """Convert, save, reload and score one candidate; failures become a row, never an exception."""
+    options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
+    row = {"name": cand.label, "method": cand.method, "backend": cand.backend, "bits": cand.bits,
+           "options": options, "description": backends.describe(cand)}
+    reason = backends.unavailable(cand, device)
+    if reason:
+        log.warning("quantize: %s cannot run here: %s", cand.label, reason)
+        return {**row, "status": "unavailable", "error": reason}
+    log.info("quantize: trying %s: %s", cand.label, row["description"])
+    started = time.time()
+    try:
+        model = backends.quantize(cand, source, device, ctx.trust_remote_code)
+        backends.save(model, folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        model, _ = models.load_folder(folder, device_map=str(device))  # score exactly what is shipped
+        row.update(measure(model, tokenizer, ids, cfg))
+    except Exception as err:  # noqa: BLE001 -- a broken candidate is reported, the others still run
+        log.warning("quantize: %s failed: %s", cand.label, err)
+        message = " ".join(str(err).strip().splitlines()[:2])[:300]
+        return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}
+    row.update(disk_mb=round(models.disk_size(folder) / 2**20, 2), seconds=round(time.time() - started, 1))
+    return row
+
+
+def gate(rows: list[dict], reference: dict, cfg: QuantizeConfig) -> dict | None:
+    """Mark each measured row passed / over budget against `reference`; return the preferred passing row."""
+    for row in rows:
+        if "perplexity" not in row:
+            continue
+        row["ppl_increase_pct"] = round(100 * (row["perplexity"] / reference["perplexity"] - 1), 3)
+        row["size_ratio"] = round(row["disk_mb"] / reference["disk_mb"], 4)
+        if reference.get("gen_tok_s") and row.get("gen_tok_s"):
+            row["speedup"] = round(row["gen_tok_s"] / reference["gen_tok_s"], 2)
+        row["status"] = "passed" if row["ppl_increase_pct"] <= cfg.max_ppl_increase else "over budget"
+    passed = [r for r in rows if r["status"] == "passed"]
+    order = {
+        "size": lambda r: (r["disk_mb"], r["perplexity"]),
+        "speed": lambda r: (-(r.get("gen_tok_s") or 0), r["perplexity"]),
+        "quality": lambda r: (r["perplexity"], r["disk_mb"]),
+    }[cfg.prefer]
+    return min(passed, key=order) if passed else None
+
+
+def table(reference: dict, rows: list[dict], winner: dict | None) -> str:
+    def num(row, key, fmt):
+        return fmt.format(row[key]) if row.get(key) is not None else "–"
+
+    lines = ["| candidate | method | bits | status | perplexity | Δ ppl | disk MB | size | gen tok/s |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| input | unquantized | – | reference | {num(reference, 'perplexity', '{:.3f}')} | – | "
+             f"{num(reference, 'disk_mb', '{:.1f}')} | 100% | {num(reference, 'gen_tok_s', '{:.1f}')} |"]
+    for r in rows:
+        status = "**chosen**" if r is winner else r["status"]
+        if r.get("error"):
+            status += f": {r['error']}"
+        lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {status} | {num(r, 'perplexity', '{:.3f}')} | "
+                     f"{num(r, 'ppl_increase_pct', '{:+.2f}%')} | {num(r, 'disk_mb', '{:.1f}')} | "
+                     f"{num(r, 'size_ratio', '{:.0%}')} | {num(r, 'gen_tok_s', '{:.1f}')} |")
+    return "\n".join(lines)
 
 
 def run(cfg: QuantizeConfig, ctx: Context) -> Path:
     stage = begin(ctx, "quantize", cfg)
     if stage is None:
         return ctx.run_dir / "quantize"
-    folder = ctx.inputs["quantize"]
     device = models.pick_device()
-    if device.type == "mps":
-        raise StageError("quantize: bitsandbytes does not run on Apple MPS; run on CPU or CUDA")
-    model = quantize_bnb_int8(folder, cfg.threshold, device)
-    tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
-    in_size = models.disk_size(folder)
-    with staging(stage.out) as tmp:
-        save_model(tmp, model, tokenizer)
-        out_size = models.disk_size(tmp)
-        write_record(tmp, stage.record(
-            ctx,
-            metrics={"params": models.count_params(model), "method": cfg.method, "bits": 8,
-                     "input_mb": round(in_size / 2**20, 2), "disk_mb": round(out_size / 2**20, 2),
-                     "size_ratio": round(out_size / in_size, 4)},
-            tags=["bitsandbytes", "8-bit", "quantized"],
-            usage=USAGE,
-            summary=f"bitsandbytes LLM.int8 weights (threshold {cfg.threshold}): "
-            f"{in_size / 2**20:.1f} MB → {out_size / 2**20:.1f} MB on disk.",
-        ))
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ctx.run_dir.glob(".quantize-candidates-*"):  # left by a killed run; never consumed
+        shutil.rmtree(stale, ignore_errors=True)
+    # Candidate folders live next to the run (same disk, so the winner is moved, not copied) and are
+    # removed whatever happens.
+    with tempfile.TemporaryDirectory(prefix=".quantize-candidates-", dir=ctx.run_dir) as work:
+        work = Path(work)
+        source = full_precision(Path(ctx.inputs["quantize"]), work / "merged", ctx.trust_remote_code)
+        model, tokenizer = models.load_folder(source, device_map=str(device))
+        ids = data.eval_stream(data.prepare(ctx.data, tokenizer, ctx.seed)["validation"])
+        params = models.count_params(model)
+        reference = {"name": "input", "disk_mb": round(models.disk_size(source) / 2**20, 2),
+                     **measure(model, tokenizer, ids, cfg)}
+        del model
+        log.info("quantize: input perplexity %.3f on %d tokens", reference["perplexity"], reference["scored_tokens"])
+        rows, folders = [], {}
+        for i, cand in enumerate(cfg.candidates):
+            folders[cand.label] = work / f"candidate-{i}"
+            rows.append(try_candidate(cand, source, folders[cand.label], tokenizer, ids, cfg, device, ctx))
+        winner = gate(rows, reference, cfg)
+        scores = table(reference, rows, winner)
+        log.info("quantize: candidates (budget +%s%% perplexity, prefer %s):\n%s", cfg.max_ppl_increase, cfg.prefer,
+                 scores)
+        if winner is None:
+            raise StageError(
+                f"quantize: no candidate stayed within max_ppl_increase={cfg.max_ppl_increase}% of the input's "
+                f"perplexity {reference['perplexity']:.3f}:\n{scores}\n"
+                "Raise quantize.max_ppl_increase, or add a gentler candidate (bnb-int8 or openvino-int8)."
+            )
+        cand = next(c for c in cfg.candidates if c.label == winner["name"])
+        with staging(stage.out) as tmp:
+            for item in folders[cand.label].iterdir():
+                shutil.move(str(item), str(tmp / item.name))
+            write_record(tmp, stage.record(
+                ctx,
+                metrics={"params": params, "method": cand.method, "bits": cand.bits,
+                         "input_mb": reference["disk_mb"], "disk_mb": winner["disk_mb"],
+                         "size_ratio": winner["size_ratio"], "perplexity": winner["perplexity"],
+                         "input_perplexity": reference["perplexity"], "ppl_increase_pct": winner["ppl_increase_pct"],
+                         "gen_tok_s": winner.get("gen_tok_s"), "input_gen_tok_s": reference.get("gen_tok_s")},
+                chosen=cand.label,
+                reference=reference,
+                candidates=rows,
+                gate={"max_ppl_increase": cfg.max_ppl_increase, "prefer": cfg.prefer, "context": cfg.context,
+                      "stride": cfg.stride, "scored_tokens": reference["scored_tokens"], "device": str(device),
+                      "speed": {"prompts": DEFAULT_PROMPTS, "prefill_tokens": EvaluateConfig.prefill_tokens,
+                                "new_tokens": cfg.speed_tokens, "repeats": 1}},
+                tags=backends.tags(cand),
+                usage=backends.USAGE[cand.backend],
+                summary=summary(cand, winner, reference, rows, cfg, scores),
+            ))
     return stage.out
+
+
+def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cfg: QuantizeConfig,
+            scores: str) -> str:
+    passed = sum(r["status"] == "passed" for r in rows)
+    return (
+        f"**{cand.label}**: {winner['description']}. {reference['disk_mb']:.1f} MB → {winner['disk_mb']:.1f} MB "
+        f"on disk ({winner['size_ratio']:.0%}), perplexity {reference['perplexity']:.3f} → "
+        f"{winner['perplexity']:.3f} ({winner['ppl_increase_pct']:+.2f}%). Chosen for {cfg.prefer} among "
+        f"{passed} of {len(rows)} candidates within the +{cfg.max_ppl_increase}% perplexity budget.\n\n"
+        f"{scores}\n\nPerplexity: validation split, context {cfg.context}, stride {cfg.stride}, "
+        f"{reference['scored_tokens']} tokens. Generation speed: greedy, {cfg.speed_tokens} new tokens for each of "
+        f"{len(DEFAULT_PROMPTS)} prompts, one timed run (noisy on a shared machine)."
+    )

@@ -1,0 +1,135 @@
+"""Quantization methods on SmolLM2-135M, fp32 and every method in one run: perplexity on the stdlib
+validation split and the start of WikiText-2 test, size on disk, prefill and greedy-generate tokens/s
+(same prompts for every model); writes bench/results/quantize.json."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+METHODS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4"]
+PROMPTS = ["The Python interpreter reads a program and", "In the history of the English language,"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--input", type=Path, default=None,
+                   help="fp32 model folder (default: the quick start's base/, made by the load stage)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--stdlib-tokens", type=int, default=None, help="stdlib validation tokens (default: all)")
+    p.add_argument("--wiki-tokens", type=int, default=32768, help="first N tokens of WikiText-2 test")
+    p.add_argument("--wikitext", type=Path, default=common.WIKITEXT_TEST, help="WikiText-2 test.txt")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prefill-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after a warm-up (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch and OpenVINO threads (default: their own)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, seconds: checks the script runs")
+    p.add_argument("--out", type=Path, default=None, help="result file (default bench/results/quantize.json)")
+    return p.parse_args(argv)
+
+
+def load(folder: Path, threads: int | None):
+    from pipeline import models
+
+    if models.is_openvino(folder) and threads:
+        from optimum.intel import OVModelForCausalLM
+
+        return OVModelForCausalLM.from_pretrained(folder, ov_config={"INFERENCE_NUM_THREADS": str(threads)})
+    return models.load_folder(folder, device_map="cpu")[0]
+
+
+def measure(model, tokenizer, texts: dict, args) -> dict:
+    from pipeline.metrics import perplexity, speed
+
+    started = time.perf_counter()
+    ppl = {name: perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size)["perplexity"]
+           for name, ids in texts.items()}
+    eval_s = time.perf_counter() - started
+    timed = speed(model, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, args.repeats)
+    return {"ppl": ppl, "prefill_tok_s": timed["prefill_tok_s"], "gen_tok_s": timed["gen_tok_s"],
+            "eval_seconds": round(eval_s, 1)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from pipeline import data, models
+    from pipeline import quant_backends as qb
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
+    load_before = os.getloadavg()  # other jobs on the machine slow every number down
+    if args.smoke:
+        folder = common.tiny_folder(work)
+        args.stdlib_tokens, args.wiki_tokens = 256, 256
+        args.context, args.stride, args.prefill_tokens, args.new_tokens = 64, 32, 32, 4
+    else:
+        folder = args.input or common.smollm2_folder()
+    tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
+    stdlib = data.eval_stream(data.prepare(data.DataConfig(), tokenizer, 42)["validation"])
+    texts = {"stdlib-validation": stdlib[: args.stdlib_tokens]}
+    if args.wikitext.is_file():  # 4 characters per token at least: read enough text, then cut
+        wiki = tokenizer(args.wikitext.read_text()[: args.wiki_tokens * 8], verbose=False)["input_ids"]
+        texts["wikitext-2-test"] = wiki[: args.wiki_tokens]
+    elif not args.smoke:
+        raise SystemExit(f"{args.wikitext} does not exist; pass --wikitext path/to/wikitext-2/test.txt")
+
+    def report(name, row):
+        print(f"{name}: ppl {row.get('ppl')}, {row.get('disk_mb')} MB, prefill {row.get('prefill_tok_s')} tok/s, "
+              f"generate {row.get('gen_tok_s')} tok/s", flush=True)
+
+    fp32 = {"disk_mb": round(models.disk_size(folder) / 2**20, 2),
+            **measure(load(folder, args.threads), tokenizer, texts, args)}
+    report("fp32", fp32)
+    candidates = {}
+    for method in args.methods:
+        cand = qb.Candidate(method, group_size=32 if args.smoke and method == "openvino-int4" else None)
+        out = work / method
+        started = time.perf_counter()
+        try:
+            model = qb.quantize(cand, folder, torch.device("cpu"))
+            qb.save(model, out)
+            tokenizer.save_pretrained(out)
+            del model
+            convert_s = round(time.perf_counter() - started, 1)
+            row = {"description": qb.describe(cand), "convert_seconds": convert_s,
+                   "disk_mb": round(models.disk_size(out) / 2**20, 2),
+                   **measure(load(out, args.threads), tokenizer, texts, args)}
+        except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
+            row = {"error": f"{type(err).__name__}: {err}"[:400]}
+        if "ppl" in row:
+            row["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2) for k, v in row["ppl"].items()}
+            row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
+            row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
+            row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
+        candidates[method] = row
+        report(method, row)
+    result = {
+        "settings": {
+            "model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32, the quick start's base/)",
+            "texts": {k: len(v) for k, v in texts.items()},
+            "context": args.context, "stride": args.stride, "batch_size": args.batch_size,
+            "prompts": PROMPTS, "prefill_tokens": args.prefill_tokens, "new_tokens": args.new_tokens,
+            "decoding": "greedy", "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
+            "device": "cpu",
+            "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
+            "note": "weight-only quantization; speeds measured on a CPU shared with other jobs are noisy",
+        },
+        "fp32": fp32,
+        "candidates": candidates,
+    }
+    common.save("quantize", result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

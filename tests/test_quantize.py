@@ -1,0 +1,255 @@
+"""Quantize stage: every method on tiny real models, the quality gate, and what the evaluate stage sees."""
+import collections
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from pipeline import data, models, recipe
+from pipeline import quant_backends as qb
+from pipeline.cli import main
+from pipeline.metrics import perplexity
+from pipeline.stages import quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ["gpt2", "llama"]
+CPU = torch.device("cpu")
+IDS = torch.arange(1, 33).unsqueeze(0)
+# A quick gate for tiny models: short windows, few tokens, few timed tokens.
+GATE = {"context": 64, "stride": 32, "max_tokens": 512, "speed_tokens": 4}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS, attention_mask=torch.ones_like(IDS)).logits
+
+
+def projections(model) -> dict:
+    """Weight matrices of the transformer blocks: GPT-2's Conv1D, Llama's Linear (the head is tied)."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, (Conv1D, torch.nn.Linear)) and n != "lm_head"}
+    assert len(found) == 4 * (4 if isinstance(next(iter(found.values())), Conv1D) else 7)  # 4 blocks
+    return found
+
+
+def out_in(module) -> tuple[int, int]:
+    w = module.weight  # Conv1D stores (in, out), Linear (out, in)
+    return (w.shape[1], w.shape[0]) if isinstance(module, Conv1D) else tuple(w.shape)
+
+
+def ov_constants(ov_model) -> list[tuple[str, tuple[int, int]]]:
+    """(element type, (rows, other elements)) of every rank >= 2 constant in the OpenVINO graph; group-wise
+    int4 weights are stored as (out, in / group, group), so the trailing dims are flattened."""
+    out = []
+    for op in ov_model.model.get_ops():
+        if op.get_type_name() == "Constant":
+            shape = list(op.get_output_shape(0))
+            if len(shape) >= 2:
+                out.append((op.get_element_type().get_type_name(), (shape[0], math.prod(shape[1:]))))
+    return out
+
+
+def _recipe(make_recipe, model, **quant):
+    return make_recipe(model, finetune={"enabled": False}, distill={"enabled": False},
+                       quantize={**GATE, **quant}, evaluate={"models": ["base", "quantize"], "max_tokens": 512})
+
+
+def _record(folder):
+    return json.loads((folder / "pipeline.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4", "bnb-fp4"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bnb_quantizes_every_projection_and_reloads_identically(arch, method, tiny_models, tmp_path):
+    import bitsandbytes as bnb
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    model = qb.quantize(qb.Candidate(method), tiny_models[arch], CPU)
+    if method == "bnb-int8":
+        before = logits(model)
+        qb.save(model, tmp_path)
+    else:  # 4-bit on CPU: a forward pass repacks the weights, so save first (see quant_backends.save)
+        qb.save(model, tmp_path)
+        before = logits(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert torch.equal(logits(reloaded), before)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    # every projection, GPT-2's Conv1D included, became a bitsandbytes layer holding integer weights
+    layer, dtype = (bnb.nn.Linear8bitLt, torch.int8) if method == "bnb-int8" else (bnb.nn.Linear4bit, torch.uint8)
+    modules = dict(reloaded.named_modules())
+    for name in projections(fp32):
+        assert isinstance(modules[name], layer) and modules[name].weight.dtype == dtype, name
+    assert models.count_params(reloaded) == models.count_params(fp32)  # 4-bit counted unpacked
+    ratio = models.disk_size(tmp_path) / models.disk_size(tiny_models[arch])
+    assert ratio < (0.5 if method == "bnb-int8" else 0.4)  # embeddings stay fp32 in both
+    # a random tiny model's logits are within about ±1; quantization moves them a little, not a lot
+    err = (logits(reloaded) - logits(fp32)).abs().max().item()
+    assert 0 < err < (0.05 if method == "bnb-int8" else 0.3), err
+
+
+@pytest.mark.parametrize("method", ["openvino-int8", "openvino-int4"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_openvino_compresses_every_projection_and_reloads_identically(arch, method, tiny_models, tmp_path):
+    from optimum.intel import OVModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    cand = qb.Candidate(method, group_size=32 if method == "openvino-int4" else None)  # hidden size 64
+    model = qb.quantize(cand, tiny_models[arch], CPU)
+    before = logits(model)
+    qb.save(model, tmp_path)
+    reloaded, _ = models.load_folder(tmp_path, device_map="cpu")  # what the evaluate stage does
+    assert isinstance(reloaded, OVModelForCausalLM)
+    assert torch.equal(logits(reloaded), before)
+    # every projection's weight is an integer constant of its shape, and none is left in floating point
+    consts = ov_constants(reloaded)
+    int_types = {"u8", "i8"} if method == "openvino-int8" else {"u4", "i4"}
+    compressed = collections.Counter(shape for t, shape in consts if t in int_types)
+    floats = {shape for t, shape in consts if t in ("f32", "f16", "bf16")}
+    wanted = collections.Counter(out_in(m) for m in projections(fp32).values())
+    assert not wanted - compressed, (wanted, compressed)
+    assert not floats & {s for w in wanted for s in (w, w[::-1])}
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "openvino_model.xml" in files and not any(f.endswith(".safetensors") for f in files)
+    weights, graph = ((tmp_path / f"openvino_model.{ext}").stat().st_size for ext in ("bin", "xml"))
+    assert models.disk_size(tmp_path) == weights + graph  # the graph is ~200 KB: most of a tiny model's folder
+    assert weights < 0.3 * models.disk_size(tiny_models[arch])
+    err = (logits(reloaded) - logits(fp32)).abs().max().item()
+    assert 0 < err < (0.05 if method == "openvino-int8" else 0.3), err
+    # perplexity runs on the OpenVINO model as on torch ones: same windows, batched or not
+    ids = list(range(1, 300))
+    ov = [perplexity(reloaded, ids, 64, 32, batch_size=b) for b in (1, 8)]
+    torch_ppl = perplexity(fp32, ids, 64, 32)
+    assert ov[0]["scored_tokens"] == ov[1]["scored_tokens"] == torch_ppl["scored_tokens"] == 298
+    assert ov[0]["perplexity"] == pytest.approx(ov[1]["perplexity"], rel=1e-5)
+    assert ov[0]["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=0.02)
+
+
+def test_gate_picks_by_policy_reports_failures_and_evaluate_reads_the_winner(tiny_models, make_recipe):
+    candidates = [{"method": "bnb-int8"},
+                  {"method": "openvino-int4", "group_size": 128},  # does not fit hidden size 64: fails
+                  {"method": "openvino-int4", "name": "ov-int4-g32", "group_size": 32, "sym": True}]
+    path = _recipe(make_recipe, tiny_models["gpt2"], candidates=candidates, max_ppl_increase=5.0)
+    assert main(["run", str(path)]) == 0
+    out = path.parent / "runs" / "tiny" / "quantize"
+    rec = _record(out)
+    rows = {r["name"]: r for r in rec["candidates"]}
+    assert list(rows) == ["bnb-int8", "openvino-int4", "ov-int4-g32"]
+    assert rows["openvino-int4"]["status"] == "failed" and "group size" in rows["openvino-int4"]["error"]
+    ref = rec["reference"]
+    assert 100 < ref["perplexity"] < 2000 and ref["scored_tokens"] == 511  # random tiny model, 512-token vocab
+    measured = [r for r in rows.values() if r["status"] != "failed"]
+    for r in measured:
+        assert r["status"] == "passed", r  # weight-only 8/4-bit stays within 5% on this model
+        assert r["ppl_increase_pct"] == pytest.approx(100 * (r["perplexity"] / ref["perplexity"] - 1), abs=1e-3)
+        assert 0.2 < r["size_ratio"] < 0.6 and r["gen_tok_s"] > 0
+    # prefer: size -> the smallest passing candidate is the stage output, in its backend's format
+    smallest = min(measured, key=lambda r: r["disk_mb"])
+    assert rec["chosen"] == smallest["name"] and rec["metrics"]["method"] == smallest["method"]
+    assert smallest["backend"] == "openvino" and (out / "openvino_model.xml").is_file()  # what evaluate reads below
+    assert models.disk_size(out) / 2**20 == pytest.approx(smallest["disk_mb"], abs=0.01)
+    # the other policies, on the same measured rows
+    cfg = quantize.QuantizeConfig
+    assert quantize.gate(rec["candidates"], ref, cfg(prefer="quality"))["name"] == min(
+        measured, key=lambda r: r["perplexity"])["name"]
+    assert quantize.gate(rec["candidates"], ref, cfg(prefer="speed"))["name"] == max(
+        measured, key=lambda r: r["gen_tok_s"])["name"]
+    tight = min(r["ppl_increase_pct"] for r in measured)
+    assert quantize.gate(rec["candidates"], ref, cfg(max_ppl_increase=tight))["ppl_increase_pct"] == tight
+    # the card: method, size, perplexity delta, every candidate, loading snippet and tags of the backend
+    card = (out / "README.md").read_text()
+    for text in [*rows, "failed", "**chosen**", f"{smallest['ppl_increase_pct']:+.2f}%", "from_pretrained"]:
+        assert text in card, text
+    meta = card.split("---")[1]
+    assert smallest["backend"] in meta and f"{smallest['bits']}-bit" in meta
+    # evaluate loads the winner (OpenVINO or bitsandbytes) and scores it with the same windows as the gate
+    report = {r["name"]: r for r in json.loads((out.parent / "report.json").read_text())["models"]}
+    assert report["base"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert report["quantize"]["perplexity"] == pytest.approx(smallest["perplexity"], rel=1e-6)
+    assert report["quantize"]["params"] == report["base"]["params"]
+    assert report["quantize"]["disk_mb"] == pytest.approx(smallest["disk_mb"], abs=0.01)
+
+
+def test_nothing_passes_fails_with_the_table_and_an_unavailable_backend_is_reported(
+        tiny_models, make_recipe, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optimum.intel", None)  # as if optimum-intel were not installed
+    path = _recipe(make_recipe, tiny_models["llama"], max_ppl_increase=0.0,
+                   candidates=[{"method": "openvino-int8"}, {"method": "bnb-nf4"}])
+    assert main(["run", str(path), "--stages", "load,quantize"]) == 2
+    err = capsys.readouterr().err
+    assert "no candidate stayed within max_ppl_increase=0.0%" in err
+    assert "| openvino-int8 | openvino-int8 | 8 | unavailable: needs optimum-intel" in err
+    assert "| bnb-nf4 | bnb-nf4 | 4 | over budget |" in err
+    run_dir = path.parent / "runs" / "tiny"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base"]  # no output, no candidate leftovers
+
+
+def test_peft_adapter_is_merged_before_quantizing(tiny_models, tokenizer, make_recipe, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]),
+                                LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: merging it changes the model
+            p.data.normal_(0, 0.3)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    (adapter / "pipeline.json").write_text(json.dumps({"stage": "finetune", "fingerprint": "lora"}))
+    merged = peft_model.merge_and_unload()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
+    path = _recipe(make_recipe, tiny_models["gpt2"], input=str(adapter), candidates=[{"method": "bnb-int8"}],
+                   max_ppl_increase=100.0, speed_tokens=0)
+    assert main(["run", str(path), "--stages", "quantize"]) == 0
+    out = path.parent / "runs" / "tiny" / "quantize"
+    # the gate's reference is the merged model, scored on the same validation tokens
+    r = recipe.load(path)
+    ids = data.eval_stream(data.prepare(r.data, tokenizer, r.seed)["validation"])
+    expected = perplexity(merged, ids, GATE["context"], GATE["stride"], GATE["max_tokens"])["perplexity"]
+    assert _record(out)["reference"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert perplexity(plain, ids, GATE["context"], GATE["stride"], GATE["max_tokens"])["perplexity"] != \
+        pytest.approx(expected, rel=1e-2)
+    quantized = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    to_merged, to_plain = ((logits(quantized) - logits(x)).abs().max().item() for x in (merged, plain))
+    assert to_merged < 0.5 * to_plain, (to_merged, to_plain)
+
+
+def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):
+    path = make_recipe(tiny_models["gpt2"], quantize={"candidates": [
+        {"method": "gptq"}, {"method": "bnb-int8", "group_size": 64}, {"method": "openvino-int4", "ratio": 1.5}]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    for needle in ["quantize.candidates[0].method: 'gptq' is not allowed; use one of: bnb-int8, bnb-nf4, bnb-fp4, "
+                   "openvino-int8, openvino-int4",
+                   "quantize.candidates[1].group_size: does not apply to bnb-int8; it is an option of openvino-int4",
+                   "quantize.candidates[2].ratio: 1.5 must be in (0, 1]"]:
+        assert needle in err, needle
+    path = make_recipe(tiny_models["gpt2"], quantize={
+        "prefer": "speed", "speed_tokens": 0, "max_ppl_increase": -1,
+        "candidates": [{"method": "bnb-nf4"}, {"method": "bnb-nf4"}, {"method": "bnb-nf4", "name": "nf4-b"}]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    for needle in ["quantize.candidates: 'bnb-nf4' appears twice; give each a distinct `name`",
+                   "quantize.max_ppl_increase: -1.0 must be", "quantize.prefer: speed needs speed_tokens > 0"]:
+        assert needle in err, needle
+    assert "3 problem(s)" in err
+
+
+def test_quantize_bench_args_and_smoke(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quantize as bench_quantize
+    from test_bench import _smoke
+
+    args = bench_quantize.parse_args(["--methods", "bnb-nf4", "openvino-int4", "--wiki-tokens", "1000"])
+    assert args.methods == ["bnb-nf4", "openvino-int4"] and args.wiki_tokens == 1000 and not args.smoke
+    result = _smoke("quantize", tmp_path, "--methods", "bnb-int8", "openvino-int8")
+    fp32, rows = result["fp32"], result["candidates"]
+    assert list(rows) == ["bnb-int8", "openvino-int8"]
+    for row in rows.values():
+        for text, ppl in row["ppl"].items():  # a random tiny model: ppl near its 512-token vocabulary
+            assert 100 < ppl < 2000 and abs(row["ppl_increase_pct"][text]) < 5
+        assert row["disk_mb"] < fp32["disk_mb"] and row["gen_tok_s"] > 0 and row["speedup_vs_fp32"] > 0
