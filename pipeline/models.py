@@ -126,8 +126,9 @@ def count_params(model) -> int:
 
 
 def disk_size(folder: str | Path) -> int:
-    """Bytes of weight files in a model folder (what a user downloads to run it)."""
+    """Bytes of weight files in a model folder (what a user loads to run it; a LoRA `adapter/` beside the
+    merged weights is not counted)."""
     folder = Path(folder)
     if folder.is_file():
         return folder.stat().st_size
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
+    return sum(p.stat().st_size for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
