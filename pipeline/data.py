@@ -140,7 +140,8 @@ def pack(tokenized, block_size: int, max_blocks: int | None = None):
         labels = [t for ids in batch.get("labels", batch["input_ids"]) for t in ids]
         usable = len(flat) // block_size * block_size
         cut = range(0, usable, block_size)
-        return {"input_ids": [flat[i : i + block_size] for i in cut], "labels": [labels[i : i + block_size] for i in cut]}
+        return {"input_ids": [flat[i : i + block_size] for i in cut],
+                "labels": [labels[i : i + block_size] for i in cut]}
 
     packed = tokenized.map(group, batched=True, batch_size=1000, desc=f"Packing into {block_size}-token blocks")
     return cap_train(packed, max_blocks)

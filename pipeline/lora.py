@@ -118,8 +118,8 @@ def load_4bit(folder: Path, q: QLoraSettings, gradient_checkpointing: bool):
     if bitsandbytes_missing() or device.type == "mps":
         raise StageError("finetune.method qlora: needs bitsandbytes on CPU or CUDA (pip install bitsandbytes); "
                          "use method: lora instead")
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                             bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=_compute_dtype(q.compute_dtype))
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                             bnb_4bit_compute_dtype=_compute_dtype(q.compute_dtype))
     place = {"": dist.local_rank()} if device.type == "cuda" else "cpu"  # each DDP rank holds a whole copy
     try:
         model = models.load_model(models.Source("folder", str(folder)), quantization_config=bnb, device_map=place)

@@ -161,13 +161,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def disk_size(folder: str | Path) -> int:
-    """Bytes of weight files in a model folder (what a user downloads to run it). An OpenVINO folder
-    counts its IR: the graph (.xml) and the weights (.bin)."""
+    """Bytes of weight files in a model folder (what a user loads to run it). An OpenVINO folder counts
+    its IR: the graph (.xml) and the weights (.bin); a LoRA `adapter/` beside merged weights is not counted."""
     folder = Path(folder)
     if folder.is_file():
         return folder.stat().st_size
     if is_openvino(folder):
         files = [p for p in folder.glob("openvino_*") if p.suffix in (".xml", ".bin")]
     else:
-        files = [p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+        files = [p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES]
     return sum(p.stat().st_size for p in files)

@@ -18,6 +18,7 @@ from pipeline import dist
 from pipeline.config import StageError
 
 log = logging.getLogger("pipeline")
+Reporter = Literal["auto", "tensorboard", "none"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 # Settings that do not change the trained model: left out of the stage fingerprint (context.result_settings).
 RUN_ONLY = {"fingerprint": False}
@@ -43,7 +44,7 @@ class TrainConfig:
     save_steps: int | None = field(default=None, metadata=RUN_ONLY)  # checkpoint every N steps (null: none)
     save_total_limit: int = field(default=2, metadata=RUN_ONLY)  # checkpoints kept (the best one is kept too)
     resume_from: str | None = field(default="auto", metadata=RUN_ONLY)  # auto | null | a checkpoint-N folder
-    report_to: Literal["auto", "tensorboard", "none"] = field(default="auto", metadata=RUN_ONLY)  # auto: TB if installed
+    report_to: Reporter = field(default="auto", metadata=RUN_ONLY)  # auto: TensorBoard if installed
     progress_bar: bool = field(default=True, metadata=RUN_ONLY)
 
     def check(self) -> list[str]:

@@ -256,7 +256,8 @@ def test_distill_stage_kd_loss_decreases_and_card_records_teacher(arch, tiny_mod
 def test_distill_stage_fresh_student_with_reverse_kl_and_bf16_teacher(tiny_models, make_recipe):
     spec = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4}
     path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
-                       distill={"config": spec, "kl": "reverse", "alpha_cos": 0.5, "teacher_precision": "bf16"})
+                       distill={"config": spec, "kl": "reverse", "alpha_cos": 0.5, "teacher_precision": "bf16",
+                                "max_steps": 24})  # a fresh student starts from scratch: give it more steps
     _, out = _run(path, ["load", "distill"])
     rec = _record(out["distill"])
     assert rec["layer_map"] is None and rec["student_config"] == spec

@@ -49,9 +49,11 @@ def _datasets(ctx: Context, tokenizer, evaluate: bool):
 
     tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
     if ctx.data.format == "chat":
-        sets, collator = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks), chat.collator(tokenizer)
+        sets = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+        collator = chat.collator(tokenizer)
     else:
-        sets, collator = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks), default_data_collator
+        sets = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+        collator = default_data_collator
     for name in ("train", "validation") if evaluate else ("train",):
         if len(sets[name]) == 0:
             raise StageError(f"finetune: the {name} split of '{ctx.data.source}' has no complete "
@@ -68,7 +70,8 @@ def _save(cfg: FinetuneConfig, model, tokenizer, tmp: Path, stage: StageRun, fol
     # A Hub PEFT folder names the model it adapts: the Hub id when we adapted the unmodified source model.
     base_id = stage.parent.get("base_model") if stage.parent.get("stage") == "base" else None
     model.peft_config["default"].base_model_name_or_path = base_id or str(folder)
-    model.save_pretrained(tmp / ADAPTER_DIR)
+    # Only linear layers are adapted; the default ("auto") would look the base up on the Hub to compare vocabularies.
+    model.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
     merged = model.merge_and_unload() if cfg.method == "lora" else lora.merged_from_4bit(folder, tmp / ADAPTER_DIR)
     save_model(tmp, merged, tokenizer)
     return merged
@@ -78,9 +81,11 @@ def _summary(cfg: FinetuneConfig, metrics: dict, targets) -> str:
     done = f"for {metrics['train_steps']} steps ({metrics['train_tokens']} tokens)"
     if cfg.method == "full":
         return f"Full fine-tune {done}."
-    base = "a frozen 4-bit (bitsandbytes " + cfg.qlora.quant_type + ") base" if cfg.method == "qlora" else "a frozen base"
-    return (f"{cfg.method.upper()} fine-tune {done}: rank-{cfg.lora.r} adapters (alpha {cfg.lora.alpha:g}) on "
-            f"{targets} of {base}, merged into full-precision weights. The adapter alone is in `{ADAPTER_DIR}/`.")
+    name = {"lora": "LoRA", "qlora": "QLoRA"}[cfg.method]
+    base = f"a frozen 4-bit (bitsandbytes {cfg.qlora.quant_type}) base" if cfg.method == "qlora" else "a frozen base"
+    return (f"{name} fine-tune {done}: rank-{cfg.lora.r} adapters (alpha {cfg.lora.alpha:g}) on "
+            f"{', '.join(targets)} of {base}, merged into full-precision weights. "
+            f"The adapter alone is in `{ADAPTER_DIR}/`.")
 
 
 def run(cfg: FinetuneConfig, ctx: Context) -> Path:
@@ -105,10 +110,17 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         data_collator=collator,
         processing_class=tokenizer,
     )
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded and cfg.method != "full":
+        raise StageError(f"finetune.method {cfg.method}: merging adapters is supported under DDP (plain "
+                         "`accelerate launch`), not FSDP/DeepSpeed; use method: full there, or DDP")
     metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     with staging(stage.out) as tmp:
+        if sharded:  # every rank takes part in gathering the shards; rank 0 writes (untested here: no GPUs)
+            trainer.save_model(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the record holds the settings
         if dist.is_main():
-            saved = _save(cfg, trainer.model, tokenizer, tmp, stage, folder)
+            saved = trainer.model if sharded else _save(cfg, trainer.model, tokenizer, tmp, stage, folder)
             metrics = {"params": models.count_params(saved), "trainable_params": trainable, **metrics}
         write_record(tmp, stage.record(
             ctx,
