@@ -2,6 +2,7 @@
 plus resumable training: checkpoints every N steps, marked with the stage fingerprint."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -71,6 +72,8 @@ class TrainConfig:
         if self.resume_from not in (None, "auto") and not (Path(self.resume_from) / "trainer_state.json").is_file():
             problems.append(f"resume_from: '{self.resume_from}' is not a Trainer checkpoint folder (no "
                             "trainer_state.json); use auto, null, or a .trainer/<stage>/checkpoint-N folder")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            problems.append("report_to: tensorboard is not installed; pip install tensorboard, or use auto/none")
         return problems
 
     @property
