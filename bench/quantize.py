@@ -1,6 +1,10 @@
 """Quantization methods on SmolLM2-135M, fp32 and every method in one run: perplexity on the stdlib
 validation split and the start of WikiText-2 test, size on disk, prefill and greedy-generate tokens/s
-(same prompts for every model); writes bench/results/quantize.json."""
+(same prompts for every model); writes bench/results/quantize.json.
+
+Speed is measured after all conversions, in rounds that visit every model in turn, and the median
+per model is reported: on a machine shared with other jobs the load drifts over a long run, and
+timing each model once, minutes apart, skews every ratio to fp32."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after a warm-up (median)")
+    p.add_argument("--rounds", type=int, default=3, help="speed rounds over all models (median per model)")
     p.add_argument("--threads", type=int, default=None, help="torch and OpenVINO threads (default: their own)")
     p.add_argument("--smoke", action="store_true", help="tiny random model, seconds: checks the script runs")
     p.add_argument("--out", type=Path, default=None, help="result file (default bench/results/quantize.json)")
@@ -45,16 +49,30 @@ def load(folder: Path, threads: int | None):
     return models.load_folder(folder, device_map="cpu")[0]
 
 
-def measure(model, tokenizer, texts: dict, args) -> dict:
-    from pipeline.metrics import perplexity, speed
+def ppl(model, texts: dict, args) -> dict:
+    from pipeline.metrics import perplexity
 
-    started = time.perf_counter()
-    ppl = {name: perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size)["perplexity"]
-           for name, ids in texts.items()}
-    eval_s = time.perf_counter() - started
-    timed = speed(model, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, args.repeats)
-    return {"ppl": ppl, "prefill_tok_s": timed["prefill_tok_s"], "gen_tok_s": timed["gen_tok_s"],
-            "eval_seconds": round(eval_s, 1)}
+    return {name: perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size)["perplexity"]
+            for name, ids in texts.items()}
+
+
+def speeds(folders: dict, tokenizer, args) -> dict:
+    """Median prefill and generate tokens/s per model over `args.rounds` rounds that visit every model."""
+    import statistics
+
+    from pipeline.metrics import speed
+
+    loaded = {name: load(folder, args.threads) for name, folder in folders.items()}
+    runs = {name: [] for name in folders}
+    for _ in range(args.rounds):
+        for name, model in loaded.items():
+            runs[name].append(speed(model, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, 1))
+    out = {}
+    for name, timed in runs.items():
+        gen = [t["gen_tok_s"] for t in timed]
+        out[name] = {"prefill_tok_s": round(statistics.median(t["prefill_tok_s"] for t in timed), 1),
+                     "gen_tok_s": round(statistics.median(gen), 2), "gen_tok_s_rounds": gen}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -71,7 +89,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         folder = common.tiny_folder(work)
         args.stdlib_tokens, args.wiki_tokens = 256, 256
-        args.context, args.stride, args.prefill_tokens, args.new_tokens = 64, 32, 32, 4
+        args.context, args.stride, args.prefill_tokens, args.new_tokens, args.rounds = 64, 32, 32, 4, 1
     else:
         folder = args.input or common.smollm2_folder()
     tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
@@ -87,10 +105,11 @@ def main(argv=None) -> dict:
         print(f"{name}: ppl {row.get('ppl')}, {row.get('disk_mb')} MB, prefill {row.get('prefill_tok_s')} tok/s, "
               f"generate {row.get('gen_tok_s')} tok/s", flush=True)
 
-    fp32 = {"disk_mb": round(models.disk_size(folder) / 2**20, 2),
-            **measure(load(folder, args.threads), tokenizer, texts, args)}
+    started = time.perf_counter()
+    fp32 = {"disk_mb": round(models.disk_size(folder) / 2**20, 2), "ppl": ppl(load(folder, args.threads), texts, args),
+            "eval_seconds": round(time.perf_counter() - started, 1)}
     report("fp32", fp32)
-    candidates = {}
+    candidates, folders = {}, {"fp32": folder}
     for method in args.methods:
         cand = qb.Candidate(method, group_size=32 if args.smoke and method == "openvino-int4" else None)
         out = work / method
@@ -100,18 +119,26 @@ def main(argv=None) -> dict:
             qb.save(model, out)
             tokenizer.save_pretrained(out)
             del model
-            convert_s = round(time.perf_counter() - started, 1)
-            row = {"description": qb.describe(cand), "convert_seconds": convert_s,
-                   "disk_mb": round(models.disk_size(out) / 2**20, 2),
-                   **measure(load(out, args.threads), tokenizer, texts, args)}
+            row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
+                   "disk_mb": round(models.disk_size(out) / 2**20, 2)}
+            started = time.perf_counter()
+            row["ppl"] = ppl(load(out, args.threads), texts, args)
+            row["eval_seconds"] = round(time.perf_counter() - started, 1)
+            folders[method] = out
         except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
             row = {"error": f"{type(err).__name__}: {err}"[:400]}
-        if "ppl" in row:
-            row["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2) for k, v in row["ppl"].items()}
-            row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
-            row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
-            row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
         candidates[method] = row
+        report(method, row)
+    timed = speeds(folders, tokenizer, args)
+    fp32.update(timed["fp32"])
+    for method, row in candidates.items():
+        if method not in timed:
+            continue
+        row.update(timed[method])
+        row["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2) for k, v in row["ppl"].items()}
+        row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
+        row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
+        row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
         report(method, row)
     result = {
         "settings": {
@@ -119,7 +146,7 @@ def main(argv=None) -> dict:
             "texts": {k: len(v) for k, v in texts.items()},
             "context": args.context, "stride": args.stride, "batch_size": args.batch_size,
             "prompts": PROMPTS, "prefill_tokens": args.prefill_tokens, "new_tokens": args.new_tokens,
-            "decoding": "greedy", "repeats": args.repeats, "threads": args.threads or torch.get_num_threads(),
+            "decoding": "greedy", "speed_rounds": args.rounds, "threads": args.threads or torch.get_num_threads(),
             "device": "cpu",
             "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
             "note": "weight-only quantization; speeds measured on a CPU shared with other jobs are noisy",

@@ -150,6 +150,20 @@ def describe(cand: Candidate) -> str:
     return text + ")"
 
 
+def versions(cand: Candidate) -> dict:
+    """Versions of the packages that wrote a candidate's folder (pipeline.json lists the core ones)."""
+    import importlib.metadata as md
+
+    packages = ["bitsandbytes"] if cand.backend == "bitsandbytes" else ["optimum-intel", "optimum", "openvino", "nncf"]
+    out = {}
+    for package in packages:
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def tags(cand: Candidate) -> list[str]:
     return [cand.backend, f"{cand.bits}-bit", "quantized"]
 

@@ -150,6 +150,7 @@ def test_gate_picks_by_policy_reports_failures_and_evaluate_reads_the_winner(tin
     smallest = min(measured, key=lambda r: r["disk_mb"])
     assert rec["chosen"] == smallest["name"] and rec["metrics"]["method"] == smallest["method"]
     assert smallest["backend"] == "openvino" and (out / "openvino_model.xml").is_file()  # what evaluate reads below
+    assert rec["backend_versions"]["optimum-intel"] and rec["backend_versions"]["openvino"]
     assert models.disk_size(out) / 2**20 == pytest.approx(smallest["disk_mb"], abs=0.01)
     # the other policies, on the same measured rows
     cfg = quantize.QuantizeConfig

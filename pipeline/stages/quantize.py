@@ -199,6 +199,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                          "input_perplexity": reference["perplexity"], "ppl_increase_pct": winner["ppl_increase_pct"],
                          "gen_tok_s": winner.get("gen_tok_s"), "input_gen_tok_s": reference.get("gen_tok_s")},
                 chosen=cand.label,
+                backend_versions=backends.versions(cand),
                 reference=reference,
                 candidates=rows,
                 gate={"max_ppl_increase": cfg.max_ppl_increase, "prefer": cfg.prefer, "context": cfg.context,
