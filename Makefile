@@ -6,7 +6,9 @@ PY ?= $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test test-slow test-all finetune distill quantize evaluate all push clean
+BENCH_ARGS ?=
+
+.PHONY: bench bench-all install test test-slow test-all finetune distill quantize evaluate all push clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,3 +51,13 @@ push:
 
 clean:
 	rm -rf runs
+
+# Benchmarks write bench/results/*.json (minutes on 2 CPU cores); not run by CI
+bench:
+	$(PY) bench/finetune.py $(BENCH_ARGS)
+	$(PY) bench/evaluate.py $(BENCH_ARGS)
+	$(PY) bench/e2e.py $(BENCH_ARGS)
+
+bench-all: bench
+	$(PY) bench/distill.py
+	$(PY) bench/quantize.py

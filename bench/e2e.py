@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
         "max_peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
     }
     common.save("e2e", result, args.out)
+    print(f"stage folders and report: {out_dir}")
     return result
 
 
