@@ -45,10 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-tokens", type=int, default=81920, help="training tokens per variant (rounded to whole steps)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
     p.add_argument("--scheduler", default="cosine")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha-kd", type=float, default=0.5)
     p.add_argument("--alpha-ce", type=float, default=0.5)
     p.add_argument("--alpha-cos", type=float, default=0.0)
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wiki-tokens", type=int, default=32768, help="first N tokens of WikiText-2 test (0 = skip)")
     p.add_argument("--wikitext", default=str(WIKITEXT))
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill.json"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a quick check (pair with a tiny --teacher)")
     args = p.parse_args(argv)
@@ -91,7 +92,7 @@ def eval_streams(args, tokenizer) -> dict[str, list[int]]:
     if args.wiki_tokens:
         # 8 characters per token is a generous upper bound: tokenizing the whole file would waste a minute
         text = Path(args.wikitext).read_text()[: args.wiki_tokens * 8]
-        streams["wikitext2"] = tokenizer(text, add_special_tokens=False)["input_ids"][: args.wiki_tokens]
+        streams["wikitext2"] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: args.wiki_tokens]
     return streams, tokenized
 
 
@@ -157,6 +158,10 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from pipeline import data, models
     from pipeline.checkpoint import versions
 

@@ -156,7 +156,7 @@ def check_vocab(t_vocab: int, s_vocab: int, tokenizer, student_tokenizer=None) -
         raise StageError(
             f"distill: vocabulary mismatch: the teacher has {t_vocab} tokens, the student {s_vocab}. "
             "KD compares the two next-token distributions token by token, so the student must use the "
-            "teacher's vocabulary (drop vocab_size from distill.config, or pick a teacher with this tokenizer)"
+            f"teacher's vocabulary: point distill.config at a config with vocab_size {t_vocab}, or use a mapping"
         )
     if len(tokenizer) > s_vocab:
         raise StageError(f"distill: the tokenizer has {len(tokenizer)} tokens but the models only {s_vocab}")
@@ -186,23 +186,22 @@ def build_student(cfg: DistillConfig, teacher, tokenizer, trust_remote_code: boo
     """Return (student, layer map or None); raises StageError before any training if it cannot work."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.config is None:
-        keep = layer_map(cfg, teacher.config.num_hidden_layers)
-        student = student_from_teacher(teacher, keep)
-    else:
-        keep = None
+    config = teacher.config
+    if cfg.config is not None:
         config = student_config(cfg.config, teacher.config, trust_remote_code)
         check_vocab(teacher.config.vocab_size, config.vocab_size, tokenizer, _folder_tokenizer(cfg.config))
-        student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        student.generation_config = copy.deepcopy(teacher.generation_config)
-    check_vocab(teacher.config.vocab_size, student.config.vocab_size, tokenizer)
-    if cfg.alpha_cos > 0 and student.config.hidden_size != teacher.config.hidden_size:
+    if cfg.alpha_cos > 0 and config.hidden_size != teacher.config.hidden_size:
         raise StageError(
             f"distill.alpha_cos: the cosine term compares hidden states, but the student's hidden size "
-            f"({student.config.hidden_size}) differs from the teacher's ({teacher.config.hidden_size}); "
+            f"({config.hidden_size}) differs from the teacher's ({teacher.config.hidden_size}); "
             "set alpha_cos: 0 or give the student the teacher's hidden_size"
         )
-    return student, keep
+    if cfg.config is None:
+        keep = layer_map(cfg, teacher.config.num_hidden_layers)
+        return student_from_teacher(teacher, keep), keep
+    student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student, None
 
 
 def native_bf16(device: torch.device) -> bool:
