@@ -12,23 +12,10 @@ from pipeline import models, recipe, runner
 from pipeline.cli import main
 from pipeline.config import StageError
 from pipeline.stages import distill
+from tiny import run_stages as _run, logits as _logits, record as _record
 
 ARCHS = ["gpt2", "llama"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(path, stages=None, overrides=()):
-    r = recipe.load(path, list(overrides))
-    return r, runner.run(r, stages)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _record(folder):
-    return json.loads((folder / "pipeline.json").read_text())
 
 
 def _trainer(student, teacher, **loss):

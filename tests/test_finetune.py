@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import chat, data, dist, lora, recipe, runner
 from pipeline.cli import main
+from tiny import logits as _logits, record as _record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = {"progress_bar": False, "report_to": "none"}
@@ -22,15 +23,6 @@ ONLY_FINETUNE = {"distill": {"enabled": False}, "quantize": {"enabled": False}, 
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
             "{% else %}A: {{ m['content'] }}<|endoftext|>\n{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}A:{% endif %}")
-
-
-def _record(folder):
-    return json.loads((folder / "pipeline.json").read_text())
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _same_shapes(a, b) -> bool:

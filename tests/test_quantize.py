@@ -15,6 +15,7 @@ from pipeline import quant_backends as qb
 from pipeline.cli import main
 from pipeline.metrics import perplexity
 from pipeline.stages import quantize
+from tiny import record as _record
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "llama"]
@@ -56,10 +57,6 @@ def ov_constants(ov_model) -> list[tuple[str, tuple[int, int]]]:
 def _recipe(make_recipe, model, **quant):
     return make_recipe(model, finetune={"enabled": False}, distill={"enabled": False},
                        quantize={**GATE, **quant}, evaluate={"models": ["base", "quantize"], "max_tokens": 512})
-
-
-def _record(folder):
-    return json.loads((folder / "pipeline.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["bnb-int8", "bnb-nf4", "bnb-fp4"])

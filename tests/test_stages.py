@@ -8,22 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import checkpoint, data, models, recipe, runner
 from pipeline.metrics import guide_perplexity, perplexity
+from tiny import run_stages as _run, logits as _logits, record as _record
 
 ARCHS = ["gpt2", "llama"]
-
-
-def _run(path, stages=None, overrides=()):
-    r = recipe.load(path, list(overrides))
-    return r, runner.run(r, stages)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _record(folder):
-    return json.loads((folder / "pipeline.json").read_text())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

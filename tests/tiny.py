@@ -44,3 +44,23 @@ def save_tiny(folder: Path, arch: str, tokenizer, layers: int = 4) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_stages(path, stages=None, overrides=()):
+    """Load a recipe file and run `stages` of it; (recipe, {stage: output folder})."""
+    from pipeline import recipe, runner
+
+    r = recipe.load(path, list(overrides))
+    return r, runner.run(r, stages)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def record(folder):
+    """A stage folder's pipeline.json."""
+    import json
+
+    return json.loads((Path(folder) / "pipeline.json").read_text())
