@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 if not WIKITEXT.is_file():
     WIKITEXT = Path("/work/shared/data/wikitext-2/test.txt")
@@ -143,15 +145,8 @@ def train_variant(name, weights, teacher, tokenizer, blocks, args, workdir) -> t
 
 
 def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(), "platform": platform.platform(),
+    info = common.machine()  # plus the load around the run: speeds on a shared CPU need it
+    return {**info, "cuda": info["gpu"] is not None, "platform": platform.platform(),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
