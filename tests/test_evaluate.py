@@ -109,4 +109,4 @@ def test_peak_memory_sees_a_large_allocation():
     with PeakMemory(torch.device("cpu")) as mem:
         block = torch.ones(64, 2**20)  # 256 MB
         del block
-    assert mem.peak_mb > 200
+    assert 200 < mem.peak_mb < 400  # the baseline the process already held is not counted
