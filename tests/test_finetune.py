@@ -331,7 +331,7 @@ def test_two_process_run_writes_once(tiny_models, make_recipe, tmp_path):
     assert m["train_tokens"] == 6 * 4 * 64 * 2  # each step saw a batch on each process
     assert m["train_loss_last"] < m["train_loss_first"] - 0.1
     assert done.stderr.count("finetune: reading") == 1  # only rank 0 logs
-    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md", "report.png"]
     assert not list(tmp_path.rglob(".*.partial"))
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report["models"]] == ["base", "finetune"]
