@@ -84,11 +84,12 @@ def write_record(folder: Path, record: dict) -> None:
     write_card(folder, record)
 
 
-def save_model(folder: Path, model, tokenizer) -> None:
-    """Weights (safetensors), config and tokenizer; rank 0 only, as `Trainer.save_model` does."""
+def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """Weights (safetensors), config and tokenizer; rank 0 only, as `Trainer.save_model` does.
+    `state_dict`: weights gathered from FSDP/DeepSpeed ranks, when `model` holds only a shard."""
     if not dist.is_main():
         return
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 

@@ -130,9 +130,10 @@ def load_4bit(folder: Path, q: QLoraSettings, gradient_checkpointing: bool):
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def merged_from_4bit(input_folder: Path, adapter_dir: Path):
-    """QLoRA's merge: the adapter applied to the base in its saved (full) precision, not to the 4-bit copy,
-    whose rounding would otherwise be baked into every merged weight."""
+def merged(input_folder: Path, adapter_dir: Path):
+    """The saved adapter merged into the base reloaded in its saved (full) precision. For QLoRA this avoids
+    baking the 4-bit copy's rounding into every merged weight; for LoRA under FSDP/DeepSpeed the in-memory
+    base is only a shard. One path for all keeps the merge tested."""
     from peft import LoraConfig, PeftModel
 
     base = models.load_model(models.Source("folder", str(input_folder)))

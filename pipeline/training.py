@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ def train(trainer, block_size: int, resume_from: str | None = None) -> dict:
         "train_seconds": round(runtime, 2),
         "train_tokens_per_s": round(tokens / runtime, 1) if runtime else math.nan,
         "world_size": max(1, args.world_size),
+        "parallelism": parallelism(trainer),
     }
     if evals:
         metrics.update(eval_loss_first=evals[0], eval_loss_last=evals[-1], eval_loss_best=min(evals))
@@ -172,6 +174,15 @@ def train(trainer, block_size: int, resume_from: str | None = None) -> dict:
     if resume_from:
         metrics["resumed_from"] = Path(resume_from).name
     return metrics
+
+
+def parallelism(trainer) -> str:
+    """How the Trainer spread the work: fsdp, deepspeed, ddp, or single (one process)."""
+    if trainer.is_fsdp_enabled:
+        return "fsdp"
+    if trainer.is_deepspeed_enabled:
+        return "deepspeed"
+    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _logged_mean(history: list[dict]) -> float:
@@ -190,10 +201,20 @@ def fit(trainer, cfg: TrainConfig, fingerprint: str, recipe: str, block_size: in
 
     out = Path(trainer.args.output_dir)
     resume = resume_point(cfg, out, fingerprint, recipe, force)
+    _warn_if_not_sharded(trainer)
     trainer.add_callback(CheckpointMarker(fingerprint, recipe))
     if cfg.early_stopping_patience:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     return train(trainer, block_size, resume)
+
+
+def _warn_if_not_sharded(trainer) -> None:
+    """accelerate turns an FSDP/DeepSpeed config into plain DDP on CPUs (it shards only on accelerators);
+    say so rather than let the user believe the model is sharded."""
+    for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if dist.is_main() and os.environ.get(env, "").lower() == "true" and parallelism(trainer) != name.lower():
+            log.warning("the accelerate config asks for %s, but accelerate enables it only on GPUs/accelerators; "
+                        "this run uses %s (every process holds the whole model)", name, parallelism(trainer))
 
 
 def _checkpoints(folder: Path) -> list[Path]:

@@ -70,8 +70,8 @@ def test_interrupted_stage_leaves_nothing_to_consume(tiny_models, make_recipe, t
     assert main(["run", str(path), "--stages", "load"]) == 0
     real_save = checkpoint.save_model
 
-    def save_then_die(folder, model, tok):  # weights half written, then the process is interrupted
-        real_save(folder, model, tok)
+    def save_then_die(folder, model, tok, **kwargs):  # weights half written, then the process is interrupted
+        real_save(folder, model, tok, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pipeline.stages.finetune.save_model", save_then_die)

@@ -292,3 +292,44 @@ def test_bench_smoke_run(tiny_models, tmp_path):
             assert v["ratio"][split] == pytest.approx(v["student_ppl"][split] / v["teacher_ppl"][split], rel=1e-3)
     assert result["variants"]["ce"]["alpha_kd"] == 0 and set(result["kd_beats_ce"]) == {"stdlib", "wikitext2"}
     assert result["machine"]["cores"] >= 1 and result["settings"]["smoke"] is True
+
+
+# --- training controls shared with finetune: evaluation, best model, resume ---------------------------
+
+def test_distill_evaluates_and_keeps_the_best_student(tiny_models, make_recipe):
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
+                       distill={"eval_steps": 4, "keep_best": True, "progress_bar": False, "report_to": "none"})
+    _, out = _run(path, ["load", "distill"])
+    m = _record(out["distill"])["metrics"]
+    assert m["eval_loss_last"] < m["eval_loss_first"], m  # the distillation loss on validation blocks
+    assert m["eval_loss_best"] == min(m["eval_loss_first"], m["eval_loss_last"], m["eval_loss_best"])
+    assert m["best_step"] in (4, 8, 12)
+    assert not list((out["distill"].parent / ".trainer" / "distill").glob("checkpoint-*")), "cleared when done"
+
+
+@pytest.mark.slow  # two pipeline processes, one killed: ~30 s on 2 busy cores
+def test_killed_distill_resumes_where_it_left_off(tiny_models, make_recipe, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    settings = dict(finetune={"enabled": False}, quantize={"enabled": False}, evaluate={"enabled": False},
+                    distill={"max_steps": 40, "save_steps": 5, "progress_bar": False, "report_to": "none"})
+    path = make_recipe(tiny_models["gpt2"], name="killed", **settings)
+    assert main(["run", str(path), "--stages", "load"]) == 0
+    ckpts = tmp_path / "runs" / "killed" / ".trainer" / "distill"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not any(
+            json.loads(p.read_text())["step"] >= 10 for p in ckpts.glob("checkpoint-*/pipeline-checkpoint.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert main(["run", str(path)]) == 0
+    resumed = _record(tmp_path / "runs" / "killed" / "distill")["metrics"]
+    assert int(resumed["resumed_from"].split("-")[1]) >= 10 and resumed["train_steps"] == 40
+    straight = make_recipe(tiny_models["gpt2"], name="straight", **settings)
+    assert main(["run", str(straight)]) == 0
+    reference = _record(tmp_path / "runs" / "straight" / "distill")["metrics"]
+    assert resumed["train_loss_last"] == pytest.approx(reference["train_loss_last"], abs=1e-5)

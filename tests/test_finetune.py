@@ -309,6 +309,20 @@ def test_force_starts_afresh_and_foreign_checkpoints_are_refused(tiny_models, ma
 
 # ---------- multi-process ----------
 
+def _launch(recipe_path, *launch_args):
+    """`accelerate launch <launch_args> -m pipeline run RECIPE` with 2 CPU processes; the finished process."""
+    with socket.socket() as s:  # a free port, so concurrent test runs do not collide on 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", *launch_args, "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+           str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline", "run", str(recipe_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow  # three Python processes importing torch + transformers: ~30 s on 2 busy cores
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_run_writes_once(tiny_models, make_recipe, tmp_path):
@@ -316,24 +330,51 @@ def test_two_process_run_writes_once(tiny_models, make_recipe, tmp_path):
     path = make_recipe(tiny_models["llama"], finetune={"max_steps": 6, "batch_size": 4, **QUIET},
                        distill={"enabled": False}, quantize={"enabled": False},
                        evaluate={"models": ["base", "finetune"]})
-    with socket.socket() as s:  # a free port, so concurrent test runs do not collide on 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
-           str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline", "run", str(path)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch(path, "--multi_gpu")
     run_dir = tmp_path / "runs" / "tiny"
     m = _record(run_dir / "finetune")["metrics"]
-    assert m["world_size"] == 2
+    assert m["world_size"] == 2 and m["parallelism"] == "ddp"
     assert m["train_tokens"] == 6 * 4 * 64 * 2  # each step saw a batch on each process
     assert m["train_loss_last"] < m["train_loss_first"] - 0.1
     assert done.stderr.count("finetune: reading") == 1  # only rank 0 logs
-    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md", "report.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md",
+                                                         "report.png"]
     assert not list(tmp_path.rglob(".*.partial"))
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report["models"]] == ["base", "finetune"]
     assert math.isfinite(report["models"][1]["perplexity"])
     assert dist.world_size() == 1  # the test process itself is not part of the group
+
+
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+@pytest.mark.slow  # three Python processes importing torch + transformers: ~30 s on 2 busy cores
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_lora_under_an_fsdp_config_on_cpu_trains_merges_and_says_it_used_ddp(tiny_models, make_recipe, tmp_path):
+    """The FSDP config file a GPU user would pass: on CPU accelerate falls back to DDP, and the stage says so;
+    the adapter is saved and merged by the same path FSDP uses (gathered state dict, base reloaded)."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    path = make_recipe(tiny_models["gpt2"], finetune={"method": "lora", "max_steps": 6, "batch_size": 4, **QUIET},
+                       **ONLY_FINETUNE)
+    done = _launch(path, "--config_file", str(config))
+    out = tmp_path / "runs" / "tiny" / "finetune"
+    m = _record(out)["metrics"]
+    assert m["world_size"] == 2 and m["parallelism"] == "ddp"
+    assert m["train_loss_last"] < m["train_loss_first"]
+    assert "asks for FSDP" in done.stderr and done.stderr.count("asks for FSDP") == 1
+    from peft import PeftModel
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]), out / "adapter")
+    ids = torch.arange(1, 33).unsqueeze(0)
+    assert torch.allclose(_logits(merged, ids), _logits(adapted, ids), atol=1e-4)
+    assert not torch.allclose(_logits(merged, ids), _logits(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]), ids), atol=1e-4)

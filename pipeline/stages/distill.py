@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from transformers import Trainer
 from pipeline import data, models
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
-from pipeline.training import TrainConfig, train, training_args
+from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, training_args
 
 # Config entries that follow from the width; recomputed when the student's width changes.
 DERIVED_FROM_WIDTH = ("head_dim",)
@@ -42,6 +42,7 @@ class DistillConfig(TrainConfig):
     kl: Literal["forward", "reverse"] = "forward"  # forward KL(teacher||student) or reverse KL(student||teacher)
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU/CPU has it natively
     learning_rate: float = 1e-3  # a student with half its layers gone starts far off: 1e-3 beat 5e-4 and 2e-3 (bench)
+    save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -277,15 +278,21 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     set_seed(ctx.seed)
     teacher, tokenizer = models.load_folder(ctx.inputs["distill"])
     student, keep = build_student(cfg, teacher, tokenizer, ctx.trust_remote_code)
-    args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed)
+    evaluate = cfg.eval_steps is not None  # eval_loss is the distillation loss on the validation blocks
+    args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed, evaluate=evaluate)
     t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
     tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
     blocks = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+    for split in ("train", "validation") if evaluate else ("train",):
+        if len(blocks[split]) == 0:
+            raise StageError(f"distill: the {split} split of '{ctx.data.source}' has no complete blocks of "
+                             f"data.block_size {ctx.data.block_size} tokens; use more data or a smaller data.block_size")
     t_params, t_layers = models.count_params(teacher), teacher.config.num_hidden_layers
     trainer = DistillTrainer(
         model=student,
         args=args,
         train_dataset=blocks["train"],
+        eval_dataset=blocks["validation"] if evaluate else None,
         data_collator=default_data_collator,
         processing_class=tokenizer,
         teacher=teacher,
@@ -296,7 +303,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         kl=cfg.kl,
         teacher_dtype=t_dtype,
     )
-    metrics = train(trainer, ctx.data.block_size)
+    metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     s_params = models.count_params(trainer.model)
     loss = {"alpha_kd": cfg.alpha_kd, "alpha_ce": cfg.alpha_ce, "alpha_cos": cfg.alpha_cos,
             "temperature": cfg.temperature, "kl": cfg.kl, "teacher_precision": str(t_dtype).replace("torch.", "")}
@@ -316,6 +323,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
             tags=["distillation"],
             summary=_summary(keep, cfg, teacher_info, trainer.model, loss),
         ))
+    clear_checkpoints(trainer.args.output_dir)
     return stage.out
 
 

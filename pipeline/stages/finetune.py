@@ -62,17 +62,35 @@ def _datasets(ctx: Context, tokenizer, evaluate: bool):
     return sets["train"], sets["validation"] if evaluate else None, collator
 
 
-def _save(cfg: FinetuneConfig, model, tokenizer, tmp: Path, stage: StageRun, folder: Path):
-    """Write the full-weight model into `tmp` (and the adapter into tmp/adapter); return the saved model."""
+def _gathered_state(trainer):
+    """The whole state dict when FSDP/DeepSpeed split the weights across ranks (every rank must call this:
+    they all take part in gathering); None when each rank already holds whole weights (one process, DDP)."""
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return None
+    try:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    except ValueError as err:  # DeepSpeed ZeRO-3 without 16-bit gathering
+        raise StageError(f"finetune: cannot gather the trained weights from the ranks ({err}); in the DeepSpeed "
+                         "config set zero_optimization.stage3_gather_16bit_weights_on_model_save: true") from err
+
+
+def _save(cfg: FinetuneConfig, trainer, tokenizer, tmp: Path, stage: StageRun, folder: Path):
+    """Write the full-weight model into `tmp` (and the adapter into tmp/adapter). Every rank calls this;
+    rank 0 writes and gets the saved model back, the others get None. Adapters are always merged the same
+    way, into the base reloaded from `folder`, so one-process, DDP and FSDP runs share one tested path."""
+    state = _gathered_state(trainer)
+    if not dist.is_main():
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.method == "full":
-        save_model(tmp, model, tokenizer)
+        save_model(tmp, model, tokenizer, state_dict=state)
         return model
     # A Hub PEFT folder names the model it adapts: the Hub id when we adapted the unmodified source model.
     base_id = stage.parent.get("base_model") if stage.parent.get("stage") == "base" else None
     model.peft_config["default"].base_model_name_or_path = base_id or str(folder)
     # Only linear layers are adapted; the default ("auto") would look the base up on the Hub to compare vocabularies.
-    model.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
-    merged = model.merge_and_unload() if cfg.method == "lora" else lora.merged_from_4bit(folder, tmp / ADAPTER_DIR)
+    model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state, save_embedding_layers=False)
+    merged = lora.merged(folder, tmp / ADAPTER_DIR)
     save_model(tmp, merged, tokenizer)
     return merged
 
@@ -110,17 +128,14 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         data_collator=collator,
         processing_class=tokenizer,
     )
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    if sharded and cfg.method != "full":
-        raise StageError(f"finetune.method {cfg.method}: merging adapters is supported under DDP (plain "
-                         "`accelerate launch`), not FSDP/DeepSpeed; use method: full there, or DDP")
+    if cfg.method == "qlora" and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise StageError("finetune.method qlora: a 4-bit base is not sharded with FSDP/DeepSpeed here; use "
+                         "method: lora (the base is sharded in full precision), or plain DDP (`accelerate launch` "
+                         "without an FSDP/DeepSpeed config)")
     metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     with staging(stage.out) as tmp:
-        if sharded:  # every rank takes part in gathering the shards; rank 0 writes (untested here: no GPUs)
-            trainer.save_model(str(tmp))
-            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the record holds the settings
+        saved = _save(cfg, trainer, tokenizer, tmp, stage, folder)
         if dist.is_main():
-            saved = trainer.model if sharded else _save(cfg, trainer.model, tokenizer, tmp, stage, folder)
             metrics = {"params": models.count_params(saved), "trainable_params": trainable, **metrics}
         write_record(tmp, stage.record(
             ctx,
