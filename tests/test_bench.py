@@ -57,3 +57,15 @@ def test_finetune_bench_smoke(tmp_path):
     full = result["full"]
     assert full["ours_tok_s"] > 0 and full["baseline_tok_s"] > 0 and full["ratio"] > 0
     assert full["peak_mem_mb"]["ours"] > 100
+
+
+def test_cpu_speed_bench_args_and_smoke(tmp_path):
+    import cpu_speed
+
+    args = cpu_speed.parse_args(["--steps", "5", "--variants", "1-thread"])
+    assert args.steps == 5 and args.variants == "1-thread"
+    result = _smoke("cpu_speed", tmp_path, "--steps", "4", "--block-size", "64", "--variants", "default,padded-documents")
+    default, padded = (result["variants"][k] for k in ("default", "padded-documents"))
+    assert default["tok_s"] > 0 and default["speedup"] == 1.0
+    assert default["real_tokens_per_step"] == 4 * 64  # packed: every token of every block is real
+    assert padded["real_tokens_per_step"] < 4 * 64  # padded: short documents leave padding in the block
