@@ -17,6 +17,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--lora", action="store_true", help="LoRA r=8 on the attention and MLP projections (peft)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (run_clm.py's --bf16)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, report_to="none", save_strategy="no", seed=args.seed,
-        logging_steps=10, disable_tqdm=True,
+        logging_steps=10, disable_tqdm=True, bf16=args.bf16,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=lm_dataset,
                       data_collator=default_data_collator, processing_class=tokenizer)

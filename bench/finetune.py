@@ -25,6 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (ours, baseline) per method")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="both sides train in this precision; auto = the pipeline's choice for this machine")
     p.add_argument("--smoke", action="store_true", help="tiny random model, a few steps: checks the script runs")
     p.add_argument("--out", type=Path, default=None, help="result file (default bench/results/finetune.json)")
     return p.parse_args(argv)
@@ -47,7 +49,8 @@ def run_child(cmd: list[str]) -> tuple[str, dict]:
 def ours(model: Path, method: str, args, out_dir: Path) -> dict:
     overrides = [f"output_dir={out_dir}", f"finetune.input={model}", f"finetune.max_steps={args.steps}",
                  f"finetune.batch_size={args.batch_size}", f"data.block_size={args.block_size}",
-                 "finetune.warmup_ratio=0", "finetune.lr_scheduler=linear", "finetune.logging_steps=10"]
+                 "finetune.warmup_ratio=0", "finetune.lr_scheduler=linear", "finetune.logging_steps=10",
+                 f"finetune.precision={args.precision}"]
     if method == "lora":
         overrides += ["finetune.method=lora"]
     _, proc = run_child([sys.executable, "-m", "pipeline", "run", "recipes/quickstart.yaml", "--stages", "finetune",
@@ -64,6 +67,8 @@ def baseline(model: Path, method: str, args, out_dir: Path) -> dict:
            str(args.batch_size), "--max-steps", str(args.steps), "--output-dir", str(out_dir / "baseline")]
     if method == "lora":
         cmd.append("--lora")
+    if args.precision == "bf16":
+        cmd.append("--bf16")
     stdout, proc = run_child(cmd)
     result = json.loads(stdout.strip().splitlines()[-1])
     return {"tok_s": round(result["train_tokens_per_s"], 1), **proc}
@@ -71,6 +76,10 @@ def baseline(model: Path, method: str, args, out_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.precision == "auto":  # resolve once, so the baseline trains in the same precision as ours
+        from pipeline.training import precision_flags
+
+        args.precision = "bf16" if precision_flags("auto")["bf16"] else "fp32"
     out_dir = Path(tempfile.mkdtemp(prefix="bench-ft-"))
     model = common.tiny_folder(out_dir) if args.smoke else common.smollm2_folder()
     if args.smoke:  # tiny model folders have no pipeline.json; the finetune stage reads one from its input
@@ -97,7 +106,7 @@ def main(argv=None) -> dict:
     payload = {
         "settings": {"model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32)",
                      "data": "stdlib pydoc topics, train split", "steps": args.steps, "batch_size": args.batch_size,
-                     "block_size": args.block_size, "rounds": args.rounds,
+                     "block_size": args.block_size, "rounds": args.rounds, "precision": args.precision,
                      "tok_s": "training-loop tokens/s from Trainer's train_runtime; wall includes load and data prep"},
         **results,
     }

@@ -68,6 +68,16 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 that is fast, not emulated: GPUs that support it, CPUs with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the guard
+        return bool(probe and probe())
+    return False
+
+
 def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
     return ModelSourceError(
         f"could not load '{source.label}': {err}. If this is a Hub id, check the name and your network "

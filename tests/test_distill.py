@@ -209,7 +209,7 @@ def test_teacher_precision():
     cpu = torch.device("cpu")
     assert distill.teacher_dtype("fp32", cpu) == torch.float32
     assert distill.teacher_dtype("bf16", cpu) == torch.bfloat16
-    assert distill.teacher_dtype("auto", cpu) == (torch.bfloat16 if distill.native_bf16(cpu) else torch.float32)
+    assert distill.teacher_dtype("auto", cpu) == (torch.bfloat16 if models.native_bf16(cpu) else torch.float32)
 
 
 # --- the stage -------------------------------------------------------------------------------

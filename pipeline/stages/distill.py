@@ -205,21 +205,11 @@ def build_student(cfg: DistillConfig, teacher, tokenizer, trust_remote_code: boo
     return student, None
 
 
-def native_bf16(device: torch.device) -> bool:
-    """bf16 that is fast, not emulated: GPUs that support it, CPUs with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the guard
-        return bool(probe and probe())
-    return False
-
-
 def teacher_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The teacher only runs forward passes, so bf16 costs little accuracy and saves time and memory."""
     cuda = device.type == "cuda"
     if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
+        return torch.bfloat16 if models.native_bf16(device) else torch.float32
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise StageError("distill.teacher_precision: bf16 is not supported by this GPU; use fp32 or auto")
     return torch.bfloat16 if precision == "bf16" else torch.float32
