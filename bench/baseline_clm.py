@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     started = time.perf_counter()
 
+    import torch
     from datasets import load_dataset
     from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
                               default_data_collator)
@@ -54,6 +55,7 @@ def main(argv=None) -> None:
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, report_to="none", save_strategy="no", seed=args.seed,
         logging_steps=10, disable_tqdm=True, bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # run_clm.py's --use_cpu; needed for --bf16 on a CPU
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=lm_dataset,
                       data_collator=default_data_collator, processing_class=tokenizer)
