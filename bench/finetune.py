@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
             "runs": runs,
         }
     payload = {
-        "settings": {"model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32)",
+        "settings": {"model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32 weights)",
                      "data": "stdlib pydoc topics, train split", "steps": args.steps, "batch_size": args.batch_size,
                      "block_size": args.block_size, "rounds": args.rounds, "precision": args.precision,
                      "tok_s": "training-loop tokens/s from Trainer's train_runtime; wall includes load and data prep"},

@@ -54,6 +54,8 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
     """Prepare a stage; None means its output is already current and the stage is skipped."""
     folder = ctx.inputs[stage]
     parent = read_record(folder)
+    if parent is None and (Path(folder) / "adapter_config.json").is_file():  # a stage's adapter/ subfolder
+        parent = read_record(Path(folder).parent)
     if parent is None:
         raise StageError(
             f"{stage}: input folder '{folder}' is missing or incomplete (no pipeline.json). "

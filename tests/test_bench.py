@@ -69,3 +69,9 @@ def test_cpu_speed_bench_args_and_smoke(tmp_path):
     assert default["tok_s"] > 0 and default["speedup"] == 1.0
     assert default["real_tokens_per_step"] == 4 * 64  # packed: every token of every block is real
     assert padded["real_tokens_per_step"] < 4 * 64  # padded: short documents leave padding in the block
+
+
+def test_readme_benchmark_tables_match_the_committed_results():
+    import readme_table
+
+    assert readme_table.main(["--check"]) == 0, "run: python bench/readme_table.py"

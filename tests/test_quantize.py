@@ -185,35 +185,28 @@ def test_nothing_passes_fails_with_the_table_and_an_unavailable_backend_is_repor
     assert sorted(p.name for p in run_dir.iterdir()) == ["base"]  # no output, no candidate leftovers
 
 
-def test_peft_adapter_is_merged_before_quantizing(tiny_models, tokenizer, make_recipe, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]),
-                                LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    torch.manual_seed(0)
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:  # a trained-looking adapter: merging it changes the model
-            p.data.normal_(0, 0.3)
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    (adapter / "pipeline.json").write_text(json.dumps({"stage": "finetune", "fingerprint": "lora"}))
-    merged = peft_model.merge_and_unload()
-    plain = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
-    path = _recipe(make_recipe, tiny_models["gpt2"], input=str(adapter), candidates=[{"method": "bnb-int8"}],
-                   max_ppl_increase=100.0, speed_tokens=0)
-    assert main(["run", str(path), "--stages", "quantize"]) == 0
-    out = path.parent / "runs" / "tiny" / "quantize"
-    # the gate's reference is the merged model, scored on the same validation tokens
+def test_lora_adapter_input_is_merged_before_quantizing(tiny_models, make_recipe, tmp_path):
+    text = tmp_path / "repeated.txt"  # a sentence an adapter learns within 12 steps (see test_finetune)
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 400)
+    path = make_recipe(tiny_models["gpt2"], data={"source": str(text)},
+                       finetune={"method": "lora", "learning_rate": 1.0e-2}, distill={"enabled": False},
+                       quantize={**GATE, "candidates": [{"method": "bnb-int8"}], "speed_tokens": 0,
+                                 "max_ppl_increase": 100.0}, evaluate={"enabled": False})
+    assert main(["run", str(path), "--stages", "load,finetune"]) == 0
+    run_dir = path.parent / "runs" / "tiny"
+    adapter = run_dir / "finetune" / "adapter"
+    assert main(["run", str(path), f"quantize.input={adapter}", "--stages", "quantize"]) == 0
+    # the gate's reference is base + adapter merged in float32: the finetune stage's own merged weights
     r = recipe.load(path)
+    merged, tokenizer = models.load_folder(run_dir / "finetune")
     ids = data.eval_stream(data.prepare(r.data, tokenizer, r.seed)["validation"])
-    expected = perplexity(merged, ids, GATE["context"], GATE["stride"], GATE["max_tokens"])["perplexity"]
-    assert _record(out)["reference"]["perplexity"] == pytest.approx(expected, rel=1e-5)
-    assert perplexity(plain, ids, GATE["context"], GATE["stride"], GATE["max_tokens"])["perplexity"] != \
-        pytest.approx(expected, rel=1e-2)
-    quantized = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-    to_merged, to_plain = ((logits(quantized) - logits(x)).abs().max().item() for x in (merged, plain))
-    assert to_merged < 0.5 * to_plain, (to_merged, to_plain)
+    window = (GATE["context"], GATE["stride"], GATE["max_tokens"])
+    expected = perplexity(merged, ids, *window)["perplexity"]
+    base = perplexity(models.load_folder(run_dir / "base")[0], ids, *window)["perplexity"]
+    rec = _record(run_dir / "quantize")
+    assert rec["reference"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert base > 2 * expected  # the adapter learned the sentence: merging it mattered
+    assert rec["parent"] == str(adapter) and rec["candidates"][0]["perplexity"] < 1.1 * expected
 
 
 def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):

@@ -66,13 +66,19 @@ def full_precision(folder: Path, out: Path, trust_remote_code: bool = False) -> 
     from peft import AutoPeftModelForCausalLM, PeftConfig
 
     log.info("quantize: %s holds a PEFT adapter; merging it into its base model in float32", folder)
-    model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code).merge_and_unload()
+    base = PeftConfig.from_pretrained(folder).base_model_name_or_path
     try:
-        tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
-    except models.ModelSourceError:  # adapter saved without a tokenizer: use the base model's
-        base = PeftConfig.from_pretrained(folder).base_model_name_or_path
-        tokenizer = models.load_tokenizer(models.Source("folder", base))
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code).merge_and_unload()
+    except (OSError, ValueError) as err:
+        raise StageError(
+            f"quantize.input: the adapter in '{folder}' adapts '{base}', which could not be loaded ({err}). "
+            "Point quantize.input at the stage folder that holds the merged weights (e.g. runs/<recipe>/finetune)."
+        ) from err
+    tok_source = folder if (folder / "tokenizer_config.json").is_file() else Path(folder).parent
+    if not (tok_source / "tokenizer_config.json").is_file():  # an adapter saved on its own: the base's
+        tok_source = base
+    tokenizer = models.load_tokenizer(models.Source("folder", str(tok_source)))
     save_model(out, model, tokenizer)
     return out
 
