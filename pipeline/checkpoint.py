@@ -154,10 +154,19 @@ Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipe
 ```python
 {usage(record, folder, repo_id or USAGE_REF)}
 ```
-
+{_requirement(record)}
 The full stage configuration, library versions and timings are in `pipeline.json`.
 """
     return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
+
+
+def _requirement(record: dict) -> str:
+    """transformers 4.x cannot read the tokenizer files transformers 5 writes: say so where users look."""
+    saved = (record.get("versions") or {}).get("transformers", "")
+    if not saved.split(".")[0].isdigit() or int(saved.split(".")[0]) < 5:
+        return ""
+    return (f"\nSaved with transformers {saved}: load it with transformers >= 5 (4.x cannot read the tokenizer "
+            "files transformers 5 writes).\n")
 
 
 def usage(record: dict, folder: Path, ref: str) -> str:
