@@ -152,7 +152,7 @@ Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipe
 ## Use it
 
 ```python
-{usage(record, folder, repo_id or USAGE_REF)}
+{usage(folder, repo_id or USAGE_REF)}
 ```
 {_requirement(record)}
 The full stage configuration, library versions and timings are in `pipeline.json`.
@@ -169,19 +169,21 @@ def _requirement(record: dict) -> str:
             "files transformers 5 writes).\n")
 
 
-def usage(record: dict, folder: Path, ref: str) -> str:
-    """A loading snippet for the folder's format: the stage's own, else one guessed from the files."""
-    text = record.get("usage") or _usage_for_files(Path(folder))
-    return text.replace(USAGE_REF, ref)
+def usage(folder: Path, ref: str) -> str:
+    """A loading snippet for the folder's format, read from its files, naming `ref` as the model."""
+    return _usage_for_files(Path(folder)).replace(USAGE_REF, ref)
 
 
 def _usage_for_files(folder: Path) -> str:
+    from pipeline.models import is_openvino
+
     if (folder / "adapter_config.json").is_file():
         return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{USAGE_REF}")\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")')
-    if (folder / "openvino_model.xml").is_file():
+    if is_openvino(folder):
         return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                "# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed\n"
                 f'model = OVModelForCausalLM.from_pretrained("{USAGE_REF}")\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")')
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))

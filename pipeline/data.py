@@ -147,6 +147,14 @@ def pack(tokenized, block_size: int, max_blocks: int | None = None):
     return cap_train(packed, max_blocks)
 
 
+def require_rows(sets, splits, stage: str, cfg: DataConfig, unit: str = "blocks") -> None:
+    """Fail before training when a split the stage trains or evaluates on came out empty."""
+    for name in splits:
+        if len(sets[name]) == 0:
+            raise StageError(f"{stage}: the {name} split of '{cfg.source}' has no complete {unit} of "
+                             f"data.block_size {cfg.block_size} tokens; use more data or a smaller data.block_size")
+
+
 def cap_train(dsd, limit: int | None):
     """At most `limit` rows of the train split (a DatasetDict) or of a single Dataset."""
     if limit is None:

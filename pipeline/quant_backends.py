@@ -167,17 +167,3 @@ def versions(cand: Candidate) -> dict:
 def tags(cand: Candidate) -> list[str]:
     return [cand.backend, f"{cand.bits}-bit", "quantized"]
 
-
-USAGE = {
-    "bitsandbytes": """from transformers import AutoModelForCausalLM, AutoTokenizer
-
-# needs `pip install bitsandbytes`; the quantization config is read from config.json
-model = AutoModelForCausalLM.from_pretrained("path/or/repo-id", device_map="auto")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")""",
-    "openvino": """from optimum.intel import OVModelForCausalLM
-from transformers import AutoTokenizer
-
-# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed
-model = OVModelForCausalLM.from_pretrained("path/or/repo-id")
-tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")""",
-}

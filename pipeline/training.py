@@ -180,6 +180,11 @@ def train(trainer, block_size: int, resume_from: str | None = None) -> dict:
     return metrics
 
 
+def sharded(trainer) -> bool:
+    """FSDP or DeepSpeed split the weights across ranks (DDP and single processes hold whole copies)."""
+    return trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+
+
 def parallelism(trainer) -> str:
     """How the Trainer spread the work: fsdp, deepspeed, ddp, or single (one process)."""
     if trainer.is_fsdp_enabled:
@@ -215,8 +220,10 @@ def fit(trainer, cfg: TrainConfig, fingerprint: str, recipe: str, block_size: in
 def _warn_if_not_sharded(trainer) -> None:
     """accelerate turns an FSDP/DeepSpeed config into plain DDP on CPUs (it shards only on accelerators);
     say so rather than let the user believe the model is sharded."""
+    if not dist.is_main() or sharded(trainer):
+        return
     for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if dist.is_main() and os.environ.get(env, "").lower() == "true" and parallelism(trainer) != name.lower():
+        if os.environ.get(env, "").lower() == "true":
             log.warning("the accelerate config asks for %s, but accelerate enables it only on GPUs/accelerators; "
                         "this run uses %s (every process holds the whole model)", name, parallelism(trainer))
 

@@ -273,10 +273,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
     tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
     blocks = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
-    for split in ("train", "validation") if evaluate else ("train",):
-        if len(blocks[split]) == 0:
-            raise StageError(f"distill: the {split} split of '{ctx.data.source}' has no complete blocks of "
-                             f"data.block_size {ctx.data.block_size} tokens; use more data or a smaller data.block_size")
+    data.require_rows(blocks, ("train", "validation") if evaluate else ("train",), "distill", ctx.data)
     t_params, t_layers = models.count_params(teacher), teacher.config.num_hidden_layers
     trainer = DistillTrainer(
         model=student,

@@ -14,7 +14,7 @@ from pipeline import chat, data, dist, lora, models
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, StageRun, begin
 from pipeline.lora import LoraSettings, QLoraSettings
-from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, training_args
+from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, sharded, training_args
 
 ADAPTER_DIR = "adapter"
 
@@ -54,18 +54,15 @@ def _datasets(ctx: Context, tokenizer, evaluate: bool):
     else:
         sets = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
         collator = default_data_collator
-    for name in ("train", "validation") if evaluate else ("train",):
-        if len(sets[name]) == 0:
-            raise StageError(f"finetune: the {name} split of '{ctx.data.source}' has no complete "
-                             f"{'examples' if ctx.data.format == 'chat' else 'blocks'} of data.block_size "
-                             f"{ctx.data.block_size} tokens; use more data or a smaller data.block_size")
+    data.require_rows(sets, ("train", "validation") if evaluate else ("train",), "finetune", ctx.data,
+                      "examples" if ctx.data.format == "chat" else "blocks")
     return sets["train"], sets["validation"] if evaluate else None, collator
 
 
 def _gathered_state(trainer):
     """The whole state dict when FSDP/DeepSpeed split the weights across ranks (every rank must call this:
     they all take part in gathering); None when each rank already holds whole weights (one process, DDP)."""
-    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+    if not sharded(trainer):
         return None
     try:
         return trainer.accelerator.get_state_dict(trainer.model)
@@ -128,7 +125,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         data_collator=collator,
         processing_class=tokenizer,
     )
-    if cfg.method == "qlora" and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+    if cfg.method == "qlora" and sharded(trainer):
         raise StageError("finetune.method qlora: a 4-bit base is not sharded with FSDP/DeepSpeed here; use "
                          "method: lora (the base is sharded in full precision), or plain DDP (`accelerate launch` "
                          "without an FSDP/DeepSpeed config)")

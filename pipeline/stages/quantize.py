@@ -213,7 +213,6 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                       "speed": {"prompts": DEFAULT_PROMPTS, "prefill_tokens": EvaluateConfig.prefill_tokens,
                                 "new_tokens": cfg.speed_tokens, "repeats": 1}},
                 tags=backends.tags(cand),
-                usage=backends.USAGE[cand.backend],
                 summary=summary(cand, winner, reference, rows, cfg, scores),
             ))
     return stage.out
