@@ -39,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a model folder (any stage output)")
     gen.add_argument("model", help="model folder, e.g. runs/quickstart/finetune")
     gen.add_argument("prompt", nargs="+", help="one or more prompts")
-    gen.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--num-beams", type=int, default=4, help="beam search width")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=0.95, help="sampling: nucleus probability mass")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    # no defaults here: options left out take pipeline.generate.GenerationConfig's (greedy, 40 new tokens, ...)
+    gen.add_argument("--strategy", choices=["greedy", "beam", "sample"], help="decoding (default greedy)")
+    gen.add_argument("--max-new-tokens", type=int)
+    gen.add_argument("--num-beams", type=int, help="beam search width")
+    gen.add_argument("--temperature", type=float, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
+    gen.add_argument("--seed", type=int, help="sampling seed")
     check = sub.add_parser("validate", help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
@@ -101,7 +102,7 @@ def _generate(args) -> int:
 
     errors: list[str] = []
     settings = {k: getattr(args, k) for k in ("strategy", "max_new_tokens", "num_beams", "temperature", "top_k",
-                                               "top_p", "seed")}
+                                               "top_p", "seed") if getattr(args, k) is not None}
     cfg = parse(GenerationConfig, settings, "generate", errors)
     if errors:
         print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
