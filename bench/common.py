@@ -45,6 +45,23 @@ def save(name: str, payload: dict, out: Path | None = None) -> Path:
     return out
 
 
+def run_child(cmd: list[str], what: str) -> tuple[str, dict]:
+    """Run `cmd` in the repository root; its stdout, wall seconds and the child's own peak RSS (wait4).
+    Output goes to files, not pipes: progress bars can fill a pipe and stall a child nobody reads."""
+    import subprocess
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
+    return stdout, {"wall_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
 def smollm2_folder() -> Path:
     """SmolLM2-135M as a safetensors folder (the quick start's base/, made once by the load stage)."""
     from pipeline import recipe, runner

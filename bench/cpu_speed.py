@@ -22,6 +22,7 @@ VARIANTS = {  # name: settings that differ from the first variant, the pipeline'
     "padded-documents": {"padded": True},
 }
 DEFAULT = {"threads": 0, "attn": "sdpa", "bf16": False, "padded": False}
+SEED = 42
 
 
 def parse_args(argv=None):
@@ -37,18 +38,18 @@ def parse_args(argv=None):
 
 
 def _blocks(tokenizer, block: int, padded: bool):
-    """Training examples from the stdlib corpus: packed blocks (what the pipeline does) or one padded,
+    """Training examples from the stdlib corpus's train split: the pipeline's packed blocks, or one padded,
     truncated example per paragraph (line-by-line training, as run_clm's old --line_by_line did)."""
     from pipeline import data
 
-    texts = [json.loads(line)["text"] for line in data.stdlib_corpus_file().read_text().splitlines()]
-    if padded:
-        texts = [p.strip() for t in texts for p in t.split("\n\n") if p.strip()]
-        enc = tokenizer(texts, truncation=True, max_length=block, padding="max_length")
-        return [{"input_ids": i, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(i, m)]}
-                for i, m in zip(enc["input_ids"], enc["attention_mask"])]
-    ids = [t for doc in tokenizer(texts)["input_ids"] for t in doc + [tokenizer.eos_token_id]]
-    return [{"input_ids": ids[i:i + block], "labels": ids[i:i + block]} for i in range(0, len(ids) - block, block)]
+    cfg = data.DataConfig(source="stdlib", block_size=block)
+    if not padded:
+        return data.pack(data.prepare(cfg, tokenizer, SEED), block)["train"]
+    docs = data.load_splits(cfg, SEED)["train"][cfg.text_column]
+    paragraphs = [p.strip() for doc in docs for p in doc.split("\n\n") if p.strip()]
+    enc = tokenizer(paragraphs, truncation=True, max_length=block, padding="max_length")
+    return [{"input_ids": i, "attention_mask": m, "labels": [t if k else -100 for t, k in zip(i, m)]}
+            for i, m in zip(enc["input_ids"], enc["attention_mask"])]
 
 
 def child(spec: dict) -> dict:
@@ -65,7 +66,8 @@ def child(spec: dict) -> dict:
     examples = _blocks(tokenizer, spec["block_size"], spec["padded"])
 
     class StepClock(TrainerCallback):
-        times: list[float] = []  # one instance per process
+        def __init__(self):
+            self.times: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
@@ -73,7 +75,7 @@ def child(spec: dict) -> dict:
     clock = StepClock()
     args = TrainingArguments(output_dir=spec["tmp"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
                              learning_rate=5e-5, bf16=spec["bf16"], use_cpu=True, report_to="none", save_strategy="no",
-                             disable_tqdm=True, seed=42, dataloader_num_workers=0, logging_steps=1)
+                             disable_tqdm=True, seed=SEED, dataloader_num_workers=0, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=default_data_collator,
                       callbacks=[clock])
     trainer.train()

@@ -3,11 +3,8 @@ stage a fresh process as `make all` would run it; writes bench/results/e2e.json.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -27,14 +24,8 @@ def parse_args(argv=None):
 def run_stage(recipe: str, stage: str, overrides: list[str]) -> dict:
     """One stage in a child process; wait4 gives that child's own peak RSS."""
     cmd = [sys.executable, "-m", "pipeline", "run", recipe, "--stages", stage, "--force", *overrides]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stage {stage} failed:\n{stderr[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    _, proc = common.run_child(cmd, f"stage {stage}")
+    return {"seconds": proc["wall_seconds"], "peak_rss_mb": round(proc["peak_rss_mb"], 1)}
 
 
 def main(argv=None) -> dict:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -33,17 +30,8 @@ def parse_args(argv=None):
 
 
 def run_child(cmd: list[str]) -> tuple[str, dict]:
-    """Run `cmd`, returning its stdout plus wall time and the child's own peak RSS (wait4)."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:5])} failed:\n{stderr[-3000:]}")
-    return stdout, {"wall_seconds": round(time.perf_counter() - start, 1), "peak_mem_mb": round(usage.ru_maxrss / 1024)}
+    stdout, proc = common.run_child(cmd, " ".join(cmd[:5]))
+    return stdout, {"wall_seconds": proc["wall_seconds"], "peak_mem_mb": round(proc["peak_rss_mb"])}
 
 
 def ours(model: Path, method: str, args, out_dir: Path) -> dict:
