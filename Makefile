@@ -55,6 +55,7 @@ clean:
 # Benchmarks write bench/results/*.json (minutes on 2 CPU cores); not run by CI
 bench:
 	$(PY) bench/cpu_speed.py
+	$(PY) bench/precision.py
 	$(PY) bench/finetune.py $(BENCH_ARGS)
 	$(PY) bench/evaluate.py $(BENCH_ARGS)
 	$(PY) bench/e2e.py $(BENCH_ARGS)

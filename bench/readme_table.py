@@ -60,6 +60,18 @@ def _cpu_speed(r: dict) -> list[str]:
     return rows + ["", _machine(r["machine"])]
 
 
+def _precision(r: dict) -> list[str]:
+    s = r["settings"]
+    rows = [f"**bf16 vs fp32 fine-tuning** (`bench/precision.py`): the `{s['recipe']}` fine-tune stage in each "
+            "precision (same data, steps and seed), then the evaluate stage's validation perplexity "
+            f"({r['fp32']['scored_tokens']:,} tokens; base model {r['fp32']['base_perplexity']:.3f}).", "",
+            "| precision | fine-tuned ppl | last train loss | train tok/s |", "|---|---|---|---|"]
+    rows += [f"| {p} | {r[p]['perplexity']:.3f} | {r[p]['train_loss_last']:.4f} | {r[p]['train_tokens_per_s']:.1f} |"
+             for p in ("fp32", "bf16")]
+    return rows + ["", f"bf16: perplexity {r['bf16_ppl_change_pct']:+.2f}%, {r['bf16_speedup']:.2f}× the tokens/s.",
+                   "", _machine(r["machine"])]
+
+
 def _evaluate(r: dict) -> list[str]:
     s = r["settings"]
     return [f"**Perplexity evaluation** (`bench/evaluate.py`): {s['model']}, {s['tokens']:,} validation tokens, "
@@ -109,7 +121,8 @@ def _quantize(r: dict) -> list[str]:
 
 
 BLOCKS = {  # README block: the results it shows, in order
-    "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("evaluate", _evaluate), ("e2e", _e2e)],
+    "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate),
+             ("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
 }
 

@@ -84,7 +84,7 @@ class TrainConfig:
 
 def precision_flags(precision: str) -> dict:
     """bf16 mixed precision (fp32 master weights, bf16 autocast) where the hardware runs bf16 natively:
-    1.45x the fp32 training speed on this project's AMX CPU at the same loss (bench/results/cpu-speed.json)."""
+    1.5x the fp32 training speed on this project's AMX CPU at the same loss (bench/results/cpu-speed.json)."""
     if precision == "auto":
         from pipeline.models import pick_device, native_bf16
 

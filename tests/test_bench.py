@@ -75,3 +75,12 @@ def test_readme_benchmark_tables_match_the_committed_results():
     import readme_table
 
     assert readme_table.main(["--check"]) == 0, "run: python bench/readme_table.py"
+
+
+def test_precision_bench_args_and_smoke(tmp_path):
+    import precision
+
+    assert precision.parse_args(["--smoke"]).smoke
+    result = _smoke("precision", tmp_path)
+    assert result["fp32"]["perplexity"] > 1 and result["bf16"]["perplexity"] > 1
+    assert result["fp32"]["base_perplexity"] == result["bf16"]["base_perplexity"]  # same base, same windows
