@@ -8,7 +8,7 @@ ARGS ?=
 
 BENCH_ARGS ?=
 
-.PHONY: bench bench-all install test test-slow test-all finetune distill quantize evaluate all push clean
+.PHONY: bench bench-all install test test-slow test-all finetune prune distill quantize evaluate all push clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ test-slow:
 
 test-all:
 	$(PY) -m pytest -q -m "slow or not slow"
+
+prune:
+	$(PY) -m pipeline run $(RECIPE) --until prune $(ARGS)
 
 finetune:
 	$(PY) -m pipeline run $(RECIPE) --until finetune $(ARGS)

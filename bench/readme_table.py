@@ -120,10 +120,32 @@ def _quantize(r: dict) -> list[str]:
     return rows
 
 
+def _compress(r: dict) -> list[str]:
+    s, t = r["settings"], r["teacher"]
+    texts = list(t["ppl"])
+    kd = s["kd"]
+    rows = [f"| student | params | {' | '.join(f'zero-shot {x}' for x in texts)} | "
+            f"{' | '.join(f'after KD {x} (× teacher)' for x in texts)} |", "|---" * (2 + 2 * len(texts)) + "|",
+            f"| teacher (fine-tuned) | {t['params'] / 1e6:.1f}M (100%) | {' | '.join(format(t['ppl'][x], '.2f') for x in texts)}"
+            f" | {' | '.join('–' for _ in texts)} |"]
+    for name, v in r["variants"].items():
+        zero = " | ".join(f"{v['zero_shot'][x]:,.1f}" for x in texts)
+        after = " | ".join(f"{v['after_kd'][x]:.2f} ({v['ratio'][x]:.2f}×)" for x in texts)
+        rows.append(f"| {name} | {v['params'] / 1e6:.1f}M ({v['params_ratio']:.0%}) | {zero} | {after} |")
+    tokens = next(iter(r["variants"].values()))["kd_tokens"] if r["variants"] else 0
+    rows += ["", f"*KD: {tokens:,} tokens per student ({kd['max_steps']} steps × {kd['batch_size']} blocks, "
+             f"learning rate {kd['learning_rate']}, {kd['alpha_kd']} × KD (T={kd['temperature']}) + {kd['alpha_ce']} × CE), "
+             f"the quick start's distill settings. Perplexity: context {s['context']}, stride {s['stride']}, "
+             f"{s['validation_tokens']:,} validation tokens, the first {s['wikitext_tokens']:,} tokens of WikiText-2 "
+             f"test. Pruned variants: refit {s['refit']}.*", "", _machine(r["machine"])]
+    return rows
+
+
 BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate),
              ("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
+    "compress": [("compress", _compress)],
 }
 
 

@@ -5,13 +5,28 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from pipeline.config import StageError
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class MixSource:
+    """One more text source mixed into the training blocks (validation stays the main source's)."""
+
+    source: str  # a Hub dataset name or a local .txt/.jsonl/.csv/.parquet file ("stdlib": the offline corpus)
+    weight: float = 1.0  # share of the training blocks, relative to the main source's weight of 1
+    config: str | None = None  # Hub dataset configuration
+    split: str = "train"
+    text_column: str = "text"
+
+    def check(self) -> list[str]:
+        problems = [] if self.weight > 0 else [f"weight: {self.weight} must be positive"]
+        return problems + DataConfig(source=self.source).check()
 
 
 @dataclass
@@ -29,6 +44,7 @@ class DataConfig:
     prompt_column: str = "prompt"  # ... or a prompt and a response column
     response_column: str = "response"
     chat_template: str | None = None  # chat: Jinja template; null = the tokenizer's own
+    mix: list[MixSource] = field(default_factory=list)  # more text sources sampled into the training blocks
 
     def check(self) -> list[str]:
         problems = []
@@ -43,6 +59,8 @@ class DataConfig:
                 problems.append(f"source: file '{self.source}' does not exist")
             elif path.suffix and looks_local and path.suffix not in LOCAL_FORMATS:
                 problems.append(f"source: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}")
+        if self.mix and self.format == "chat":
+            problems.append("mix: mixing sources works for text data only; remove mix or use format: text")
         return problems
 
     @property
@@ -145,6 +163,37 @@ def pack(tokenized, block_size: int, max_blocks: int | None = None):
 
     packed = tokenized.map(group, batched=True, batch_size=1000, desc=f"Packing into {block_size}-token blocks")
     return cap_train(packed, max_blocks)
+
+
+def text_blocks(cfg: DataConfig, tokenizer, seed: int, counts: dict | None = None):
+    """Packed train/validation blocks of `cfg`'s text; `cfg.mix` sources are interleaved into the train
+    split with probabilities proportional to their weights (the main source weighs 1) until one runs out.
+    `counts`, if given, receives the number of training blocks taken from each source."""
+    import datasets
+
+    blocks = pack(prepare(cfg, tokenizer, seed), cfg.block_size)
+    labels = [cfg.label]
+    if cfg.mix:
+        parts, weights = [blocks["train"]], [1.0]
+        for extra in cfg.mix:
+            one = replace(cfg, source=extra.source, config=extra.config, split=extra.split,
+                          text_column=extra.text_column, validation_split=None, mix=[])
+            parts.append(pack(prepare(one, tokenizer, seed), cfg.block_size)["train"])
+            weights.append(extra.weight)
+            labels.append(one.label)
+        parts = [p.add_column("mix_source", [i] * len(p)) for i, p in enumerate(parts)]
+        total = sum(weights)
+        blocks["train"] = datasets.interleave_datasets(parts, probabilities=[w / total for w in weights], seed=seed,
+                                                       stopping_strategy="first_exhausted")
+    blocks = cap_train(blocks, cfg.max_train_blocks)
+    if cfg.mix:
+        sources = blocks["train"]["mix_source"]
+        blocks["train"] = blocks["train"].remove_columns("mix_source")
+    else:
+        sources = [0] * len(blocks["train"])
+    if counts is not None:
+        counts.update({label: sources.count(i) for i, label in enumerate(labels)})
+    return blocks
 
 
 def require_rows(sets, splits, stage: str, cfg: DataConfig, unit: str = "blocks") -> None:

@@ -90,6 +90,18 @@ def guide_perplexity(model, ids: list[int], context: int, stride: int) -> tuple[
     return math.exp(nll_sum / n_tokens), n_tokens
 
 
+def repetition(texts: list[str], n: int = 4) -> float | None:
+    """Share of the word n-grams in `texts` that repeat an earlier n-gram of the same text: 0 for varied
+    text, towards 1 for a model stuck in a loop ("is a function that is a function that ...")."""
+    total = repeated = 0
+    for text in texts:
+        words = text.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return round(repeated / total, 4) if total else None
+
+
 def word_perplexity(token_result: dict, text: str) -> float:
     """Word-level perplexity: the same total NLL spread over whitespace-separated words of the scored text."""
     words = len(text.split())

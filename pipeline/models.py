@@ -85,6 +85,20 @@ def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
     )
 
 
+def peek_config(source: Source | None, trust_remote_code: bool = False):
+    """The model's config without its weights (a folder, a GGUF file's metadata), or None if it cannot be
+    read now (a Hub id offline, a folder a stage has yet to write)."""
+    from transformers import AutoConfig
+
+    if source is None or source.kind == "hub" or not Path(source.path).exists():
+        return None
+    try:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 

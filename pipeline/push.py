@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     from pipeline.recipe import Recipe
 
 log = logging.getLogger("pipeline")
-STAGES = ("base", "finetune", "distill", "quantize")  # stage folders that hold a model
-StageName = Literal["base", "finetune", "distill", "quantize"]
-# Hub `base_model_relation` of each stage to the stage it was made from (distillation counts as a fine-tune).
-RELATION = {"finetune": "finetune", "distill": "finetune", "quantize": "quantized"}
+STAGES = ("base", "finetune", "prune", "distill", "quantize")  # stage folders that hold a model
+StageName = Literal["base", "finetune", "prune", "distill", "quantize"]
+# Hub `base_model_relation` of each stage to the stage it was made from (distillation and pruning change the
+# weights of the parent, so they count as a fine-tune: the Hub has no closer relation).
+RELATION = {"finetune": "finetune", "prune": "finetune", "distill": "finetune", "quantize": "quantized"}
 FOLDERS = {"load": "base"}  # runner stage name -> the folder it writes, where they differ
 EXIT_SETUP, EXIT_RETRY = 2, 1  # fix the token/recipe first | network or server trouble: run it again
 

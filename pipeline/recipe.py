@@ -7,12 +7,14 @@ from pathlib import Path
 import yaml
 
 from pipeline import models
-from pipeline.config import RecipeError, parse, set_dotted
+from pipeline.models import Source
+from pipeline.config import RecipeError, StageError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.push import PushConfig
 from pipeline.stages.distill import DistillConfig
 from pipeline.stages.evaluate import EvaluateConfig
 from pipeline.stages.finetune import FinetuneConfig
+from pipeline.stages.prune import PruneConfig
 from pipeline.stages.quantize import QuantizeConfig
 
 
@@ -25,6 +27,7 @@ class Recipe:
     trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # off unless enabled: importance-based pruning
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -32,16 +35,38 @@ class Recipe:
 
     def check(self) -> list[str]:
         problems = []
+        source = None
         if isinstance(self.model, str):
             try:
-                models.resolve(self.model)
+                source = models.resolve(self.model)
             except models.ModelSourceError as err:
                 problems.append(f"model: {err}")
-        for stage in ("finetune", "distill", "quantize"):
+        if self.prune.enabled:
+            problems += self._check_prune(source)
+        for stage in ("finetune", "prune", "distill", "quantize"):
             value = getattr(self, stage).input
             adapter = stage == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
             if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
                 problems.append(f"{stage}.input: '{value}' is not a model folder; use auto or a stage output folder")
+        return problems
+
+    def _check_prune(self, source) -> list[str]:
+        """Prune targets against the model's config, when it can be read without loading the model."""
+        from pipeline.stages import prune
+
+        problems = []
+        if self.distill.enabled and self.distill.input == "auto":
+            set_keys = [k for k in ("every", "keep", "layers", "config") if getattr(self.distill, k) is not None]
+            if set_keys:
+                problems.append(f"distill.{set_keys[0]}: with prune enabled the student is the pruned model; "
+                                f"remove distill.{', distill.'.join(set_keys)} or set prune.enabled: false")
+        folder = self.prune.input if self.prune.input != "auto" else None
+        config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
+        if config is not None:
+            try:
+                prune.targets(self.prune, config)
+            except StageError as err:
+                problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
         return problems
 
     @property

@@ -15,6 +15,7 @@ COLUMNS = [  # (key, header, format)
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("gen_tok_s", "generate tok/s", "{:.1f}"),
     ("peak_mem_mb", "peak mem MB", "{:.0f}"),
+    ("repetition_4gram", "repeated 4-grams", "{:.0%}"),  # of the samples' words: high = a looping model
 ]
 
 
@@ -49,6 +50,15 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                       f"the perplexity of its teacher `{teacher['name']}` ({row['perplexity']:.3f} vs "
                       f"{teacher['perplexity']:.3f}) with {row['params'] / teacher['params']:.0%} of its parameters "
                       f"and {row['disk_mb'] / teacher['disk_mb']:.0%} of its size."]
+    for row in rows:
+        source = next((r for r in rows if row.get("pruned_from") and r["folder"] == row["pruned_from"]), None)
+        if source:
+            lines += ["", f"Pruning: `{row['name']}` keeps {row['params'] / source['params']:.0%} of the parameters of "
+                      f"`{source['name']}` and has {row['perplexity'] / source['perplexity']:.2f}x its perplexity "
+                      f"({row['perplexity']:.3f} vs {source['perplexity']:.3f}) before distillation heals it."]
+    if any(r.get("repetition_4gram") is not None for r in rows):
+        lines += ["", "Repeated 4-grams: share of the word 4-grams in each model's samples below that repeat an "
+                  "earlier one (a model stuck in a loop scores high)."]
     if rows and rows[0].get("evaluations"):
         first = rows[0]["evaluations"][0]
         lines += ["", f"Perplexity: token-level on the `{first['dataset']}` validation split ({first['scored_tokens']:,} "
@@ -88,6 +98,10 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
         label = row["name"] + (f"\n{gen:.1f} tok/s" if gen else "")
         ax.annotate(label, (row["disk_mb"], row["perplexity"]), textcoords="offset points", xytext=(10, 6),
                     fontsize=9)
+    # the chain, base → finetune → prune → distill → quantize, as arrows from each model to the next
+    for a, b in zip(rows, rows[1:]):
+        ax.annotate("", xy=(b["disk_mb"], b["perplexity"]), xytext=(a["disk_mb"], a["perplexity"]),
+                    arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "shrinkA": 8, "shrinkB": 8})
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("perplexity (lower is better)")
     if max(r["perplexity"] for r in rows) / min(r["perplexity"] for r in rows) > 10:

@@ -8,10 +8,10 @@ from pathlib import Path
 from pipeline import dist
 from pipeline.context import Context, StageError
 from pipeline.recipe import Recipe
-from pipeline.stages import ORDER, distill, evaluate, finetune, load, quantize
+from pipeline.stages import ORDER, distill, evaluate, finetune, load, prune, quantize
 
 log = logging.getLogger("pipeline")
-MODEL_STAGES = ("finetune", "distill", "quantize")
+MODEL_STAGES = ("finetune", "prune", "distill", "quantize")
 TRAINING_STAGES = ("finetune", "distill")  # the stages every rank of a multi-process run takes part in
 
 
@@ -51,7 +51,7 @@ def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
         from pipeline.push import Publisher
 
         publisher = Publisher(recipe)
-    modules = {"finetune": finetune, "distill": distill, "quantize": quantize, "evaluate": evaluate}
+    modules = {"finetune": finetune, "prune": prune, "distill": distill, "quantize": quantize, "evaluate": evaluate}
     outputs: dict[str, Path] = {}
     for stage in ORDER:
         if stage not in chosen:

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline import checkpoint
 from pipeline.cli import main
 
-STAGE_FOLDERS = ["base", "finetune", "distill", "quantize"]
+STAGE_FOLDERS = ["base", "finetune", "prune", "distill", "quantize"]
 
 
 def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_path):
-    path = make_recipe(tiny_models["gpt2"])
+    path = make_recipe(tiny_models["gpt2"], prune={"enabled": True, "intermediate_size": 128, "calibration_blocks": 8})
     assert main(["run", str(path)]) == 0
     run_dir = tmp_path / "runs" / "tiny"
     for name in STAGE_FOLDERS:
@@ -32,7 +32,9 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
         assert record["versions"]["transformers"] and record["evaluation"][0]["scored_tokens"] == 1023
         AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
         AutoTokenizer.from_pretrained(folder)
-    assert json.loads((run_dir / "distill" / "pipeline.json").read_text())["parent"] == str(run_dir / "finetune")
+    assert json.loads((run_dir / "prune" / "pipeline.json").read_text())["parent"] == str(run_dir / "finetune")
+    distilled = json.loads((run_dir / "distill" / "pipeline.json").read_text())
+    assert distilled["parent"] == str(run_dir / "prune") and distilled["teacher"]["folder"] == str(run_dir / "finetune")
     assert json.loads((run_dir / "quantize" / "pipeline.json").read_text())["parent"] == str(run_dir / "distill")
     report = json.loads((run_dir / "report.json").read_text())
     rows = {r["name"]: r for r in report["models"]}
@@ -40,7 +42,8 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
     for row in rows.values():
         assert 1 < row["perplexity"] < 512 and row["params"] > 0 and row["disk_mb"] > 0
     assert rows["finetune"]["perplexity"] < rows["base"]["perplexity"]
-    assert rows["distill"]["params"] < rows["finetune"]["params"]
+    assert rows["prune"]["params"] < rows["finetune"]["params"]
+    assert rows["distill"]["params"] == rows["prune"]["params"]
     assert rows["quantize"]["disk_mb"] < rows["distill"]["disk_mb"]
     md = (run_dir / "report.md").read_text()
     assert all(f"| {name} |" in md for name in STAGE_FOLDERS)

@@ -1,3 +1,3 @@
 """One module per stage; each has a config dataclass and `run(cfg, ctx) -> Path`."""
 
-ORDER = ("load", "finetune", "distill", "quantize", "evaluate")
+ORDER = ("load", "finetune", "prune", "distill", "quantize", "evaluate")

@@ -1,12 +1,14 @@
 """Distill: a smaller student trained to match the teacher (KD) and the text (CE).
 
-The student is either a subset of the teacher's layers (DistilGPT2's initialisation) or a fresh
-model built from a config; either way it must share the teacher's tokenizer so the two output
-distributions are over the same vocabulary.
+The student is the `prune` stage's output when pruning is on (the teacher is then the model it was cut
+from), else a subset of the teacher's layers (DistilGPT2's initialisation) or a fresh model built from a
+config; either way it must share the teacher's tokenizer so the two output distributions are over the same
+vocabulary. `distill.data` lets it learn from other (or more, or more general) text than the fine-tune did.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,10 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer
 
-from pipeline import data, models
-from pipeline.checkpoint import save_model, staging, write_record
+from pipeline import data, models, surgery
+from pipeline.checkpoint import read_record, save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
+from pipeline.data import DataConfig
 from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, training_args
 
 # Config entries that follow from the width; recomputed when the student's width changes.
@@ -27,8 +30,11 @@ DERIVED_FROM_WIDTH = ("head_dim",)
 @dataclass
 class DistillConfig(TrainConfig):
     enabled: bool = True
-    input: str = "auto"  # teacher folder; auto = the fine-tuned model (or base if fine-tuning is off)
-    every: int = 2  # keep every n-th teacher layer (DistilGPT2's initialisation)
+    input: str = "auto"  # auto = the pruned model as student (prune on), else the fine-tuned model as teacher
+    teacher: str = "auto"  # auto = the folder the pruned student was cut from, else `input`; or a model folder
+    data: DataConfig | None = None  # text to distill on (the `data` schema, `mix` included); null = the recipe's
+    # Without a pruned student: which teacher layers the student keeps (null: every 2nd) ...
+    every: int | None = None  # keep every n-th teacher layer (DistilGPT2's initialisation)
     keep: int | None = None  # or: keep N evenly spaced layers, first and last included
     layers: list[int] | None = None  # or: exactly these teacher layer indices
     # or: a fresh, randomly initialised student. A mapping overrides the teacher's config
@@ -46,10 +52,12 @@ class DistillConfig(TrainConfig):
 
     def check(self) -> list[str]:
         problems = super().check()
-        if self.every < 1:
+        if self.every is not None and self.every < 1:
             problems.append(f"every: {self.every} must be at least 1")
         if self.keep is not None and self.keep < 1:
             problems.append(f"keep: {self.keep} must be at least 1")
+        if self.teacher != "auto" and not (Path(self.teacher) / "config.json").is_file():
+            problems.append(f"teacher: '{self.teacher}' is not a model folder; use auto or a stage output folder")
         if self.keep is not None and self.layers is not None:
             problems.append("keep and layers: set only one of them")
         if self.config is not None and (self.keep is not None or self.layers is not None):
@@ -78,34 +86,17 @@ def layer_map(cfg: DistillConfig, n_layers: int) -> list[int]:
         if cfg.keep == 1:
             return [0]
         return sorted({round(i * (n_layers - 1) / (cfg.keep - 1)) for i in range(cfg.keep)})
-    return list(range(0, n_layers, cfg.every))
+    return list(range(0, n_layers, cfg.every or 2))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's stack of transformer blocks (GPT-2's `h`, Llama's `layers`, ...)."""
-    n = model.config.num_hidden_layers
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
-    if not stacks:
-        raise StageError(f"distill: cannot find the {n} decoder layers of {type(model).__name__}")
-    return stacks[0]
+    return surgery.decoder_stack(model)[1]
 
 
 def student_from_teacher(teacher, keep: list[int]):
-    """Copy the teacher, keeping only layers `keep` (embeddings, norms and head are shared copies)."""
-    student = copy.deepcopy(teacher).requires_grad_(True)  # the teacher may already be frozen
-    stack = decoder_layers(student)
-    kept = [stack[i] for i in keep]
-    parent = next(m for m in student.modules() if any(c is stack for c in m.children()))
-    name = next(n for n, c in parent.named_children() if c is stack)
-    setattr(parent, name, torch.nn.ModuleList(kept))
-    for new_idx, layer in enumerate(kept):
-        for mod in layer.modules():  # KV-cache slots are addressed by layer index
-            if hasattr(mod, "layer_idx"):
-                mod.layer_idx = new_idx
-    student.config.num_hidden_layers = len(keep)
-    if isinstance(getattr(student.config, "layer_types", None), list):
-        student.config.layer_types = [student.config.layer_types[i] for i in keep]
-    return student
+    """A new model holding copies of the teacher's layers `keep` (and its embeddings, norms and head)."""
+    return surgery.apply(teacher, surgery.Cut(layers=list(keep))).requires_grad_(True)
 
 
 def student_config(spec: dict | str, teacher_config, trust_remote_code: bool = False):
@@ -191,18 +182,22 @@ def build_student(cfg: DistillConfig, teacher, tokenizer, trust_remote_code: boo
     if cfg.config is not None:
         config = student_config(cfg.config, teacher.config, trust_remote_code)
         check_vocab(teacher.config.vocab_size, config.vocab_size, tokenizer, _folder_tokenizer(cfg.config))
-    if cfg.alpha_cos > 0 and config.hidden_size != teacher.config.hidden_size:
-        raise StageError(
-            f"distill.alpha_cos: the cosine term compares hidden states, but the student's hidden size "
-            f"({config.hidden_size}) differs from the teacher's ({teacher.config.hidden_size}); "
-            "set alpha_cos: 0 or give the student the teacher's hidden_size"
-        )
+    check_cos(cfg, config, teacher.config)
     if cfg.config is None:
         keep = layer_map(cfg, teacher.config.num_hidden_layers)
         return student_from_teacher(teacher, keep), keep
     student = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student, None
+
+
+def check_cos(cfg: DistillConfig, student_config, teacher_config) -> None:
+    if cfg.alpha_cos > 0 and student_config.hidden_size != teacher_config.hidden_size:
+        raise StageError(
+            f"distill.alpha_cos: the cosine term compares hidden states, but the student's hidden size "
+            f"({student_config.hidden_size}) differs from the teacher's ({teacher_config.hidden_size}); "
+            "set alpha_cos: 0 or give the student the teacher's hidden_size"
+        )
 
 
 def teacher_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -266,14 +261,24 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     if stage is None:
         return ctx.run_dir / "distill"
     set_seed(ctx.seed)
-    teacher, tokenizer = models.load_folder(ctx.inputs["distill"])
-    student, keep = build_student(cfg, teacher, tokenizer, ctx.trust_remote_code)
+    pruned = _pruned_from(ctx.inputs["distill"])
+    teacher_folder = Path(cfg.teacher) if cfg.teacher != "auto" else pruned or ctx.inputs["distill"]
+    teacher, tokenizer = models.load_folder(teacher_folder)
+    if pruned is not None:  # the student is the pruned model, healed against the model it was cut from
+        student, _ = models.load_folder(ctx.inputs["distill"])
+        student.requires_grad_(True)
+        check_vocab(teacher.config.vocab_size, student.config.vocab_size, tokenizer)
+        check_cos(cfg, student.config, teacher.config)
+        keep = None
+    else:
+        student, keep = build_student(cfg, teacher, tokenizer, ctx.trust_remote_code)
     evaluate = cfg.eval_steps is not None  # eval_loss is the distillation loss on the validation blocks
     args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed, evaluate=evaluate)
     t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
-    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
-    blocks = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
-    data.require_rows(blocks, ("train", "validation") if evaluate else ("train",), "distill", ctx.data)
+    text = cfg.data or ctx.data
+    per_source: dict = {}
+    blocks = data.text_blocks(text, tokenizer, ctx.seed, per_source)
+    data.require_rows(blocks, ("train", "validation") if evaluate else ("train",), "distill", text)
     t_params, t_layers = models.count_params(teacher), teacher.config.num_hidden_layers
     trainer = DistillTrainer(
         model=student,
@@ -294,7 +299,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     s_params = models.count_params(trainer.model)
     loss = {"alpha_kd": cfg.alpha_kd, "alpha_ce": cfg.alpha_ce, "alpha_cos": cfg.alpha_cos,
             "temperature": cfg.temperature, "kl": cfg.kl, "teacher_precision": str(t_dtype).replace("torch.", "")}
-    teacher_info = {"folder": str(ctx.inputs["distill"]), "base_model": stage.parent.get("base_model"),
+    teacher_info = {"folder": str(teacher_folder), "base_model": stage.parent.get("base_model"),
                     "fingerprint": stage.parent.get("fingerprint"), "params": t_params, "layers": t_layers,
                     "architecture": type(teacher).__name__}
     with staging(stage.out) as tmp:
@@ -305,17 +310,29 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
                      "params_ratio": round(s_params / t_params, 4), **metrics},
             teacher=teacher_info,
             layer_map=keep,
-            student_config=None if keep is not None else cfg.config,
+            student_config=None if keep is not None or pruned else cfg.config,
+            student_init="pruned" if pruned else "layers" if keep is not None else "config",
+            distill_data={"label": text.label, "mix": [dataclasses.asdict(m) for m in text.mix],
+                          "train_blocks": per_source, "block_size": text.block_size},
             loss=loss,
             tags=["distillation"],
-            summary=_summary(keep, cfg, teacher_info, trainer.model, loss),
+            summary=_summary(keep, cfg, teacher_info, trainer.model, loss, pruned, text),
         ))
     clear_checkpoints(trainer.args.output_dir)
     return stage.out
 
 
-def _summary(keep, cfg: DistillConfig, teacher: dict, student, loss: dict) -> str:
-    if keep is not None:
+def _pruned_from(folder: Path) -> Path | None:
+    """The folder a `prune` stage output was cut from (the teacher for healing it), else None."""
+    record = read_record(folder) or {}
+    return Path(record["parent"]) if record.get("stage") == "prune" and record.get("parent") else None
+
+
+def _summary(keep, cfg: DistillConfig, teacher: dict, student, loss: dict, pruned, text: DataConfig) -> str:
+    if pruned is not None:
+        what = (f"Student: the pruned model ({student.config.num_hidden_layers} layers, hidden size "
+                f"{student.config.hidden_size}), healed by distillation from the model it was cut from.")
+    elif keep is not None:
         what = f"Student with teacher layers {keep} ({len(keep)} of {teacher['layers']}), initialised from the teacher."
     else:
         what = (f"Fresh {type(student).__name__} student ({student.config.num_hidden_layers} layers, hidden size "
@@ -325,4 +342,5 @@ def _summary(keep, cfg: DistillConfig, teacher: dict, student, loss: dict) -> st
         terms.append(f"{cfg.alpha_cos} x cosine(hidden states)")
     return (f"{what}\nTeacher: `{teacher['folder']}` ({teacher['architecture']}, {teacher['layers']} layers, "
             f"{teacher['params']:,} parameters; base model {teacher['base_model']}), "
-            f"run in {loss['teacher_precision']}.\nLoss: {' + '.join(terms)}.")
+            f"run in {loss['teacher_precision']}.\nLoss: {' + '.join(terms)}.\nDistillation text: {text.label}"
+            + "".join(f" + {m.source} (weight {m.weight})" for m in text.mix) + ".")

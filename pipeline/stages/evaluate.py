@@ -12,17 +12,17 @@ from pipeline import data, models, report
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
-from pipeline.metrics import PeakMemory, model_device, perplexity, speed, word_perplexity
+from pipeline.metrics import PeakMemory, model_device, perplexity, repetition, speed, word_perplexity
 
 log = logging.getLogger("pipeline")
-ModelName = Literal["base", "finetune", "distill", "quantize"]
+ModelName = Literal["base", "finetune", "prune", "distill", "quantize"]
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension is"]
 
 
 @dataclass
 class EvaluateConfig:
     enabled: bool = True
-    models: list[ModelName] = field(default_factory=lambda: ["base", "finetune", "distill", "quantize"])
+    models: list[ModelName] = field(default_factory=lambda: ["base", "finetune", "prune", "distill", "quantize"])
     context: int = 256  # tokens of each perplexity window
     stride: int = 128  # step between windows; every token is scored once
     max_tokens: int | None = 8192  # score at most this many tokens per text (null = all)
@@ -105,6 +105,7 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
     if cfg.samples:
         row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation)} for p in cfg.prompts]
         row["decoding"] = describe(cfg.generation)
+        row["repetition_4gram"] = repetition([s["output"] for s in row["samples"]])
     if cfg.lm_eval_tasks:
         row["lm_eval"] = lm_eval(model, tokenizer, cfg.lm_eval_tasks)
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
@@ -139,8 +140,11 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx)}
+        if name == "prune":  # so the report can set the cut against the model it was cut from
+            row["pruned_from"] = read_record(folder).get("parent")
         if name == "distill":  # so the report can set the student against its teacher
-            row["teacher"] = read_record(folder).get("parent")
+            record = read_record(folder)
+            row["teacher"] = (record.get("teacher") or {}).get("folder") or record.get("parent")
         rows.append(row)
     report.write(ctx.run_dir, ctx.recipe, rows)
     return ctx.run_dir

@@ -52,7 +52,7 @@ def _datasets(ctx: Context, tokenizer, evaluate: bool):
         sets = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
         collator = chat.collator(tokenizer)
     else:
-        sets = data.pack(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+        sets = data.text_blocks(ctx.data, tokenizer, ctx.seed)  # data.mix sources included
         collator = default_data_collator
     data.require_rows(sets, ("train", "validation") if evaluate else ("train",), "finetune", ctx.data,
                       "examples" if ctx.data.format == "chat" else "blocks")

@@ -1,0 +1,225 @@
+"""Prune: cut the fine-tuned model down by importance, measured on calibration blocks of the training split.
+
+Width (MLP channels, attention heads / KV groups, hidden channels) is ranked by activations (Minitron),
+depth by block influence, 1 - cos(layer input, layer output) (ShortGPT). The least important parts go;
+with `refit`, each output projection that lost inputs is re-fitted by least squares so the layer's output
+on the calibration tokens stays as close as it can to the teacher's. The folder is an ordinary, smaller
+model (smaller config, smaller weights); `distill` then heals it against the model it was cut from.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline import data, models, surgery
+from pipeline.checkpoint import save_model, staging, write_record
+from pipeline.context import Context, StageError, begin
+
+log = logging.getLogger("pipeline")
+Axis = Literal["mlp", "heads", "hidden", "depth"]
+SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+AXIS_KEYS = {"depth": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+             "mlp": "intermediate_size"}
+
+
+@dataclass
+class PruneConfig:
+    enabled: bool = False
+    input: str = "auto"  # folder to prune; auto = the fine-tuned model (or base if fine-tuning is off)
+    # Either one fraction of the input's parameters to keep ...
+    target_params: float | None = None
+    axes: list[Axis] = field(default_factory=lambda: ["mlp"])  # ... and what it may shrink (bench/compress.py)
+    # ... or explicit sizes (null = keep)
+    num_hidden_layers: int | None = None  # layers kept: those of highest block influence
+    hidden_size: int | None = None  # residual (embedding) channels kept
+    num_attention_heads: int | None = None  # query heads kept; under GQA a multiple of the heads per KV group
+    intermediate_size: int | None = None  # MLP channels kept in every layer
+    calibration_blocks: int = 64  # data.block_size blocks of the training split to measure importance on
+    refit: bool = True  # least-squares re-fit of the projections that lost inputs (lower zero-shot perplexity)
+    round_to: int = 32  # target_params: hidden and MLP widths are multiples of this
+    batch_size: int = 8  # calibration blocks per forward pass
+
+    def check(self) -> list[str]:
+        problems = []
+        explicit = [k for k in SIZE_KEYS if getattr(self, k) is not None]
+        if self.target_params is not None and explicit:
+            problems.append(f"target_params: set either target_params or explicit sizes ({', '.join(explicit)}), "
+                            "not both")
+        if self.enabled and self.target_params is None and not explicit:
+            problems.append("target_params: say how small the pruned model should be: target_params (e.g. 0.8) or "
+                            f"one of {', '.join(SIZE_KEYS)}")
+        if self.target_params is not None and not 0 < self.target_params < 1:
+            problems.append(f"target_params: {self.target_params} must be a fraction between 0 and 1")
+        problems += [f"{k}: {getattr(self, k)} must be at least 1" for k in explicit if getattr(self, k) < 1]
+        if not self.axes or len(set(self.axes)) != len(self.axes):
+            problems.append(f"axes: {self.axes} must name each of mlp, heads, hidden, depth at most once, and one at least")
+        for key in ("calibration_blocks", "round_to", "batch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}: {getattr(self, key)} must be at least 1")
+        return problems
+
+
+def targets(cfg: PruneConfig, config) -> dict:
+    """The sizes the pruned model gets; StageError naming the key when the model cannot have them."""
+    s = surgery.sizes(config)
+    if cfg.target_params is not None:
+        return _from_fraction(cfg, config)
+    problems = []
+    wanted = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
+    for key, value in wanted.items():
+        if value > s[key]:
+            problems.append(f"prune.{key}: {value} is more than the model has ({s[key]})")
+    if any(k != "num_hidden_layers" for k in wanted):
+        try:
+            surgery.family(config)
+        except StageError as err:
+            problems.append(str(err).replace("prune: ", "prune.hidden_size/num_attention_heads/intermediate_size: "))
+    target = dict(wanted)
+    heads = wanted.get("num_attention_heads")
+    if problems or config.model_type not in ("gpt2", *surgery.LLAMA_FAMILY):
+        if heads is not None and config.model_type in surgery.LLAMA_FAMILY:
+            problems += _grouping(heads, s)
+        if problems:
+            raise StageError("; ".join(problems))
+        return target
+    if config.model_type == "gpt2":
+        # GPT-2 has no head_dim setting: its attention is n_embd wide, n_head heads of n_embd / n_head
+        heads = heads or s["num_attention_heads"]
+        hidden = wanted.get("hidden_size") or heads * s["head_dim"]
+        if hidden % heads or hidden // heads > s["head_dim"]:
+            raise StageError(f"prune.hidden_size: GPT-2's hidden size must be num_attention_heads x head size "
+                             f"(at most {s['head_dim']}); {hidden} with {heads} heads is not. Use e.g. "
+                             f"hidden_size: {heads * (min(hidden // heads, s['head_dim']) or 1)}")
+        target.update(hidden_size=hidden, num_attention_heads=heads)
+    elif heads is not None:
+        problems = _grouping(heads, s)
+        if problems:
+            raise StageError(problems[0])
+        target["num_key_value_heads"] = heads // (s["num_attention_heads"] // s["num_key_value_heads"])
+    return target
+
+
+def _grouping(heads: int, s: dict) -> list[str]:
+    """Under grouped-query attention a KV group and its query heads go together."""
+    per_group = s["num_attention_heads"] // s["num_key_value_heads"]
+    if heads % per_group == 0:
+        return []
+    options = ", ".join(str(per_group * g) for g in range(1, s["num_key_value_heads"] + 1))
+    return [f"prune.num_attention_heads: {heads} breaks the KV grouping: the model has {s['num_attention_heads']} "
+            f"query heads in {s['num_key_value_heads']} KV groups of {per_group}, and a group goes as a whole; "
+            f"use one of {options}"]
+
+
+def _shrunk(cfg: PruneConfig, config, r: float) -> dict:
+    """Every dimension named in `axes` keeps about a fraction r of its size (widths rounded to round_to)."""
+    s = surgery.sizes(config)
+    target = {}
+
+    def width(n):
+        return max(cfg.round_to, round(n * r / cfg.round_to) * cfg.round_to) if n > cfg.round_to else n
+
+    if "depth" in cfg.axes:
+        target["num_hidden_layers"] = max(1, round(s["num_hidden_layers"] * r))
+    if "mlp" in cfg.axes:
+        target["intermediate_size"] = min(s["intermediate_size"], width(s["intermediate_size"]))
+    if config.model_type == "gpt2":
+        heads = max(1, round(s["num_attention_heads"] * r)) if "heads" in cfg.axes else s["num_attention_heads"]
+        dim = max(1, round(s["head_dim"] * r)) if "hidden" in cfg.axes else s["head_dim"]
+        target.update(num_attention_heads=heads, hidden_size=heads * dim)
+    else:
+        if "heads" in cfg.axes:
+            groups = max(1, round(s["num_key_value_heads"] * r))
+            per_group = s["num_attention_heads"] // s["num_key_value_heads"]
+            target.update(num_key_value_heads=groups, num_attention_heads=groups * per_group)
+        if "hidden" in cfg.axes:
+            target["hidden_size"] = min(s["hidden_size"], width(s["hidden_size"]))
+    return target
+
+
+def _from_fraction(cfg: PruneConfig, config) -> dict:
+    """The largest r whose `_shrunk` model has at most target_params x the input's parameters (bisection)."""
+    if any(a != "depth" for a in cfg.axes):
+        try:
+            surgery.family(config)
+        except StageError as err:
+            raise StageError(str(err).replace("prune: ", "prune.axes: ", 1)) from err
+    budget = cfg.target_params * surgery.count_params(config)
+    lo, hi = 0.0, 1.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        if surgery.count_params(surgery.config_for(config, _shrunk(cfg, config, mid))) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    target = _shrunk(cfg, config, lo)
+    if surgery.count_params(surgery.config_for(config, target)) > budget:
+        raise StageError(f"prune.target_params: {cfg.target_params} cannot be reached by shrinking {cfg.axes}; "
+                         "add axes (mlp, heads, hidden, depth) or raise target_params")
+    return target
+
+
+def calibration(cfg: data.DataConfig, tokenizer, seed: int, n: int) -> torch.Tensor:
+    """n blocks of block_size tokens drawn (seeded) from the training split: never the validation split,
+    which the evaluate stage and the quantize gate score."""
+    tokenized = data.prepare(cfg, tokenizer, seed)["train"].select_columns(["input_ids"])
+    blocks = data.pack(tokenized, cfg.block_size)
+    if len(blocks) == 0:
+        raise StageError(f"prune: the training split of '{cfg.source}' has no block of data.block_size "
+                         f"{cfg.block_size} tokens to calibrate on; use more data or a smaller data.block_size")
+    if len(blocks) < n:
+        log.warning("prune: only %d calibration blocks in the training split (prune.calibration_blocks: %d)",
+                    len(blocks), n)
+    blocks = blocks.shuffle(seed=seed).select(range(min(n, len(blocks))))
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+
+
+def run(cfg: PruneConfig, ctx: Context) -> Path:
+    from transformers import set_seed
+
+    stage = begin(ctx, "prune", cfg)
+    if stage is None:
+        return ctx.run_dir / "prune"
+    set_seed(ctx.seed)
+    model, tokenizer = models.load_folder(ctx.inputs["prune"], dtype=torch.float32)
+    before = surgery.sizes(model.config)
+    target = targets(cfg, model.config)
+    blocks = calibration(ctx.data, tokenizer, ctx.seed, cfg.calibration_blocks)
+    width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
+    log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
+    imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width)
+    cut = surgery.plan(model, imp, target, refit=cfg.refit and width)
+    student = surgery.apply(model, cut)
+    after = surgery.sizes(student.config)
+    params, t_params = models.count_params(student), models.count_params(model)
+    log.info("prune: %s → %s, %s → %s parameters (%.1f%%)", _changed(before, after, True),
+             _changed(before, after, False), f"{t_params:,}", f"{params:,}", 100 * params / t_params)
+    kept = {"layers": cut.layers, "hidden": cut.hidden, "mlp": {str(k): v for k, v in cut.mlp.items()},
+            "heads": {str(k): v for k, v in cut.heads.items()},
+            "head_dims": {str(k): v for k, v in cut.head_dims.items()}}
+    with staging(stage.out) as tmp:
+        save_model(tmp, student, tokenizer)
+        write_record(tmp, stage.record(
+            ctx,
+            metrics={"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4)},
+            sizes={"before": before, "after": after},
+            calibration={"split": "train", "blocks": len(blocks), "tokens": int(blocks.numel())},
+            importance=imp.summary(),
+            kept=kept,
+            tags=["pruning"],
+            summary=(f"Pruned from `{ctx.inputs['prune']}` ({t_params:,} → {params:,} parameters, "
+                     f"{params / t_params:.0%}): {_changed(before, after, True)} → {_changed(before, after, False)}. "
+                     f"Importance from activations on {blocks.numel():,} calibration tokens of the training split "
+                     f"(layers by block influence, channels and heads by activation magnitude)"
+                     + ("; output projections re-fitted by least squares." if cfg.refit and width else ".")
+                     + " Distill it against the model it was cut from to recover quality."),
+        ))
+    return stage.out
+
+
+def _changed(before: dict, after: dict, old: bool) -> str:
+    keys = [k for k in before if before[k] != after[k]] or ["num_hidden_layers"]
+    return ", ".join(f"{k} {before[k] if old else after[k]}" for k in keys)
