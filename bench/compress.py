@@ -85,9 +85,12 @@ def main(argv=None) -> None:
     work = Path(args.work)
     overrides = [f"output_dir={work}", "quantize.enabled=false", "evaluate.enabled=false", *args.override]
     tmp = tempfile.TemporaryDirectory()
-    if args.smoke:
-        teacher_folder = Path(args.teacher or common.tiny_folder(Path(tmp.name)))
+    if args.smoke:  # a tiny Llama, "fine-tuned" for two steps by the pipeline itself
         overrides += SMOKE_OVERRIDES
+        tiny = recipe.load(ROOT / "recipes" / "quickstart.yaml",
+                           [*overrides, "name=compress-teacher", f"model={common.tiny_folder(Path(tmp.name))}",
+                            "finetune.max_steps=2", "prune.enabled=false"])
+        teacher_folder = runner.run(tiny, until="finetune")["finetune"]
     elif args.teacher:
         teacher_folder = Path(args.teacher)
     else:  # the quick start's own fine-tune (skipped when it is up to date)
@@ -117,12 +120,11 @@ def main(argv=None) -> None:
             keep = n // settings["every"] if "every" in settings else round(
                 (settings["fraction"] * t_params - (t_params - n * per_layer)) / per_layer)
             layer_keys = ([f"distill.every={settings['every']}"] if "every" in settings else [f"distill.keep={keep}"])
-            student = distill.student_from_teacher(teacher, distill.layer_map(
-                recipe.load(ROOT / "recipes" / "quickstart.yaml", [*common_overrides, *layer_keys]).distill, n))
-            zero = {"refit": scores(student, tokenizer, val_ids, wiki_text, args)}
-            del student
             r = recipe.load(ROOT / "recipes" / "quickstart.yaml",
                             [*common_overrides, "prune.enabled=false", f"distill.input={teacher_folder}", *layer_keys])
+            student = distill.student_from_teacher(teacher, distill.layer_map(r.distill, n))
+            zero = {"refit": scores(student, tokenizer, val_ids, wiki_text, args)}
+            del student
             out = runner.run(r, ["distill"], force=True)["distill"]
         else:
             keys = [f"prune.{k}={v}" for k, v in settings.items()]

@@ -84,3 +84,22 @@ def test_precision_bench_args_and_smoke(tmp_path):
     result = _smoke("precision", tmp_path)
     assert result["fp32"]["perplexity"] > 1 and result["bf16"]["perplexity"] > 1
     assert result["fp32"]["base_perplexity"] == result["bf16"]["base_perplexity"]  # same base, same windows
+
+
+def test_compress_bench_schema_on_a_tiny_teacher(tmp_path):
+    import compress
+
+    with pytest.raises(SystemExit):
+        compress.parse_args(["--variants", "width-80,shrink-everything"])
+    result = _smoke("compress", tmp_path, "--variants", "uniform-60,width-80,mix-60", "--refit", "both",
+                    "--work", str(tmp_path / "runs"))
+    teacher = result["teacher"]
+    assert teacher["params"] > 0 and set(teacher["ppl"]) == {"validation", "wikitext-2-test"}
+    assert set(result["variants"]) == {"uniform-60", "width-80", "mix-60"}
+    for name, v in result["variants"].items():
+        assert 0.3 < v["params_ratio"] < 0.9 and v["kd_tokens"] > 0
+        for text in ("validation", "wikitext-2-test"):
+            assert v["ratio"][text] == pytest.approx(v["after_kd"][text] / teacher["ppl"][text], rel=1e-2)
+            assert v["zero_shot"][text] > 1
+    assert set(result["variants"]["width-80"]["zero_shot_by_refit"]) == {"refit", "no_refit"}
+    assert (tmp_path / "compress.png").is_file()

@@ -116,5 +116,7 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
     assert list(rows) == STAGE_FOLDERS
     assert 5 < rows["base"]["perplexity"] < 60  # SmolLM2-135M on English prose about Python
     assert rows["finetune"]["perplexity"] < rows["base"]["perplexity"]
-    assert rows["distill"]["params"] < 0.75 * rows["base"]["params"]
+    assert rows["prune"]["params"] < 0.85 * rows["base"]["params"]  # target_params 0.8
+    assert rows["distill"]["params"] == rows["prune"]["params"]
+    assert rows["distill"]["perplexity"] < rows["prune"]["perplexity"]
     assert rows["quantize"]["disk_mb"] < 0.6 * rows["distill"]["disk_mb"]
