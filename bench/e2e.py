@@ -9,8 +9,8 @@ from pathlib import Path
 
 import common
 
-STAGES = ["load", "finetune", "distill", "quantize", "evaluate"]
-
+from pipeline import recipe as recipes
+from pipeline import runner
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
@@ -37,7 +37,9 @@ def main(argv=None) -> dict:
         overrides += [f"model={folder}", "data.block_size=64", "data.max_train_blocks=16", "finetune.max_steps=2",
                       "distill.max_steps=2", "evaluate.max_tokens=256", "evaluate.repeats=1",
                       "evaluate.new_tokens=2", "evaluate.generation.max_new_tokens=2"]
-    stages = {stage: run_stage(args.recipe, stage, overrides) for stage in STAGES}
+    # The recipe decides the chain (prune, for one, is on in the quick start and off by default).
+    chain = runner.enabled_stages(recipes.load(args.recipe, overrides))
+    stages = {stage: run_stage(args.recipe, stage, overrides) for stage in chain}
     result = {
         "settings": {"recipe": Path(args.recipe).name, "overrides": args.overrides, "smoke": args.smoke,
                      "note": "each stage in its own process with --force, as `make all` on a fresh machine"},

@@ -40,7 +40,7 @@ def test_e2e_bench_args():
 @pytest.mark.slow
 def test_e2e_bench_smoke(tmp_path):
     result = _smoke("e2e", tmp_path)
-    assert set(result["stages"]) == {"load", "finetune", "distill", "quantize", "evaluate"}
+    assert list(result["stages"]) == ["load", "finetune", "prune", "distill", "quantize", "evaluate"]
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 100 for s in result["stages"].values())
 
 
