@@ -3,6 +3,7 @@ Chat data (`format: chat`) is rendered with a chat template and tokenized by `pi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import StageError
+
+log = logging.getLogger("pipeline")
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -223,3 +226,23 @@ def eval_stream(tokenized_validation) -> list[int]:
 def prepare(cfg: DataConfig, tokenizer, seed: int):
     """Raw splits → tokenized splits; the caller packs or streams them."""
     return tokenize(load_splits(cfg, seed), tokenizer, cfg)
+
+
+def calibration_blocks(cfg: DataConfig, tokenizer, seed: int, n: int, key: str,
+                       block_size: int | None = None) -> "torch.Tensor":
+    """n blocks of `block_size` (default data.block_size) tokens drawn (seeded) from the training split:
+    never the validation split, which the evaluate stage and the quantize gate score. `key` is the recipe
+    key that asked for them, named in messages."""
+    import torch
+
+    block_size = block_size or cfg.block_size
+    tokenized = prepare(cfg, tokenizer, seed)["train"].select_columns(["input_ids"])
+    blocks = pack(tokenized, block_size)
+    if len(blocks) == 0:
+        raise StageError(f"{key}: the training split of '{cfg.source}' has no block of {block_size} tokens to "
+                         "calibrate on; use more data or smaller blocks")
+    if len(blocks) < n:
+        log.warning("%s: %d asked, only %d calibration blocks of %d tokens in the training split",
+                    key, n, len(blocks), block_size)
+    blocks = blocks.shuffle(seed=seed).select(range(min(n, len(blocks))))
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)

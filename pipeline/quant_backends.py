@@ -8,9 +8,9 @@ only: quantizing activations too (dynamic int8) wrecks models this small."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -26,7 +26,21 @@ OPTIONS = {
     "sym": ("openvino-int8", "openvino-int4"),
     "group_size": ("openvino-int4",),
     "ratio": ("openvino-int4",),
+    # NNCF's data-aware weight compression; nncf runs none of it for 8-bit weights
+    "awq": ("openvino-int4",),
+    "scale_estimation": ("openvino-int4",),
+    "gptq": ("openvino-int4",),
+    "lora_correction": ("openvino-int4",),
+    "sensitivity_metric": ("openvino-int4",),
+    "backup_precision": ("openvino-int4",),
+    "calibration_samples": ("openvino-int4",),
+    "calibration_tokens": ("openvino-int4",),
 }
+DATA_AWARE = ("awq", "scale_estimation", "gptq", "lora_correction")
+# nncf.SensitivityMetric values; all but the first rank layers on calibration activations
+SensitivityMetric = Literal["weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
+                            "max_activation_variance", "mean_activation_magnitude"]
+CALIBRATION_SAMPLES = 128  # optimum-intel's default number of calibration sequences for causal LMs
 
 
 @dataclass
@@ -39,6 +53,15 @@ class Candidate:
     sym: bool | None = None  # openvino: symmetric weights, no zero points (default false)
     group_size: int | None = None  # openvino-int4: weights sharing one scale; -1 = per channel (default 128, adjusted)
     ratio: float | None = None  # openvino-int4: fraction of layers in 4-bit, the rest 8-bit (default 1.0)
+    # openvino-int4, data-aware (calibration blocks from the recipe's training split, never the gate's split):
+    awq: bool | None = None  # activation-aware scaling of salient channels before rounding
+    scale_estimation: bool | None = None  # fit each group's scale to minimise the layer's output error
+    gptq: bool | None = None  # GPTQ: round column by column, correcting the rest with second-order information
+    lora_correction: bool | None = None  # low-rank float correction of the rounding error (adds latency)
+    sensitivity_metric: SensitivityMetric | None = None  # with ratio < 1: which layers keep the backup precision
+    backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None  # layers not in 4-bit (int8_asym)
+    calibration_samples: int | None = None  # calibration sequences (default 128 when data-aware)
+    calibration_tokens: int | None = None  # tokens per calibration sequence (default data.block_size)
 
     def check(self) -> list[str]:
         problems = []
@@ -51,7 +74,32 @@ class Candidate:
             problems.append(f"group_size: {self.group_size} must be positive, or -1 for one scale per channel")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             problems.append(f"ratio: {self.ratio} must be in (0, 1]")
+        if self.gptq and self.lora_correction:
+            problems.append("gptq and lora_correction: nncf cannot apply both to one model; pick one")
+        if self.sensitivity_metric is not None and (self.ratio is None or self.ratio == 1):
+            problems.append("sensitivity_metric: only ranks layers for the backup precision when ratio < 1; "
+                            "set ratio (e.g. 0.8) or drop it")
+        for key in ("calibration_samples", "calibration_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < (2 if key == "calibration_tokens" else 1):
+                problems.append(f"{key}: {value} must be at least {2 if key == 'calibration_tokens' else 1}")
+        if not problems and self.backend == "openvino" and unavailable(self, torch.device("cpu")) is None:
+            try:  # the refusals optimum-intel itself knows about, at validation instead of mid-run
+                openvino_config(self)
+            except ValueError as err:
+                problems.append(f"optimum-intel refuses these options: {err}")
         return problems
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether nncf needs calibration activations: an algorithm that uses them, an explicit calibration
+        set, or layer ranking by an activation-based sensitivity metric."""
+        return (any(getattr(self, key) for key in DATA_AWARE) or self.calibration_samples is not None
+                or self.sensitivity_metric not in (None, "weight_quantization_error"))
+
+    def calibration_shape(self, block_size: int) -> tuple[int, int]:
+        """(sequences, tokens each) of the calibration set this candidate asks for."""
+        return (self.calibration_samples or CALIBRATION_SAMPLES, self.calibration_tokens or block_size)
 
     @property
     def label(self) -> str:
@@ -99,7 +147,7 @@ def bnb_config(cand: Candidate):
     )
 
 
-def openvino_config(cand: Candidate):
+def openvino_config(cand: Candidate, statistics_path: Path | None = None, block_size: int = 128):
     from optimum.intel import OVWeightQuantizationConfig
 
     options = {"bits": cand.bits, "sym": bool(cand.sym)}
@@ -108,16 +156,82 @@ def openvino_config(cand: Candidate):
         # channels, say), as optimum-intel's own int4 presets do; a group size the recipe sets is used as given.
         options.update(group_size=128 if cand.group_size is None else cand.group_size,
                        group_size_fallback="adjust" if cand.group_size is None else "error",
-                       ratio=1.0 if cand.ratio is None else cand.ratio)
+                       ratio=1.0 if cand.ratio is None else cand.ratio,
+                       sensitivity_metric=cand.sensitivity_metric, backup_precision=cand.backup_precision,
+                       scale_estimation=cand.scale_estimation, gptq=cand.gptq, lora_correction=cand.lora_correction)
+        if cand.awq:
+            options["quant_method"] = "awq"
+        if cand.data_aware:
+            # The calibration set itself goes to OVQuantizer.quantize; nncf keeps the activation statistics
+            # under statistics_path, so candidates on the same calibration set collect them once.
+            options.update(num_samples=cand.calibration_shape(block_size)[0],
+                           statistics_path=None if statistics_path is None else str(statistics_path))
     return OVWeightQuantizationConfig(**options)
 
 
-def quantize(cand: Candidate, source: Path, device: torch.device, trust_remote_code: bool = False):
+@dataclass
+class Calibration:
+    """Calibration blocks for data-aware candidates and what is computed from them once per stage run: the
+    full-precision OpenVINO export, the model inputs optimum-intel collects from it, nncf's statistics."""
+    work: Path  # scratch folder of the stage run
+    blocks: "Callable[[int, int], torch.Tensor]"  # (sequences, tokens) -> LongTensor, from the training split
+    block_size: int
+    _inputs: dict = field(default_factory=dict)
+
+    def ir(self, source: Path, trust_remote_code: bool) -> Path:
+        folder = self.work / "openvino-fp32"
+        if not (folder / "openvino_model.xml").exists():
+            from optimum.intel import OVModelForCausalLM
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                model = OVModelForCausalLM.from_pretrained(source, export=True, load_in_8bit=False, compile=False,
+                                                           trust_remote_code=trust_remote_code)
+            model.save_pretrained(folder)
+        return folder
+
+    def dataset(self, model, quantizer, config, shape: tuple[int, int]):
+        if shape not in self._inputs:
+            import datasets
+            import nncf
+
+            ids = self.blocks(*shape)
+            rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+            collected = quantizer.dataset_builder.build_from_dataset(config, rows)["model"]
+            model.clear_requests()  # collecting compiled the float model; it is recompiled after compression
+            # Each sample is one prefill (generate with max_new_tokens=1), so the flag optimum-intel adds to
+            # ask nncf to reset the KV state before it carries nothing: nncf resets a stateful model before
+            # every inference anyway. Dropped because nncf's GPTQ feeds the samples to stateless subgraphs,
+            # which refuse the flag ("Cannot reset state of a stateless model").
+            from nncf.definitions import NNCF_DATASET_RESET_STATE_KEY
+
+            samples = [{k: v for k, v in item.items() if k != NNCF_DATASET_RESET_STATE_KEY}
+                       for item in collected.get_data()]
+            self._inputs[shape] = {"model": nncf.Dataset(samples)}
+        return self._inputs[shape]
+
+    def statistics(self, shape: tuple[int, int]) -> Path:
+        return self.work / f"nncf-statistics-{shape[0]}x{shape[1]}"
+
+
+def quantize(cand: Candidate, source: Path, device: torch.device, trust_remote_code: bool = False,
+             calibration: Calibration | None = None):
     """The full-precision model folder `source`, quantized in memory (not yet saved)."""
     if cand.backend == "bitsandbytes":
         return models.load_model(models.Source("folder", str(source)), trust_remote_code=trust_remote_code,
                                  quantization_config=bnb_config(cand), device_map=str(device))
-    from optimum.intel import OVModelForCausalLM
+    from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizer
+
+    if cand.data_aware:
+        if calibration is None:
+            raise ValueError(f"{cand.label} is data-aware and needs calibration blocks")
+        model = OVModelForCausalLM.from_pretrained(calibration.ir(source, trust_remote_code), compile=False)
+        shape = cand.calibration_shape(calibration.block_size)
+        config = openvino_config(cand, calibration.statistics(shape), calibration.block_size)
+        quantizer = OVQuantizer.from_pretrained(model)
+        quantizer.quantize(ov_config=OVConfig(quantization_config=config),
+                           calibration_dataset=calibration.dataset(model, quantizer, config, shape))
+        return model
 
     with warnings.catch_warnings():  # tracing the torch model warns about every data-dependent branch
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -147,6 +261,15 @@ def describe(cand: Candidate) -> str:
         ratio = 1.0 if cand.ratio is None else cand.ratio
         group = "128 (adjusted per layer)" if cand.group_size is None else cand.group_size
         text += f", group size {group}, {ratio:.0%} of layers in 4-bit"
+        used = [name for name, on in (("AWQ", cand.awq), ("scale estimation", cand.scale_estimation),
+                                      ("GPTQ", cand.gptq), ("LoRA correction", cand.lora_correction)) if on]
+        if ratio < 1:  # nncf's default ranking depends on whether it has calibration data
+            default = "max_activation_variance" if cand.data_aware else "weight_quantization_error"
+            text += f" ranked by {cand.sensitivity_metric or default}"
+        if cand.data_aware:
+            samples, tokens = cand.calibration_shape(0)
+            text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {samples} calibration sequences of "
+                     f"{tokens or 'data.block_size'} tokens from the training split")
     return text + ")"
 
 

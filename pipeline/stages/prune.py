@@ -162,21 +162,6 @@ def _from_fraction(cfg: PruneConfig, config) -> dict:
     return target
 
 
-def calibration(cfg: data.DataConfig, tokenizer, seed: int, n: int) -> torch.Tensor:
-    """n blocks of block_size tokens drawn (seeded) from the training split: never the validation split,
-    which the evaluate stage and the quantize gate score."""
-    tokenized = data.prepare(cfg, tokenizer, seed)["train"].select_columns(["input_ids"])
-    blocks = data.pack(tokenized, cfg.block_size)
-    if len(blocks) == 0:
-        raise StageError(f"prune: the training split of '{cfg.source}' has no block of data.block_size "
-                         f"{cfg.block_size} tokens to calibrate on; use more data or a smaller data.block_size")
-    if len(blocks) < n:
-        log.warning("prune: only %d calibration blocks in the training split (prune.calibration_blocks: %d)",
-                    len(blocks), n)
-    blocks = blocks.shuffle(seed=seed).select(range(min(n, len(blocks))))
-    return torch.tensor(blocks["input_ids"], dtype=torch.long)
-
-
 def run(cfg: PruneConfig, ctx: Context) -> Path:
     from transformers import set_seed
 
@@ -187,7 +172,7 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     model, tokenizer = models.load_folder(ctx.inputs["prune"], dtype=torch.float32)
     before = surgery.sizes(model.config)
     target = targets(cfg, model.config)
-    blocks = calibration(ctx.data, tokenizer, ctx.seed, cfg.calibration_blocks)
+    blocks = data.calibration_blocks(ctx.data, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
     width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
     log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
     imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width)

@@ -96,11 +96,14 @@ def measure(model, tokenizer, ids: list[int], cfg: QuantizeConfig) -> dict:
 
 
 def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: list[int], cfg: QuantizeConfig,
-                  device: torch.device, ctx: Context) -> dict:
+                  device: torch.device, ctx: Context, calibration: backends.Calibration) -> dict:
     """Convert, save, reload and score one candidate; failures become a row, never an exception."""
     options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
     row = {"name": cand.label, "method": cand.method, "backend": cand.backend, "bits": cand.bits,
            "options": options, "description": backends.describe(cand)}
+    if cand.data_aware:
+        sequences, tokens = cand.calibration_shape(calibration.block_size)
+        row["calibration"] = {"split": "train", "sequences": sequences, "tokens_each": tokens}
     reason = backends.unavailable(cand, device)
     if reason:
         log.warning("quantize: %s cannot run here: %s", cand.label, reason)
@@ -108,7 +111,7 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: l
     log.info("quantize: trying %s: %s", cand.label, row["description"])
     started = time.time()
     try:
-        model = backends.quantize(cand, source, device, ctx.trust_remote_code)
+        model = backends.quantize(cand, source, device, ctx.trust_remote_code, calibration)
         backends.save(model, folder)
         tokenizer.save_pretrained(folder)
         del model
@@ -179,10 +182,17 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                      **measure(model, tokenizer, ids, cfg)}
         del model
         log.info("quantize: input perplexity %.3f on %d tokens", reference["perplexity"], reference["scored_tokens"])
+        # Data-aware candidates calibrate on the training split (the gate scores the validation split); the
+        # float export, the collected inputs and nncf's statistics are shared by candidates that ask alike.
+        calibration = backends.Calibration(
+            work, lambda n, tokens: data.calibration_blocks(ctx.data, tokenizer, ctx.seed, n,
+                                                            "quantize calibration", block_size=tokens),
+            ctx.data.block_size)
         rows, folders = [], {}
         for i, cand in enumerate(cfg.candidates):
             folders[cand.label] = work / f"candidate-{i}"
-            rows.append(try_candidate(cand, source, folders[cand.label], tokenizer, ids, cfg, device, ctx))
+            rows.append(try_candidate(cand, source, folders[cand.label], tokenizer, ids, cfg, device, ctx,
+                                      calibration))
         winner = gate(rows, reference, cfg)
         scores = table(reference, rows, winner)
         log.info("quantize: candidates (budget +%s%% perplexity, prefer %s):\n%s", cfg.max_ppl_increase, cfg.prefer,
