@@ -15,7 +15,29 @@ from pathlib import Path
 
 import common
 
-METHODS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4"]
+# Named candidates: the quantize stage's Candidate options. int4 variants: data-free round-to-nearest,
+# then NNCF's data-aware algorithms on calibration blocks from the stdlib training split (the quick start's
+# training data; the validation split and WikiText-2 are what is scored).
+CALIBRATED = {"calibration_samples": 128}
+PRESETS = {
+    "bnb-int8": {"method": "bnb-int8"},
+    "bnb-nf4": {"method": "bnb-nf4"},
+    "bnb-fp4": {"method": "bnb-fp4"},
+    "openvino-int8": {"method": "openvino-int8"},
+    "openvino-int4": {"method": "openvino-int4"},  # data-free, group 128 adjusted per layer
+    "int4-g32": {"method": "openvino-int4", "group_size": 32},
+    "int4-g32-awq": {"method": "openvino-int4", "group_size": 32, "awq": True, **CALIBRATED},
+    "int4-g32-se": {"method": "openvino-int4", "group_size": 32, "scale_estimation": True, **CALIBRATED},
+    "int4-g32-awq-se": {"method": "openvino-int4", "group_size": 32, "awq": True, "scale_estimation": True,
+                        **CALIBRATED},
+    "int4-g32-gptq": {"method": "openvino-int4", "group_size": 32, "gptq": True, "scale_estimation": True,
+                      **CALIBRATED},
+    "int4-g32-lora": {"method": "openvino-int4", "group_size": 32, "lora_correction": True, **CALIBRATED},
+    "int4-g32-awq-se-r80": {"method": "openvino-int4", "group_size": 32, "awq": True, "scale_estimation": True,
+                            "ratio": 0.8, **CALIBRATED},
+}
+DEFAULT = ["bnb-int8", "bnb-nf4", "openvino-int8", "openvino-int4", "int4-g32", "int4-g32-awq", "int4-g32-se",
+           "int4-g32-awq-se", "int4-g32-gptq", "int4-g32-lora", "int4-g32-awq-se-r80"]
 PROMPTS = ["The Python interpreter reads a program and", "In the history of the English language,"]
 
 
@@ -23,7 +45,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--input", type=Path, default=None,
                    help="fp32 model folder (default: the quick start's base/, made by the load stage)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--candidates", nargs="+", default=DEFAULT, choices=list(PRESETS), metavar="NAME",
+                   help=f"named candidates (default: %(default)s; all: {', '.join(PRESETS)})")
+    p.add_argument("--also", type=Path, default=None,
+                   help="a second model folder (e.g. fine-tuned with finetune.qat) quantized with the same candidates")
     p.add_argument("--stdlib-tokens", type=int, default=None, help="stdlib validation tokens (default: all)")
     p.add_argument("--wiki-tokens", type=int, default=32768, help="first N tokens of WikiText-2 test")
     p.add_argument("--wikitext", type=Path, default=common.WIKITEXT_TEST, help="WikiText-2 test.txt")
@@ -75,12 +100,72 @@ def speeds(folders: dict, tokenizer, args) -> dict:
     return out
 
 
+def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: dict, args) -> tuple[dict, dict]:
+    """fp32 row and every named candidate of one model folder (perplexity, size, convert time; speed later)."""
+    import torch
+
+    from pipeline import data, models
+    from pipeline import quant_backends as qb
+
+    started = time.perf_counter()
+    fp32 = {"input": str(folder), "disk_mb": round(models.disk_size(folder) / 2**20, 2),
+            "ppl": ppl(load(folder, args.threads), texts, args), "eval_seconds": round(time.perf_counter() - started, 1)}
+    report(f"{work.name} fp32", fp32)
+    # One calibration per model folder: its float export, collected inputs and nncf statistics are shared.
+    calibration = qb.Calibration(
+        work, lambda n, tokens: data.calibration_blocks(data.DataConfig(), tokenizer, 42, n, "bench calibration",
+                                                        block_size=tokens), 128)
+    rows, folders = {}, {"fp32": folder}
+    for name in names:
+        options = dict(PRESETS[name])
+        if args.smoke and options["method"] == "openvino-int4":  # the tiny model is 64 wide
+            options.update(group_size=32, **({"calibration_samples": 4} if "calibration_samples" in options else {}))
+        cand = qb.Candidate(**options)
+        out = work / name
+        started = time.perf_counter()
+        try:
+            model = qb.quantize(cand, folder, torch.device("cpu"), calibration=calibration)
+            qb.save(model, out)
+            tokenizer.save_pretrained(out)
+            del model
+            row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
+                   "disk_mb": round(models.disk_size(out) / 2**20, 2)}
+            started = time.perf_counter()
+            row["ppl"] = ppl(load(out, args.threads), texts, args)
+            row["eval_seconds"] = round(time.perf_counter() - started, 1)
+            folders[name] = out
+        except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
+            row = {"error": f"{type(err).__name__}: {err}"[:400]}
+        rows[name] = {"options": options, **row}
+        report(f"{work.name} {name}", row)
+    return {"fp32": fp32, "candidates": rows}, folders
+
+
+def report(name, row):
+    print(f"{name}: ppl {row.get('ppl')}, {row.get('disk_mb')} MB, prefill {row.get('prefill_tok_s')} tok/s, "
+          f"generate {row.get('gen_tok_s')} tok/s", flush=True)
+
+
+def finish(result: dict, timed: dict, prefix: str) -> None:
+    """Speeds and the ratios to the same folder's fp32 row."""
+    fp32 = result["fp32"]
+    fp32.update(timed[f"{prefix}fp32"])
+    for name, row in result["candidates"].items():
+        if f"{prefix}{name}" not in timed:
+            continue
+        row.update(timed[f"{prefix}{name}"])
+        row["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2) for k, v in row["ppl"].items()}
+        row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
+        row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
+        row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
+        report(f"{prefix}{name}", row)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
     from pipeline import data, models
-    from pipeline import quant_backends as qb
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,49 +186,20 @@ def main(argv=None) -> dict:
     elif not args.smoke:
         raise SystemExit(f"{args.wikitext} does not exist; pass --wikitext path/to/wikitext-2/test.txt")
 
-    def report(name, row):
-        print(f"{name}: ppl {row.get('ppl')}, {row.get('disk_mb')} MB, prefill {row.get('prefill_tok_s')} tok/s, "
-              f"generate {row.get('gen_tok_s')} tok/s", flush=True)
-
-    started = time.perf_counter()
-    fp32 = {"disk_mb": round(models.disk_size(folder) / 2**20, 2), "ppl": ppl(load(folder, args.threads), texts, args),
-            "eval_seconds": round(time.perf_counter() - started, 1)}
-    report("fp32", fp32)
-    candidates, folders = {}, {"fp32": folder}
-    for method in args.methods:
-        cand = qb.Candidate(method, group_size=32 if args.smoke and method == "openvino-int4" else None)
-        out = work / method
-        started = time.perf_counter()
-        try:
-            model = qb.quantize(cand, folder, torch.device("cpu"))
-            qb.save(model, out)
-            tokenizer.save_pretrained(out)
-            del model
-            row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
-                   "disk_mb": round(models.disk_size(out) / 2**20, 2)}
-            started = time.perf_counter()
-            row["ppl"] = ppl(load(out, args.threads), texts, args)
-            row["eval_seconds"] = round(time.perf_counter() - started, 1)
-            folders[method] = out
-        except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
-            row = {"error": f"{type(err).__name__}: {err}"[:400]}
-        candidates[method] = row
-        report(method, row)
-    timed = speeds(folders, tokenizer, args)
-    fp32.update(timed["fp32"])
-    for method, row in candidates.items():
-        if method not in timed:
-            continue
-        row.update(timed[method])
-        row["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2) for k, v in row["ppl"].items()}
-        row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
-        row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
-        row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
-        report(method, row)
+    (work / "main").mkdir()
+    main_result, folders = quantize_all(folder, work / "main", args.candidates, tokenizer, texts, args)
+    also_result = None
+    if args.also:
+        (work / "also").mkdir()
+        also_result, also_folders = quantize_all(args.also, work / "also", args.candidates, tokenizer, texts, args)
+        folders.update({f"also/{k}": v for k, v in also_folders.items()})
+    timed = speeds(folders, tokenizer, args)  # all models in the same rounds
+    finish(main_result, timed, "")
     result = {
         "settings": {
-            "model": "tiny-llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (fp32, the quick start's base/)",
+            "model": "tiny-llama (smoke)" if args.smoke else f"SmolLM2-135M-Instruct: {folder}",
             "texts": {k: len(v) for k, v in texts.items()},
+            "calibration": "seeded blocks of the stdlib training split (never the validation split)",
             "context": args.context, "stride": args.stride, "batch_size": args.batch_size,
             "prompts": PROMPTS, "prefill_tokens": args.prefill_tokens, "new_tokens": args.new_tokens,
             "decoding": "greedy", "speed_rounds": args.rounds, "threads": args.threads or torch.get_num_threads(),
@@ -151,9 +207,11 @@ def main(argv=None) -> dict:
             "load_average_1min": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
             "note": "weight-only quantization; speeds measured on a CPU shared with other jobs are noisy",
         },
-        "fp32": fp32,
-        "candidates": candidates,
+        **main_result,
     }
+    if also_result:
+        finish(also_result, timed, "also/")
+        result["also"] = also_result
     common.save("quantize", result, args.out)
     return result
 

@@ -96,7 +96,22 @@ def _ppls(model: dict, texts: list[str]) -> str:
 
 
 def _quantize(r: dict) -> list[str]:
+    rows = _quantize_rows(r)
+    if r.get("also"):  # the same candidates on a second model (the QAT fine-tune)
+        rows += ["", f"Same candidates on `{r['also']['fp32']['input']}`:", ""] + _quantize_rows(r["also"])
     s, texts = r["settings"], list(r["fp32"]["ppl"])
+    tokens = ", ".join(f"{n:,} {t} tokens" for t, n in s["texts"].items())
+    rows += ["", f"*Perplexity: context {s['context']}, stride {s['stride']}, {tokens}. Speed: prefill of "
+             f"{s['prefill_tokens']} tokens, greedy generation of {s['new_tokens']} new tokens for each of "
+             f"{len(s['prompts'])} prompts, {s['threads']} thread(s)"
+             + (f", median of {s['speed_rounds']} rounds that visit every model in turn" if "speed_rounds" in s else "")
+             + "." + (f" int4 calibration: {s['calibration']}." if "calibration" in s else "") + "*",
+             "", _machine(r["machine"])]
+    return rows
+
+
+def _quantize_rows(r: dict) -> list[str]:
+    texts = list(r["fp32"]["ppl"])
     rows = [f"| model | {' | '.join(f'ppl {t}' for t in texts)} | Δ ppl | disk MB | size | prefill tok/s | "
             "generate tok/s | generate vs fp32 |", "|---" * (len(texts) + 7) + "|"]
     fp32 = r["fp32"]
@@ -110,13 +125,6 @@ def _quantize(r: dict) -> list[str]:
         rows.append(f"| {name} | {_ppls(c, texts)} | {delta} | "
                     f"{c['disk_mb']:.0f} | {c['size_ratio']:.0%} | {c['prefill_tok_s']:.0f} | {c['gen_tok_s']:.1f} | "
                     f"{c['speedup_vs_fp32']:.2f}× |")
-    tokens = ", ".join(f"{n:,} {t} tokens" for t, n in s["texts"].items())
-    rows += ["", f"*Perplexity: context {s['context']}, stride {s['stride']}, {tokens}. Speed: prefill of "
-             f"{s['prefill_tokens']} tokens, greedy generation of {s['new_tokens']} new tokens for each of "
-             f"{len(s['prompts'])} prompts, {s['threads']} thread(s)"
-             + (f", median of {s['speed_rounds']} rounds that visit every model in turn" if "speed_rounds" in s else "")
-             + ".*",
-             "", _machine(r["machine"])]
     return rows
 
 

@@ -9,3 +9,8 @@ import logging as _logging
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 # LLM.int8 on CPU logs this on every forward call of every 8-bit layer.
 _logging.getLogger("bitsandbytes.autograd._functions").setLevel(_logging.ERROR)
+# peft imports torchao (the [qat] extra) to check its version; on a CPU build of torch, torchao's CUDA-only
+# kernels (mxfp8, cutlass) fail to load with a warning each, and registering its enums warns through
+# torch's pytree logger. Fake-quantized training needs neither kernel.
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)

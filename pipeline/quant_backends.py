@@ -273,6 +273,15 @@ def describe(cand: Candidate) -> str:
     return text + ")"
 
 
+def grid(cand: Candidate) -> dict | None:
+    """The integer grid a 4-bit candidate rounds the block weights to (what finetune.qat can train for);
+    None for 8-bit and for bitsandbytes' NF4/FP4, which are float code books, not integer grids."""
+    if cand.method == "openvino-int4":
+        return {"bits": 4, "group_size": 128 if cand.group_size is None else cand.group_size,
+                "symmetric": bool(cand.sym)}
+    return None
+
+
 def versions(cand: Candidate) -> dict:
     """Versions of the packages that wrote a candidate's folder (pipeline.json lists the core ones)."""
     import importlib.metadata as md

@@ -235,11 +235,13 @@ def test_quantize_bench_args_and_smoke(tmp_path):
     import quantize as bench_quantize
     from test_bench import _smoke
 
-    args = bench_quantize.parse_args(["--methods", "bnb-nf4", "openvino-int4", "--wiki-tokens", "1000"])
-    assert args.methods == ["bnb-nf4", "openvino-int4"] and args.wiki_tokens == 1000 and not args.smoke
-    result = _smoke("quantize", tmp_path, "--methods", "bnb-int8", "openvino-int8")
+    args = bench_quantize.parse_args(["--candidates", "bnb-nf4", "int4-g32-awq", "--wiki-tokens", "1000"])
+    assert args.candidates == ["bnb-nf4", "int4-g32-awq"] and args.wiki_tokens == 1000 and not args.smoke
+    result = _smoke("quantize", tmp_path, "--candidates", "bnb-int8", "openvino-int8", "int4-g32-awq-se")
     fp32, rows = result["fp32"], result["candidates"]
-    assert list(rows) == ["bnb-int8", "openvino-int8"]
+    assert list(rows) == ["bnb-int8", "openvino-int8", "int4-g32-awq-se"]
+    assert "data-aware: AWQ, scale estimation" in rows["int4-g32-awq-se"]["description"]
+    rows = {k: v for k, v in rows.items() if k != "int4-g32-awq-se"}  # 4-bit moves a tiny model more than 5%
     for row in rows.values():
         for text, ppl in row["ppl"].items():  # a random tiny model: ppl near its 512-token vocabulary
             assert 100 < ppl < 2000 and abs(row["ppl_increase_pct"][text]) < 5

@@ -6,17 +6,19 @@ adapters; the LoRA adapter itself is kept in `adapter/` as a PEFT folder. Traini
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import chat, data, dist, lora, models
+from pipeline import chat, data, dist, lora, models, qat
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, StageRun, begin
 from pipeline.lora import LoraSettings, QLoraSettings
 from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, sharded, training_args
 
 ADAPTER_DIR = "adapter"
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -26,12 +28,16 @@ class FinetuneConfig(TrainConfig):
     method: Literal["full", "lora", "qlora"] = "full"  # qlora: LoRA on a frozen 4-bit (bitsandbytes) base
     lora: LoraSettings = field(default_factory=LoraSettings)  # adapter settings (lora and qlora)
     qlora: QLoraSettings = field(default_factory=QLoraSettings)  # 4-bit base settings (qlora)
+    qat: qat.QatSettings = field(default_factory=qat.QatSettings)  # train on the grid of the int4 that ships
     save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
 
     def check(self) -> list[str]:
         problems = super().check()
         if self.method == "qlora" and lora.bitsandbytes_missing():
             problems.append("method: qlora needs bitsandbytes (pip install bitsandbytes); or use method: lora")
+        if self.qat.enabled and self.method != "full":
+            problems.append(f"qat.enabled: quantization-aware training updates the full weights; with method "
+                            f"{self.method} they stay frozen. Use method: full, or turn qat off")
         return problems
 
 
@@ -95,6 +101,10 @@ def _save(cfg: FinetuneConfig, trainer, tokenizer, tmp: Path, stage: StageRun, f
 def _summary(cfg: FinetuneConfig, metrics: dict, targets) -> str:
     done = f"for {metrics['train_steps']} steps ({metrics['train_tokens']} tokens)"
     if cfg.method == "full":
+        if cfg.qat.enabled:
+            return (f"Full quantization-aware fine-tune {done}: the block weights trained fake-quantized to "
+                    f"{qat.describe(cfg.qat.grid)} (torchao), saved as ordinary float weights; quantize them "
+                    "with a 4-bit candidate on the same grid.")
         return f"Full fine-tune {done}."
     name = {"lora": "LoRA", "qlora": "QLoRA"}[cfg.method]
     base = f"a frozen 4-bit (bitsandbytes {cfg.qlora.quant_type}) base" if cfg.method == "qlora" else "a frozen base"
@@ -114,6 +124,13 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
     tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
     train_set, eval_set, collator = _datasets(ctx, tokenizer, evaluate=cfg.eval_steps is not None)
     model = _model(cfg, folder)
+    if cfg.qat.enabled:
+        reason = qat.refusal(model, cfg.qat)
+        if reason:
+            raise StageError(f"finetune.qat: {reason}")
+        swapped = qat.prepare(model, cfg.qat)
+        log.info("finetune: %d linear layers train fake-quantized to %s (torchao QAT)", swapped,
+                 qat.describe(cfg.qat.grid))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     targets = sorted(model.peft_config["default"].target_modules) if cfg.method != "full" else None
     trainer = Trainer(
@@ -130,6 +147,8 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
                          "method: lora (the base is sharded in full precision), or plain DDP (`accelerate launch` "
                          "without an FSDP/DeepSpeed config)")
     metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
+    if cfg.qat.enabled:  # back to plain nn.Linear: the output is an ordinary float checkpoint
+        qat.convert(trainer.model)
     with staging(stage.out) as tmp:
         saved = _save(cfg, trainer, tokenizer, tmp, stage, folder)
         if dist.is_main():
@@ -139,6 +158,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
             metrics=metrics,
             method=cfg.method,
             lora_targets=targets,
+            qat=cfg.qat.grid if cfg.qat.enabled else None,
             tags=["fine-tuned"] + ([cfg.method] if cfg.method != "full" else []),
             summary=_summary(cfg, metrics, targets),
         ))

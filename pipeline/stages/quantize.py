@@ -204,6 +204,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                 "Raise quantize.max_ppl_increase, or add a gentler candidate (bnb-int8 or openvino-int8)."
             )
         cand = next(c for c in cfg.candidates if c.label == winner["name"])
+        qat_grid = _qat_check(stage.parent.get("qat"), cand)
         with staging(stage.out) as tmp:
             for item in folders[cand.label].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
@@ -222,10 +223,26 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                       "stride": cfg.stride, "scored_tokens": reference["scored_tokens"], "device": str(device),
                       "speed": {"prompts": DEFAULT_PROMPTS, "prefill_tokens": EvaluateConfig.prefill_tokens,
                                 "new_tokens": cfg.speed_tokens, "repeats": 1}},
+                qat=qat_grid,
                 tags=backends.tags(cand),
                 summary=summary(cand, winner, reference, rows, cfg, scores),
             ))
     return stage.out
+
+
+def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
+    """Whether the input was trained (finetune.qat) for the grid the chosen candidate rounds to; warns if not."""
+    if not trained:
+        return None
+    shipped = backends.grid(cand)
+    matches = shipped == trained
+    if cand.bits == 4 and not matches:
+        from pipeline.qat import describe
+
+        log.warning("quantize: the input was trained for %s (finetune.qat) but %s rounds to %s; set the candidate's "
+                    "group_size/sym (or finetune.qat) so the grids agree", describe(trained), cand.label,
+                    describe(shipped) if shipped else "a float code book")
+    return {"trained_for": trained, "shipped": shipped, "matches": matches}
 
 
 def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cfg: QuantizeConfig,
