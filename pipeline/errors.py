@@ -26,6 +26,10 @@ def chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+def is_disk_full(err: BaseException) -> bool:
+    return any(isinstance(e, OSError) and e.errno in DISK_FULL for e in chain(err))
+
+
 def mb(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.1f} MB"
 

@@ -159,6 +159,14 @@ def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
             check_weights(source.path)
         except ModelSourceError as found:
             return found
+    if source.kind != "hub":
+        known = errors.explain(err)  # out of memory, disk full, ...: not the files' fault
+        if known is not None:
+            return ModelSourceError(str(known))
+        what = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        return ModelSourceError(f"could not load '{source.label}' ({what}); its files may be incomplete or not a "
+                                "model this version of transformers reads: copy them again, or re-run the stage "
+                                "that wrote them (with --force)")
     return ModelSourceError(
         f"could not load '{source.label}': {err}. If this is a Hub id, check the name and your network "
         f"(offline here? use a local folder, a .gguf file or the alias {', '.join(ALIASES)})"
@@ -194,7 +202,9 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
         else:
             tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
             cfg = peek_config(source, trust_remote_code)
-    except (OSError, ValueError) as err:
+    except ModelSourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, a GGUF reader's errors, ...
         raise _hub_hint(source, err) from err
     if cfg is not None:
         check_vocab(tok, cfg, source.label)
@@ -219,7 +229,9 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
             model = AutoModelForCausalLM.from_pretrained(
                 source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
             )
-    except (OSError, ValueError) as err:
+    except ModelSourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, a GGUF reader's errors, ...
         raise _hub_hint(source, err) from err
     return model
 

@@ -74,6 +74,8 @@ DATA_CASES = [
      ["data.text_column", "int64", "body"]),
     ("validation-too-short-for-a-block", "d.txt", "".join(f"line {i}\n" for i in range(200)),
      {"validation_percent": 2}, ["validation split", "data.block_size 64", "validation_percent"]),
+    ("csv-ragged-row", "d.csv", "text\n" + "".join(f"row {i}\n" for i in range(5)) + "a,b,c\n", {},
+     ["d.csv", "line 7"]),
     ("chat-one-conversation", "c.jsonl", lines(CHATS[:1]), CHAT, ["1 conversation"]),
     ("chat-missing-columns", "c.jsonl", lines({"question": "q", "answer": "a"} for _ in range(10)), CHAT,
      ["question, answer", "data.messages_column", "data.prompt_column"]),
@@ -165,7 +167,12 @@ def _other_tokenizer(tmp_path, tokenizer):
     return folder
 
 
+def _broken_gguf(tmp_path, tokenizer):
+    return write(tmp_path / "model.Q4_0.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
+
+
 MODEL_CASES = [
+    ("gguf-cut-short", _broken_gguf, ["could not load", "model.Q4_0.gguf", "incomplete"]),
     ("config-without-weights", _no_weights, ["no weights", "model.safetensors"]),
     ("only-pickled-weights", _pickled, ["pytorch_model.bin", "safetensors only"]),
     ("truncated-weights", _truncated, ["model.safetensors", "is truncated"]),
@@ -204,6 +211,25 @@ def test_hub_id_while_offline(make_recipe, tmp_path, monkeypatch, capsys):
     for needle in ["Hub is unreachable", "someone/no-such-model-here", "--local-dir", "model: models/"]:
         assert needle in err, (needle, err)
     no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+def test_hub_dataset_while_offline(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": "someone/no-such-dataset"})
+    err = fails(["run", recipe, "--stages", "load,finetune"], capsys)
+    for needle in ["data.source", "someone/no-such-dataset", "Hub is unreachable", "local file"]:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"ok\n\xff\n", "not UTF-8 text: byte 0xff on line 2")])
+def test_bad_evaluation_text(content, needle, tiny_models, make_recipe, tmp_path, capsys):
+    text = write(tmp_path / "extra.txt", content)
+    err = fails(["run", make_recipe(tiny_models["gpt2"], evaluate={"texts": [str(text)]})], capsys)
+    assert "evaluate.texts" in err and str(text) in err and needle in err, err
 
 
 def _under_a_file(tmp_path):
