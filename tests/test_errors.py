@@ -433,3 +433,33 @@ def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypa
     monkeypatch.setattr(runner, "_run", broken)
     err = fails(["run", make_recipe(tiny_models["gpt2"])], capsys, code=1)
     assert "ZeroDivisionError" in err and "--debug" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,stage", [(signal.SIGTERM, 143, "finetune"), (signal.SIGINT, 130, "quantize")])
+def test_signal_from_outside_a_real_run(sig, code, stage, tiny_models, make_recipe, tmp_path):
+    """`kill` / Ctrl-C sent to a real `python -m pipeline run` while a stage works: clean exit, no folder,
+    and the same command then finishes."""
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 400, "save_steps": None},
+                         distill={"enabled": False}, evaluate={"enabled": False})
+    cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--until", stage]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if stage == "quantize":  # get there quickly: a short fine-tune first
+        assert subprocess.run(cmd[:-2] + ["--until", "finetune", "finetune.max_steps=2"], env=env,
+                              capture_output=True).returncode == 0
+        cmd.append("finetune.max_steps=2")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if f"{stage}: reading" in line:
+            break
+    time.sleep(2)
+    proc.send_signal(sig)
+    err = "".join(log) + proc.stderr.read()
+    assert proc.wait(timeout=120) == code, err
+    assert "Traceback" not in err and "run the same command again" in err, err
+    no_folder(tmp_path / "runs" / "tiny", stage)
+    assert subprocess.run(cmd[:5] + ["--until", stage, "finetune.max_steps=2"], env=env, cwd=tmp_path,
+                          capture_output=True).returncode == 0
+    assert (tmp_path / "runs" / "tiny" / stage / "pipeline.json").is_file()
