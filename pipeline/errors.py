@@ -67,6 +67,24 @@ def offline_hint(name: str) -> str:
             f"offline alias {', '.join(ALIASES)}")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers at all. huggingface_hub retries a dead network for about 90 s before it
+    gives up; when this says no, loads use the local cache only and fail at once if it lacks the files."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def hub_unreachable(err: BaseException) -> bool:
     import huggingface_hub.errors as hub_errors
 

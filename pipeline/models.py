@@ -149,6 +149,16 @@ def check_vocab(tokenizer, config, label: str) -> None:
         )
 
 
+def _offline(source: Source, model: bool = False) -> dict:
+    """A Hub id with the Hub unreachable: read the local cache only (fails at once if it lacks the model)."""
+    from pipeline import errors
+
+    if source.kind != "hub" or errors.hub_reachable():
+        return {}
+    # AutoModel's look-up of a PEFT adapter takes only its own kwargs (transformers 5.5)
+    return {"local_files_only": True, **({"adapter_kwargs": {"local_files_only": True}} if model else {})}
+
+
 def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
     from pipeline import errors
 
@@ -200,7 +210,8 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
                 tok.eos_token = tok.convert_ids_to_tokens(int(cfg.eos_token_id))
             tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
         else:
-            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                **_offline(source))
             cfg = peek_config(source, trust_remote_code)
     except ModelSourceError:
         raise
@@ -227,7 +238,8 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
                 del model.config.quantization_config
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+                source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **_offline(source, model=True),
+                **kwargs
             )
     except ModelSourceError:
         raise
