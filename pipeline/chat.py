@@ -7,21 +7,38 @@ between are the response, and the tokens that cover them are the only ones with 
 """
 from __future__ import annotations
 
+import logging
+
 from pipeline.config import StageError
 
+log = logging.getLogger("pipeline")
 IGNORE = -100  # label value the loss skips (transformers' convention)
 
 
 def check_columns(dsd, cfg):
+    from pipeline.data import require_text_column
+
     for name, split in dsd.items():
         cols = split.column_names
-        if cfg.messages_column not in cols and not {cfg.prompt_column, cfg.response_column} <= set(cols):
+        if cfg.messages_column in cols:
+            feature = split.features[cfg.messages_column]
+            turn = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
+            if not isinstance(turn, dict) or not {"role", "content"} <= set(turn):
+                raise StageError(
+                    f"data.messages_column: column '{cfg.messages_column}' of '{cfg.source}' holds {feature}, not "
+                    "a list of {role, content} turns; fix the data, or set data.messages_column to the column that "
+                    "holds the conversations"
+                )
+            continue
+        if not {cfg.prompt_column, cfg.response_column} <= set(cols):
             raise StageError(
                 f"data.format chat: the {name} split of '{cfg.source}' has columns {', '.join(cols)}; it needs a "
                 f"'{cfg.messages_column}' column (list of {{role, content}}) or '{cfg.prompt_column}' and "
                 f"'{cfg.response_column}' columns. Name yours with data.messages_column, data.prompt_column "
                 "and data.response_column, or use data.format: text"
             )
+        require_text_column(split, cfg.prompt_column, "prompt_column", cfg)
+        require_text_column(split, cfg.response_column, "response_column", cfg)
     return dsd
 
 
@@ -90,17 +107,32 @@ def tokenize(dsd, tokenizer, cfg):
                    desc="Rendering chat template", load_from_cache_file=True)
 
 
-def examples(tokenized, block_size: int, max_examples: int | None):
+def examples(tokenized, block_size: int, max_examples: int | None, source: str = "the data"):
     """One training example per conversation, cut to `block_size` tokens; examples whose response was cut
     off entirely are dropped (they would have no loss at all)."""
     from pipeline.data import cap_train
 
     def cut(row):
-        return {"input_ids": row["input_ids"][:block_size], "labels": row["labels"][:block_size]}
+        first = next((i for i, t in enumerate(row["labels"]) if t != IGNORE), len(row["labels"]))
+        return {"input_ids": row["input_ids"][:block_size], "labels": row["labels"][:block_size],
+                "response_at": first}
 
     cut_rows = tokenized.map(cut, desc=f"Cutting conversations to {block_size} tokens")
-    kept = cut_rows.filter(lambda row: any(t != IGNORE for t in row["labels"]), desc="Dropping empty responses")
-    return cap_train(kept, max_examples)
+    kept = cut_rows.filter(lambda row: row["response_at"] < block_size, desc="Dropping empty responses")
+    for name in kept:
+        dropped = len(cut_rows[name]) - len(kept[name])
+        if not dropped:
+            continue
+        shortest = min(cut_rows[name]["response_at"])
+        fix = (f"raise data.block_size to at least {shortest + 1} (the shortest prompt is {shortest} tokens), "
+               "or shorten the prompts")
+        if name == "train" and len(kept[name]) == 0:
+            raise StageError(f"data.block_size: every one of the {dropped} training conversations of '{source}' "
+                             f"has its assistant turns cut off by data.block_size {block_size}, so none has a "
+                             f"token to learn; {fix}")
+        log.warning("data: %d of %d %s conversations lose every assistant token to data.block_size %d and are "
+                    "dropped; %s", dropped, len(cut_rows[name]), name, block_size, fix)
+    return cap_train(kept.remove_columns("response_at"), max_examples)
 
 
 def collator(tokenizer):

@@ -5,16 +5,20 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline import dist
+from pipeline import dist, errors
+from pipeline.config import StageError
 
 log = logging.getLogger("pipeline")
 RECORD = "pipeline.json"
+_expected_bytes: dict[Path, int] = {}  # staging folder -> bytes its model needs on disk (see save_model)
 
 
 def fingerprint(*parts) -> str:
@@ -22,15 +26,29 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class CorruptRecord(StageError):
+    """A stage folder's pipeline.json cannot be read: the folder is not to be trusted or consumed."""
+
+
 def read_record(folder: str | Path) -> dict | None:
-    """The stage record of a finished folder, or None if the folder is missing or incomplete."""
+    """The stage record of a finished folder, or None if the folder has none (missing, or unfinished).
+    A pipeline.json that is there but unreadable (truncated, edited by hand) raises CorruptRecord."""
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"line {err.lineno}, column {err.colno}: {err.msg}" if hasattr(err, "lineno") else str(err)
+        record = problem
+    if isinstance(record, dict):
+        return record
+    problem = record if isinstance(record, str) else f"a JSON {type(record).__name__}, not a stage record"
+    stage = "load" if Path(folder).name == "base" else Path(folder).name
+    raise CorruptRecord(
+        f"'{path}' is corrupt or truncated ({problem}), so '{folder}' cannot be used. Re-run the stage that wrote "
+        f"it: python -m pipeline run RECIPE --stages {stage} --force"
+    )
 
 
 @contextlib.contextmanager
@@ -47,18 +65,84 @@ def staging(final: Path):
     tmp = final.parent / f".{final.name}.partial"
     if tmp.exists():  # left over from an interrupted run: never consumed, safe to discard
         shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        expected = _expected_bytes.pop(tmp, None)
+        cause = next((e for e in errors.chain(err) if isinstance(e, OSError)), None)  # libraries wrap it
+        if cause is not None and cause.errno in errors.DISK_FULL:
+            raise errors.disk_full(tmp, written, expected) from err
+        if cause is not None and cause.errno in errors.NOT_WRITABLE:
+            raise errors.not_writable(cause.filename or tmp, cause) from err
         raise
+    _expected_bytes.pop(tmp, None)
     old = final.parent / f".{final.name}.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK = ".lock"  # flock'ed while a run uses the folder; the OS drops it when the process ends, even killed
+LOCK_HOLDER = ".lock-holder.json"  # who holds it, for the message the next run gets
+
+
+def writable_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it is writable before any model is loaded."""
+    probe = Path(run_dir) / f".write-test-{os.getpid()}"
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        if err.errno in errors.DISK_FULL:
+            raise errors.disk_full(probe, 0) from err
+        raise errors.not_writable(run_dir, err) from err
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait: bool = False):
+    """Hold the run folder for one run at a time: a second run is refused (naming the first), or with
+    `wait` queues behind it. Only rank 0 of a multi-process run takes it."""
+    from filelock import FileLock, Timeout
+
+    if not dist.is_main():
+        yield
+        return
+    writable_run_dir(run_dir)
+    lock = FileLock(str(Path(run_dir) / LOCK), timeout=-1 if wait else 0)
+    holder = Path(run_dir) / LOCK_HOLDER
+    try:
+        if wait and lock_holder(run_dir):
+            log.info("run folder %s is in use (%s); waiting for it", run_dir, lock_holder(run_dir))
+        lock.acquire()
+    except Timeout:
+        who = lock_holder(run_dir) or "another process"
+        raise StageError(
+            f"run folder '{run_dir}' is in use by another run ({who}). Wait for it to finish, add --wait to start "
+            "when it does, or give this run its own folder (name=... or output_dir=...). A run that crashed "
+            "does not keep the folder: the lock ends with its process."
+        ) from None
+    try:
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": platform.node(), "command": " ".join(sys.argv),
+                                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """'PID 123 on host, started ...' for the run that holds the folder, if it said."""
+    try:
+        info = json.loads((Path(run_dir) / LOCK_HOLDER).read_text())
+        return f"PID {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def versions() -> dict:
@@ -89,6 +173,12 @@ def save_model(folder: Path, model, tokenizer, state_dict: dict | None = None) -
     `state_dict`: weights gathered from FSDP/DeepSpeed ranks, when `model` holds only a shard."""
     if not dist.is_main():
         return
+    need = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else None
+    if need:
+        _expected_bytes[Path(folder)] = need  # for the disk-full message, if the disk fills while writing
+        free = errors.free_bytes(folder)
+        if free is not None and free < need * 1.05:
+            raise errors.disk_full(Path(folder), 0, need)
     model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 

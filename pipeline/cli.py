@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import traceback
 
-from pipeline.config import RecipeError, StageError
+from pipeline.config import RecipeError
 from pipeline.models import ModelSourceError
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # a problem the user can fix: bad recipe, data, model folder, full disk, busy run folder
+EXIT_BUG = 1
+EXIT_INTERRUPT = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERM = 143  # SIGTERM (128 + 15)
 
 
 def _setup_logging() -> None:
@@ -29,14 +35,19 @@ def _setup_logging() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a recipe's stages: load, finetune, distill, quantize, evaluate")
+    run = sub.add_parser("run", parents=[common],
+                         help="run a recipe's stages: load, finetune, distill, quantize, evaluate")
     run.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. finetune.max_steps=10")
     run.add_argument("--stages", help="comma-separated subset of stages to run (e.g. quantize,evaluate)")
     run.add_argument("--until", help="run the enabled stages up to and including this one (e.g. distill)")
     run.add_argument("--force", action="store_true", help="re-run stages even when their output is up to date")
-    gen = sub.add_parser("generate", help="generate text from a model folder (any stage output)")
+    run.add_argument("--wait", action="store_true", help="if another run is using the run folder, wait for it "
+                     "instead of stopping")
+    gen = sub.add_parser("generate", parents=[common], help="generate text from a model folder (any stage output)")
     gen.add_argument("model", help="model folder, e.g. runs/quickstart/finetune")
     gen.add_argument("prompt", nargs="+", help="one or more prompts")
     # no defaults here: options left out take pipeline.generate.GenerationConfig's (greedy, 40 new tokens, ...)
@@ -47,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
     gen.add_argument("--seed", type=int, help="sampling seed")
-    check = sub.add_parser("validate", help="validate a recipe without loading any model")
+    check = sub.add_parser("validate", parents=[common], help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
-    push = sub.add_parser("push", help="upload stage folders to the Hugging Face Hub, one repo per stage")
+    push = sub.add_parser("push", parents=[common], help="upload stage folders to the Hugging Face Hub, one repo per stage")
     push.add_argument("recipe")
     push.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. push.private=false")
     push.add_argument("--stages", help="comma-separated stage folders to push (default: push.stages)")
@@ -84,15 +95,52 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import runner
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    try:
-        runner.run(recipe, stages, force=args.force, until=args.until)
-    except (StageError, ModelSourceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USAGE)  # a failed push_to_hub may be worth just re-running
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept; the unfinished one left no folder behind", file=sys.stderr)
-        return 130
+    with interruptible():
+        try:
+            runner.run(recipe, stages, force=args.force, until=args.until, wait=args.wait)
+        except KeyboardInterrupt as err:
+            print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: finished stages are kept; the "
+                  "unfinished one left no folder behind; run the same command again to continue", file=sys.stderr)
+            return EXIT_TERM if isinstance(err, Terminated) else EXIT_INTERRUPT
+        except Exception as err:  # noqa: BLE001 -- every failure ends in one message, not a traceback
+            return report(err, args.debug)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that stage folders are cleaned up as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def interruptible():
+    """While a run runs, SIGTERM (`kill`, a scheduler's timeout) unwinds it like Ctrl-C."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report(err: BaseException, debug: bool = False) -> int:
+    """Print one clear line for `err` (the traceback too with --debug); return the exit code."""
+    from pipeline import errors
+
+    if debug:
+        traceback.print_exception(err)
+    clear = err if isinstance(err, ModelSourceError) else errors.explain(err)
+    if clear is not None:
+        print(f"error: {clear}", file=sys.stderr)
+        return getattr(clear, "exit_code", EXIT_USAGE)  # a failed push_to_hub may be worth just re-running
+    print(f"error: unexpected {type(err).__name__}: {' '.join(str(err).split())[:500]}\nThis looks like a bug in "
+          "llm-pipeline; run the same command with --debug for the traceback and report it.", file=sys.stderr)
+    return EXIT_BUG
 
 
 def _generate(args) -> int:
@@ -109,9 +157,8 @@ def _generate(args) -> int:
         return EXIT_USAGE
     try:
         model, tokenizer = load_folder(args.model, device_map=str(pick_device()))
-    except ModelSourceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001
+        return report(err, args.debug)
     for prompt in args.prompt:
         print(prompt + generate(model, tokenizer, prompt, cfg))
     return 0
@@ -126,13 +173,12 @@ def _push(recipe, args) -> int:
             print(push.dry_run(recipe, stages))
             return 0
         done = push.push(recipe, stages)
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to finish; files already on the Hub are not sent again",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPT
+    except Exception as err:  # noqa: BLE001
+        return report(err, args.debug)
     for up in done:
         print(f"pushed {up.stage} → {up.repo_id}")
     return 0

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpoint import fingerprint, read_record
+from pipeline.checkpoint import CorruptRecord, fingerprint, read_record
 from pipeline.config import StageError
 from pipeline.data import DataConfig
 
@@ -78,7 +78,11 @@ def result_settings(cfg) -> dict:
 
 
 def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:
-    current = read_record(out)
+    try:
+        current = read_record(out)
+    except CorruptRecord as err:  # the stage's own output: writing it again is the fix
+        log.warning("%s: %s; running the stage again", stage, err)
+        current = None
     if ctx.force or current is None or current.get("fingerprint") != fp:
         return False
     log.info("%s: %s is up to date (same input and config), skipping; use --force to re-run", stage, out)

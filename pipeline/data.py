@@ -2,14 +2,17 @@
 Chat data (`format: chat`) is rendered with a chat template and tokenized by `pipeline.chat`."""
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from pipeline import errors
 from pipeline.config import StageError
 
 log = logging.getLogger("pipeline")
@@ -34,7 +37,7 @@ class MixSource:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # "stdlib", a Hub dataset name, or a local .txt/.jsonl/.csv/.parquet file
+    source: str = "stdlib"  # "stdlib", a Hub dataset name, or local .txt/.jsonl/.csv/.parquet data: a file, folder or glob
     config: str | None = None  # Hub dataset configuration, e.g. wikitext-2-raw-v1
     split: str = "train"  # split to train on
     validation_split: str | None = None  # use this split for validation instead of carving one out
@@ -55,13 +58,9 @@ class DataConfig:
             problems.append(f"validation_percent: {self.validation_percent} must be between 0 and 100")
         if self.block_size < 8:
             problems.append(f"block_size: {self.block_size} is too small; use at least 8")
-        if self.source != "stdlib":
-            path = Path(self.source).expanduser()
-            looks_local = path.suffix in LOCAL_FORMATS or self.source.startswith((".", "/", "~"))
-            if looks_local and not path.is_file():
-                problems.append(f"source: file '{self.source}' does not exist")
-            elif path.suffix and looks_local and path.suffix not in LOCAL_FORMATS:
-                problems.append(f"source: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_FORMATS)}")
+        files = local_files(self.source)
+        if files is not None:
+            problems += [f"source: {p}" for p in local_problems(self.source, files)]
         if self.mix and self.format == "chat":
             problems.append("mix: mixing sources works for text data only; remove mix or use format: text")
         return problems
@@ -71,7 +70,45 @@ class DataConfig:
         """Dataset name for model cards."""
         if self.source == "stdlib":
             return "python-stdlib-pydoc-topics"
-        return self.source if not Path(self.source).suffix else Path(self.source).name
+        if local_files(self.source) is None:
+            return self.source
+        return Path(self.source).name or self.source
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The data files a local `source` names: a file, a folder (its data files) or a glob pattern
+    (data/*.jsonl); None when `source` is the stdlib corpus or a Hub dataset name."""
+    if source == "stdlib":
+        return None
+    path = Path(source).expanduser()
+    if any(c in source for c in "*?["):
+        return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_FORMATS
+                      and not p.name.startswith("."))
+    if path.suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")) or path.exists():
+        return [path]
+    return None
+
+
+def local_problems(source: str, files: list[Path]) -> list[str]:
+    """Why local `files` (from `local_files(source)`) cannot be read as one data set, if they cannot."""
+    kinds = ", ".join(LOCAL_FORMATS)
+    if not files:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            held = sorted(p.name for p in path.iterdir())[:5]
+            return [f"folder '{source}' holds no data files ({kinds})"
+                    + (f"; it holds {', '.join(held)}" if held else ", it is empty")]
+        return [f"'{source}' matches no files; check the pattern, or name a file or folder of {kinds} files"]
+    problems = [f"file '{p}' does not exist" for p in files if not p.is_file()]
+    problems += [f"unsupported file type '{p.suffix or p.name}' ('{p}'); use one of {kinds}"
+                 for p in files if p.suffix not in LOCAL_FORMATS]
+    builders = {LOCAL_FORMATS[p.suffix] for p in files if p.suffix in LOCAL_FORMATS}
+    if len(builders) > 1:
+        problems.append(f"'{source}' mixes file types ({', '.join(sorted({p.suffix for p in files}))}); "
+                        "use one type per source, and data.mix to add another")
+    return problems
 
 
 def _cache_dir() -> Path:
@@ -98,24 +135,94 @@ def load_splits(cfg: DataConfig, seed: int):
     """Return a DatasetDict with `train` and `validation` splits of raw documents."""
     import datasets
 
-    if cfg.source == "stdlib":
-        ds = datasets.load_dataset("json", data_files=str(stdlib_corpus_file()), split="train")
-    elif Path(cfg.source).suffix in LOCAL_FORMATS:
-        builder = LOCAL_FORMATS[Path(cfg.source).suffix]
-        ds = datasets.load_dataset(builder, data_files=str(Path(cfg.source).expanduser()), split="train")
+    files = [stdlib_corpus_file()] if cfg.source == "stdlib" else local_files(cfg.source)
+    if files is not None:
+        ds = read_local(cfg.source, files)
     else:
         try:
             ds = datasets.load_dataset(cfg.source, cfg.config, split=cfg.split)
             if cfg.validation_split:
                 val = datasets.load_dataset(cfg.source, cfg.config, split=cfg.validation_split)
                 return _checked(datasets.DatasetDict(train=ds, validation=val), cfg)
+        except StageError:
+            raise
         except Exception as err:  # datasets raises many types; the user needs one message
+            why = "the Hugging Face Hub is unreachable" if errors.hub_unreachable(err) else str(err)
             raise StageError(
                 f"data.source: could not load Hub dataset '{cfg.source}' (config {cfg.config!r}, split "
-                f"{cfg.split!r}): {err}. Offline? use a local file or data.source=stdlib"
+                f"{cfg.split!r}): {why}. Offline? use a local file, folder or glob (data/*.jsonl), or "
+                "data.source=stdlib"
             ) from err
+    _checked(datasets.DatasetDict(train=ds), cfg)  # columns first: a split of the wrong data helps nobody
+    require_documents(len(ds), cfg)
     parts = ds.train_test_split(test_size=cfg.validation_percent / 100, seed=seed, shuffle=True)
     return _checked(datasets.DatasetDict(train=parts["train"], validation=parts["test"]), cfg)
+
+
+def read_local(source: str, files: list[Path]):
+    """Local data files as one Dataset; a file `datasets` cannot read is named with its line and the fix."""
+    import datasets
+
+    problems = local_problems(source, files)  # checked with the recipe too; files may have changed since
+    if problems:
+        raise StageError(f"data.source: {problems[0]}")
+    for path in files:
+        if path.stat().st_size == 0:
+            raise StageError(f"data.source: '{path}' {errors.file_problem(path)}")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of the failure would only repeat ours
+    try:
+        ds = datasets.load_dataset(LOCAL_FORMATS[files[0].suffix], data_files=[str(p) for p in files], split="train")
+    except Exception as err:  # datasets wraps every reader's error in DatasetGenerationError
+        raise errors.data_file(files, err) from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if len(ds) == 0:
+        raise StageError(f"data.source: '{source}' holds no documents; put data in it or point data.source elsewhere")
+    return ds
+
+
+def min_documents(validation_percent: float) -> int:
+    """Fewest documents that leave at least one in both splits (train_test_split rounds the test part up)."""
+    n = 2
+    while n - math.ceil(n * validation_percent / 100) < 1:
+        n += 1
+    return n
+
+
+def require_documents(n: int, cfg: DataConfig) -> None:
+    need = min_documents(cfg.validation_percent)
+    if n < need:
+        unit = "conversation" if cfg.format == "chat" else "document"
+        where = " (a .txt file holds one per line)" if any(p.suffix == ".txt" for p in local_files(cfg.source) or []) else ""
+        raise StageError(
+            f"data: '{cfg.source}' holds {n} {unit}(s){where}, too few for both a training and a validation split: "
+            f"data.validation_percent {cfg.validation_percent:g} needs at least {need}. Add {unit}s, or change "
+            "data.validation_percent"
+        )
+
+
+def _is_text(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def describe(feature) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return f"{dtype} values" if dtype else f"values of type {type(feature).__name__} ({feature})"
+
+
+def require_text_column(split, column: str, key: str, cfg: DataConfig) -> None:
+    if column not in split.column_names:
+        raise StageError(f"data.{key}: column '{column}' not in '{cfg.source}'; its columns are: "
+                         f"{', '.join(split.column_names)}. Set data.{key} to one of them")
+    if not _is_text(split.features[column]):
+        texts = [c for c in split.column_names if _is_text(split.features[c])]
+        # mixed types in a JSON column: the line where its type changes is the one to fix
+        files = [f for f in local_files(cfg.source) or [] if f.suffix in (".json", ".jsonl") and f.is_file()]
+        where = next((f" ('{f}' {problem})" for f in files if (problem := errors.file_problem(f))), "")
+        raise StageError(f"data.{key}: column '{column}' of '{cfg.source}' holds {describe(split.features[column])}, "
+                         f"not text{where}; fix the data, or set data.{key} to a text column"
+                         + (f" ({', '.join(texts)})" if texts else " (this data has none)"))
 
 
 def _checked(dsd, cfg: DataConfig):
@@ -123,12 +230,14 @@ def _checked(dsd, cfg: DataConfig):
         from pipeline import chat
 
         return chat.check_columns(dsd, cfg)
-    for name, split in dsd.items():
-        if cfg.text_column not in split.column_names:
-            raise StageError(
-                f"data.text_column: column '{cfg.text_column}' not in the {name} split of '{cfg.source}'; "
-                f"columns are: {', '.join(split.column_names)}"
-            )
+    for split in dsd.values():
+        require_text_column(split, cfg.text_column, "text_column", cfg)
+    train = dsd["train"].data.column(cfg.text_column)
+    import pyarrow.compute as pc
+
+    if len(train) and not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(train))).as_py():
+        raise StageError(f"data.text_column: every '{cfg.text_column}' of '{cfg.source}' is empty or whitespace; "
+                         "put text in it, or set data.text_column to the column that holds it")
     return dsd
 
 
@@ -202,9 +311,14 @@ def text_blocks(cfg: DataConfig, tokenizer, seed: int, counts: dict | None = Non
 def require_rows(sets, splits, stage: str, cfg: DataConfig, unit: str = "blocks") -> None:
     """Fail before training when a split the stage trains or evaluates on came out empty."""
     for name in splits:
+        if len(sets[name]) == 0 and unit == "examples":
+            raise StageError(f"{stage}: no conversation of the {name} split of '{cfg.source}' keeps an assistant "
+                             f"token within data.block_size {cfg.block_size}; raise data.block_size, or "
+                             "data.validation_percent for a larger validation split")
         if len(sets[name]) == 0:
             raise StageError(f"{stage}: the {name} split of '{cfg.source}' has no complete {unit} of "
-                             f"data.block_size {cfg.block_size} tokens; use more data or a smaller data.block_size")
+                             f"data.block_size {cfg.block_size} tokens; use more data, a smaller data.block_size"
+                             + (" or a larger data.validation_percent" if name == "validation" else ""))
 
 
 def cap_train(dsd, limit: int | None):
@@ -225,7 +339,17 @@ def eval_stream(tokenized_validation) -> list[int]:
 
 def prepare(cfg: DataConfig, tokenizer, seed: int):
     """Raw splits → tokenized splits; the caller packs or streams them."""
-    return tokenize(load_splits(cfg, seed), tokenizer, cfg)
+    tokenized = tokenize(load_splits(cfg, seed), tokenizer, cfg)
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(tokenized["validation"].data.column("input_ids"))
+    if len(lengths) == 0 or (pc.sum(lengths).as_py() or 0) < 2:
+        raise StageError(
+            f"data: the validation split of '{cfg.source}' has {pc.sum(lengths).as_py() or 0} token(s) after "
+            f"tokenization ({len(lengths)} documents), too few to score; raise data.validation_percent or use "
+            "more data"
+        )
+    return tokenized
 
 
 def calibration_blocks(cfg: DataConfig, tokenizer, seed: int, n: int, key: str,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ def resolve(name: str) -> Source:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"model folder '{name}' has no config.json; point `model` at a transformers model folder")
+        check_weights(path)
         return Source("folder", str(path.resolve()))
     if name.startswith((".", "/", "~")) or path.exists() or not HUB_ID.match(name):
         raise ModelSourceError(
@@ -78,7 +80,103 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def check_weights(folder: str | Path) -> None:
+    """A model folder must hold complete safetensors weights (or OpenVINO / GGUF files); say which file is
+    missing or cut short before transformers fails on it."""
+    folder = Path(folder)
+    if is_openvino(folder) or any(folder.glob("*.gguf")):
+        return
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        if pickled:
+            raise ModelSourceError(
+                f"model folder '{folder}' holds only pickled weights ({', '.join(pickled[:3])}); this pipeline loads "
+                "safetensors only. Convert once: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)"
+            )
+        raise ModelSourceError(
+            f"model folder '{folder}' has a config.json but no weights (no model.safetensors); copy the weight "
+            "files into it, or re-run the stage that wrote it"
+        )
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError) as err:
+            raise ModelSourceError(f"'{index}' is corrupt ({err}); copy it again from where the model came from") from err
+        missing = sorted(wanted - {p.name for p in shards})
+        if missing:
+            raise ModelSourceError(f"model folder '{folder}' lacks weight shard(s) {', '.join(missing[:3])} named in "
+                                   f"{index.name}; copy them into the folder")
+    for shard in shards:
+        problem = _safetensors_problem(shard)
+        if problem:
+            raise ModelSourceError(f"weights file '{shard}' {problem}; copy or download it again, or re-run the "
+                                   "stage that wrote it (with --force)")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Cheap completeness check of a safetensors file: its header says how many bytes must follow."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"is truncated or not a safetensors file ({size:,} bytes, its header alone claims {n:,})"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "is corrupt (its header is not valid JSON)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: {size:,} of {expected:,} bytes"
+    return None
+
+
+def check_vocab(tokenizer, config, label: str) -> None:
+    """Token ids past the embedding table crash deep inside torch; say it at load time."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None and hasattr(config, "get_text_config"):
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise ModelSourceError(
+            f"'{label}': the tokenizer has {len(tokenizer)} tokens but the model's vocabulary (config.json "
+            f"vocab_size) is {vocab}, so they do not belong together; put the model's own tokenizer files next to "
+            "its weights (tokenizer.json, tokenizer_config.json)"
+        )
+
+
+def _offline(source: Source, model: bool = False) -> dict:
+    """A Hub id with the Hub unreachable: read the local cache only (fails at once if it lacks the model)."""
+    from pipeline import errors
+
+    if source.kind != "hub" or errors.hub_reachable():
+        return {}
+    # AutoModel's look-up of a PEFT adapter takes only its own kwargs (transformers 5.5)
+    return {"local_files_only": True, **({"adapter_kwargs": {"local_files_only": True}} if model else {})}
+
+
 def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
+    from pipeline import errors
+
+    if source.kind == "hub" and errors.hub_unreachable(err):
+        return ModelSourceError(f"model: {errors.offline_hint(source.path)}")
+    if source.kind != "hub" and Path(source.path).is_dir():
+        try:
+            check_weights(source.path)
+        except ModelSourceError as found:
+            return found
+    if source.kind != "hub":
+        known = errors.explain(err)  # out of memory, disk full, ...: not the files' fault
+        if known is not None:
+            return ModelSourceError(str(known))
+        what = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        return ModelSourceError(f"could not load '{source.label}' ({what}); its files may be incomplete or not a "
+                                "model this version of transformers reads: copy them again, or re-run the stage "
+                                "that wrote them (with --force)")
     return ModelSourceError(
         f"could not load '{source.label}': {err}. If this is a Hub id, check the name and your network "
         f"(offline here? use a local folder, a .gguf file or the alias {', '.join(ALIASES)})"
@@ -112,9 +210,15 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
                 tok.eos_token = tok.convert_ids_to_tokens(int(cfg.eos_token_id))
             tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
         else:
-            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+            tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                **_offline(source))
+            cfg = peek_config(source, trust_remote_code)
+    except ModelSourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, a GGUF reader's errors, ...
         raise _hub_hint(source, err) from err
+    if cfg is not None:
+        check_vocab(tok, cfg, source.label)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -124,6 +228,8 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     """AutoModelForCausalLM from any source; safetensors only, never pickled weights."""
     from transformers import AutoModelForCausalLM
 
+    if source.kind != "hub" and not source.gguf_file and Path(source.path).is_dir():
+        check_weights(source.path)
     try:
         if source.gguf_file:
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
@@ -132,9 +238,12 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
                 del model.config.quantization_config
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+                source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **_offline(source, model=True),
+                **kwargs
             )
-    except (OSError, ValueError) as err:
+    except ModelSourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, a GGUF reader's errors, ...
         raise _hub_hint(source, err) from err
     return model
 

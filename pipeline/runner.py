@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from pipeline import dist
+from pipeline.checkpoint import run_lock
 from pipeline.context import Context, StageError
 from pipeline.recipe import Recipe
 from pipeline.stages import ORDER, distill, evaluate, finetune, load, prune, quantize
@@ -33,12 +34,18 @@ def enabled_stages(recipe: Recipe) -> list[str]:
 
 
 def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
-        until: str | None = None) -> dict[str, Path]:
-    """Run the chosen stages (default: all enabled ones, or those up to `until`) in pipeline order."""
+        until: str | None = None, wait: bool = False) -> dict[str, Path]:
+    """Run the chosen stages (default: all enabled ones, or those up to `until`) in pipeline order, holding
+    the run folder so that no other run writes it meanwhile (`wait`: queue behind one that does)."""
     asked = list(stages or []) + ([until] if until else [])
     unknown = [s for s in asked if s not in ORDER]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    with run_lock(recipe.run_dir, wait=wait):
+        return _run(recipe, stages, force, until)
+
+
+def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | None) -> dict[str, Path]:
     enabled = enabled_stages(recipe)
     chosen = stages or (enabled[: enabled.index(until) + 1] if until in enabled else enabled)
     for stage in chosen:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import data, models, report
+from pipeline import data, errors, models, report
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
@@ -49,7 +49,10 @@ class EvaluateConfig:
         for key in ("batch_size", "prefill_tokens", "new_tokens", "repeats"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1")
-        problems += [f"texts: file '{t}' does not exist" for t in self.texts if not Path(t).expanduser().is_file()]
+        for t in self.texts:
+            path = Path(t).expanduser()
+            problem = "does not exist" if not path.is_file() else errors.file_problem(path)  # empty, not UTF-8
+            problems += [f"texts: file '{t}' {problem}"] if problem else []
         if (self.speed or self.samples) and not self.prompts:
             problems.append("prompts: give at least one prompt, or set speed and samples to false")
         return problems

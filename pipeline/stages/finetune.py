@@ -55,7 +55,7 @@ def _datasets(ctx: Context, tokenizer, evaluate: bool):
 
     tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
     if ctx.data.format == "chat":
-        sets = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks)
+        sets = chat.examples(tokenized, ctx.data.block_size, ctx.data.max_train_blocks, ctx.data.source)
         collator = chat.collator(tokenizer)
     else:
         sets = data.text_blocks(ctx.data, tokenizer, ctx.seed)  # data.mix sources included

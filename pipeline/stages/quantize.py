@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, models
+from pipeline import data, errors, models
 from pipeline import quant_backends as backends
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
@@ -118,6 +118,8 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: l
         model, _ = models.load_folder(folder, device_map=str(device))  # score exactly what is shipped
         row.update(measure(model, tokenizer, ids, cfg))
     except Exception as err:  # noqa: BLE001 -- a broken candidate is reported, the others still run
+        if errors.is_disk_full(err):  # not the candidate's fault: no other one will fit either
+            raise
         log.warning("quantize: %s failed: %s", cand.label, err)
         message = " ".join(str(err).strip().splitlines()[:2])[:300]
         return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}

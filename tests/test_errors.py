@@ -1,0 +1,473 @@
+"""Bad input of every kind: exit code 2 (130/143 for Ctrl-C/SIGTERM), one message naming the file, line or
+key and the fix, no traceback, and no stage folder left behind for a later stage to consume."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from tiny import build_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_DIRS = {"load": "base", "finetune": "finetune", "prune": "prune", "distill": "distill", "quantize": "quantize"}
+
+
+def fails(argv, capsys, code=2) -> str:
+    """Run the CLI, check the exit code and that the error is one message without a traceback."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err and 'File "' not in err, err
+    return err
+
+
+def no_folder(run_dir: Path, *stages: str) -> None:
+    for stage in stages:
+        name = STAGE_DIRS.get(stage, stage)
+        assert not (run_dir / name).exists(), f"{name} folder left behind"
+        assert not (run_dir / f".{name}.partial").exists(), f"{name} partial folder left behind"
+    assert not list(run_dir.glob(".quantize-candidates-*")), "quantize candidates left behind"
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def lines(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+DOCS = [{"text": f"Document {i} talks about lists, tuples and dictionaries in Python."} for i in range(40)]
+CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                       {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(20)]
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+CHAT = {"format": "chat", "chat_template": TEMPLATE}
+
+# (case id, file name, content, extra data keys, text the message must contain)
+DATA_CASES = [
+    ("jsonl-broken-line", "d.jsonl", lines(DOCS[:3]) + '{"text": "no closing brace"\n' + lines(DOCS[3:]), {},
+     ["d.jsonl", "line 4 is not valid JSON"]),
+    ("jsonl-not-an-object", "d.jsonl", lines(DOCS[:5]) + "[1, 2]\n", {}, ["line 6 is a JSON list"]),
+    ("jsonl-type-changes", "d.jsonl", lines(DOCS[:2]) + '{"text": 7}\n', {}, ["line 3", "key 'text'"]),
+    ("json-array-broken", "d.json", '[{"text": "a"},\n {"text": "b"\n]', {}, ["d.json", "line 3"]),
+    ("txt-empty", "d.txt", "", {}, ["d.txt", "is empty"]),
+    ("txt-whitespace", "d.txt", "   \n\n \t \n", {}, ["d.txt", "whitespace"]),
+    ("txt-not-utf8", "d.txt", b"fine line\nbad \xff\xfe byte\n", {}, ["d.txt", "not UTF-8", "line 2"]),
+    ("csv-one-row", "d.csv", "text\nonly one document here\n", {}, ["1 document", "at least 2",
+                                                                   "data.validation_percent"]),
+    ("txt-one-line", "d.txt", "just one line\n", {}, ["1 document", "one per line"]),
+    ("too-few-for-percent", "d.jsonl", lines(DOCS[:3]), {"validation_percent": 80},
+     ["3 document", "at least 5", "data.validation_percent"]),
+    ("missing-text-column", "d.jsonl", lines({"body": d["text"], "id": i} for i, d in enumerate(DOCS)), {},
+     ["data.text_column", "'text'", "body, id"]),
+    ("text-column-wrong-type", "d.jsonl", lines({"text": i, "body": "x"} for i in range(20)), {},
+     ["data.text_column", "int64", "body"]),
+    ("validation-too-short-for-a-block", "d.txt", "".join(f"line {i}\n" for i in range(200)),
+     {"validation_percent": 2}, ["validation split", "data.block_size 64", "validation_percent"]),
+    ("csv-ragged-row", "d.csv", "text\n" + "".join(f"row {i}\n" for i in range(5)) + "a,b,c\n", {},
+     ["d.csv", "line 7"]),
+    ("chat-one-conversation", "c.jsonl", lines(CHATS[:1]), CHAT, ["1 conversation"]),
+    ("chat-missing-columns", "c.jsonl", lines({"question": "q", "answer": "a"} for _ in range(10)), CHAT,
+     ["question, answer", "data.messages_column", "data.prompt_column"]),
+    ("chat-messages-wrong-type", "c.jsonl", lines({"messages": "hello"} for _ in range(10)), CHAT,
+     ["data.messages_column", "role, content"]),
+    ("chat-prompt-wrong-type", "c.jsonl", lines({"prompt": i, "response": "r"} for i in range(10)), CHAT,
+     ["data.prompt_column", "int64"]),
+    ("chat-responses-cut-off", "c.jsonl",
+     lines({"prompt": "a long question " * 20, "response": "yes"} for _ in range(10)), {**CHAT, "block_size": 16},
+     ["assistant turns cut off", "data.block_size 16", "at least"]),
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_files(case, tiny_models, make_recipe, tmp_path, capsys):
+    _, name, content, keys, needles = case
+    source = write(tmp_path / "data" / name, content)
+    finetune = {"eval_steps": 2} if "validation" in case[0] else {}
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), **keys}, finetune=finetune)
+    err = fails(["run", recipe, "--stages", "load,finetune"], capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+
+
+SOURCE_CASES = [  # caught when the recipe is validated, before any model is loaded
+    ("unknown-extension", lambda d: write(d / "notes.xml", "<a/>"), ["unsupported file type '.xml'", ".jsonl"]),
+    ("missing-file", lambda d: d / "nope.jsonl", ["does not exist"]),
+    ("folder-without-data", lambda d: write(d / "only" / "README.md", "hi").parent, ["holds no data files", "README.md"]),
+    ("empty-folder", lambda d: (d / "void").mkdir() or d / "void", ["holds no data files", "empty"]),
+    ("glob-without-matches", lambda d: d / "none-*.jsonl", ["matches no files"]),
+    ("mixed-types", lambda d: write(d / "mix" / "a.txt", "x").parent if write(d / "mix" / "b.csv", "text\ny") else 0,
+     ["mixes file types", "data.mix"]),
+]
+
+
+@pytest.mark.parametrize("case", SOURCE_CASES, ids=[c[0] for c in SOURCE_CASES])
+def test_bad_data_sources(case, tiny_models, make_recipe, tmp_path, capsys):
+    _, make, needles = case
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": str(make(tmp_path))})
+    err = fails(["run", recipe], capsys)
+    assert "data.source" in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_folders_and_globs_load(tiny_models, make_recipe, tmp_path, capsys):
+    """The other side of the folder / glob errors: folders and globs of data files work."""
+    write(tmp_path / "docs" / "a.jsonl", lines(DOCS[:20]))
+    write(tmp_path / "docs" / "b.jsonl", lines(DOCS[20:]))
+    write(tmp_path / "docs" / "README.md", "not data")
+    from pipeline import data
+
+    for source in (tmp_path / "docs", tmp_path / "docs" / "*.jsonl"):
+        splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
+        assert len(splits["train"]) + len(splits["validation"]) == 40
+
+
+def _folder(tmp_path, tokenizer, name="m", arch="gpt2") -> Path:
+    folder = tmp_path / name
+    build_model(arch, tokenizer, layers=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _no_weights(tmp_path, tokenizer):
+    folder = _folder(tmp_path, tokenizer)
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def _truncated(tmp_path, tokenizer):
+    folder = _folder(tmp_path, tokenizer)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def _pickled(tmp_path, tokenizer):
+    folder = _no_weights(tmp_path, tokenizer)
+    write(folder / "pytorch_model.bin", b"pickle")
+    return folder
+
+
+def _other_tokenizer(tmp_path, tokenizer):
+    folder = _folder(tmp_path, tokenizer)
+    build_tokenizer(vocab_size=700).save_pretrained(folder)  # 700 tokens, the model has 512
+    return folder
+
+
+def _broken_gguf(tmp_path, tokenizer):
+    return write(tmp_path / "model.Q4_0.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
+
+
+MODEL_CASES = [
+    ("gguf-cut-short", _broken_gguf, ["could not load", "model.Q4_0.gguf", "incomplete"]),
+    ("config-without-weights", _no_weights, ["no weights", "model.safetensors"]),
+    ("only-pickled-weights", _pickled, ["pytorch_model.bin", "safetensors only"]),
+    ("truncated-weights", _truncated, ["model.safetensors", "is truncated"]),
+    ("tokenizer-of-another-model", _other_tokenizer, ["tokenizer has 700 tokens", "vocab_size) is 512"]),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
+    _, make, needles = case
+    folder = make(tmp_path, tokenizer)
+    err = fails(["run", make_recipe(folder), "--stages", "load"], capsys)
+    assert str(folder) in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+def test_damaged_stage_folder(tiny_models, make_recipe, tmp_path, capsys):
+    """A stage folder whose weights were cut short (a copy that failed) is named by the stage reading it."""
+    recipe = make_recipe(tiny_models["gpt2"])
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    weights = tmp_path / "runs" / "tiny" / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    err = fails(["run", recipe, "--stages", "finetune"], capsys)
+    assert "is truncated: 5,000 of" in err and str(weights) in err and "--force" in err
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "no-network"])
+def test_hub_id_while_offline(how, make_recipe, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:  # nothing listens there: as a machine without network sees the Hub
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    import pipeline.runner  # noqa: F401 -- the heavy imports, before the clock starts
+
+    started = time.time()
+    err = fails(["run", make_recipe("someone/no-such-model-here"), "--stages", "load"], capsys)
+    for needle in ["Hub is unreachable", "someone/no-such-model-here", "--local-dir", "model: models/"]:
+        assert needle in err, (needle, err)
+    assert time.time() - started < 30, "no minute-long retries of a dead network"
+    no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+def test_hub_dataset_while_offline(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": "someone/no-such-dataset"})
+    err = fails(["run", recipe, "--stages", "load,finetune"], capsys)
+    for needle in ["data.source", "someone/no-such-dataset", "Hub is unreachable", "local file"]:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"ok\n\xff\n", "not UTF-8 text: byte 0xff on line 2")])
+def test_bad_evaluation_text(content, needle, tiny_models, make_recipe, tmp_path, capsys):
+    text = write(tmp_path / "extra.txt", content)
+    err = fails(["run", make_recipe(tiny_models["gpt2"], evaluate={"texts": [str(text)]})], capsys)
+    assert "evaluate.texts" in err and str(text) in err and needle in err, err
+
+
+def _under_a_file(tmp_path):
+    return write(tmp_path / "a-file", "x") / "runs"
+
+
+FS_CASES = [
+    ("output-dir-under-a-file", _under_a_file, ["output_dir", "a-file", "cannot write"]),
+    ("output-dir-not-creatable", lambda tmp: Path("/proc/llm-pipeline-runs"), ["output_dir", "/proc/llm-pipeline"]),
+    ("output-dir-read-only", lambda tmp: Path("/sys/llm-pipeline-runs"), ["output_dir", "/sys/llm-pipeline"]),
+]
+
+
+@pytest.mark.parametrize("case", FS_CASES, ids=[c[0] for c in FS_CASES])
+def test_output_dir_that_cannot_be_written(case, tiny_models, make_recipe, tmp_path, capsys):
+    _, make, needles = case
+    out = make(tmp_path)
+    recipe = make_recipe(tiny_models["gpt2"])
+    err = fails(["run", recipe, f"output_dir={out}", "--stages", "load"], capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()
+
+
+def test_disk_full_while_saving_removes_the_partial_folder(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of writing the weights (faked at the write, after half a file)."""
+    import transformers.modeling_utils as mu
+
+    save_file = mu.safe_save_file
+
+    def fill_up(tensors, filename, metadata=None):
+        if ".finetune.partial" not in filename:  # Trainer checkpoints still fit
+            return save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    recipe = make_recipe(tiny_models["gpt2"])
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    monkeypatch.setattr(mu, "safe_save_file", fill_up)
+    err = fails(["run", recipe, "--stages", "finetune"], capsys)
+    for needle in ["disk full while writing finetune", "needs about", "MB", "free", "output_dir"]:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", "finetune"]) == 0  # space again: the same command goes on
+
+
+def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
+    """A real size-limited folder (a 256 KiB tmpfs): the stage says how much it needs, writes nothing."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        err = fails(["run", make_recipe(tiny_models["gpt2"]), f"output_dir={mnt}", "--stages", "load"], capsys)
+        assert "disk full while writing base" in err and "needs about" in err, err
+        no_folder(mnt / "tiny", "load")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-json", "a-list"])
+def test_corrupt_pipeline_json_of_an_input(damage, tiny_models, make_recipe, tmp_path, capsys):
+    recipe = make_recipe(tiny_models["gpt2"])
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    record = tmp_path / "runs" / "tiny" / "base" / "pipeline.json"
+    text = record.read_text()
+    record.write_text({"truncated": text[: len(text) // 2], "not-json": "\x00\x00garbage", "a-list": "[]"}[damage])
+    err = fails(["run", recipe, "--stages", "finetune"], capsys)
+    for needle in [str(record), "corrupt or truncated", "--stages load --force"]:
+        assert needle in err, (needle, err)
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+    err = fails(["run", recipe, "--stages", "evaluate", "evaluate.models=[base]"], capsys)  # evaluate reads it too
+    assert "corrupt or truncated" in err
+    assert main(["run", str(recipe), "--stages", "load"]) == 0  # its own stage just writes it again
+    assert json.loads(record.read_text())["stage"] == "base"
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pipeline.checkpoint import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(run_dir: Path, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_run_on_the_same_folder_is_refused_until_the_first_ends(tiny_models, make_recipe, tmp_path, capsys):
+    recipe = make_recipe(tiny_models["gpt2"])
+    run_dir = tmp_path / "runs" / "tiny"
+    first = _hold(run_dir, 120)
+    try:
+        err = fails(["run", recipe, "--stages", "load"], capsys)
+        for needle in ["in use by another run", f"PID {first.pid}", "started", "--wait"]:
+            assert needle in err, (needle, err)
+        no_folder(run_dir, "load")
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash: the lock must not outlive it
+        first.wait()
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    assert (run_dir / "base" / "pipeline.json").is_file()
+
+
+def test_wait_queues_behind_the_first_run(tiny_models, make_recipe, tmp_path):
+    recipe = make_recipe(tiny_models["gpt2"])
+    first = _hold(tmp_path / "runs" / "tiny", 2)
+    started = time.time()
+    assert main(["run", str(recipe), "--stages", "load", "--wait"]) == 0
+    assert first.wait(timeout=30) == 0
+    assert time.time() - started > 1
+
+
+def _kill_self(sig):
+    def hook(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not interrupt the stage")
+    return hook
+
+
+def _half_saved(sig):
+    """Write part of a stage folder, then the signal arrives."""
+    def hook(folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 1000)
+        _kill_self(sig)()
+    return hook
+
+
+# stage -> (module attribute replaced by a hook that signals the process while the stage writes or works)
+INTERRUPT_POINTS = {
+    "load": ("pipeline.stages.load", "save_model", _half_saved),
+    "finetune": ("pipeline.stages.finetune", "save_model", _half_saved),
+    "prune": ("pipeline.stages.prune", "save_model", _half_saved),
+    "distill": ("pipeline.stages.distill", "save_model", _half_saved),
+    "quantize": ("pipeline.stages.quantize", "write_record", _half_saved),
+    "evaluate": ("pipeline.stages.evaluate", "perplexity", _kill_self),
+}
+
+
+CHAINS = {
+    "load-quantize-evaluate": ["load", "quantize", "evaluate"],
+    "every-stage": list(INTERRUPT_POINTS),
+}
+
+
+@pytest.mark.parametrize("chain", [
+    "load-quantize-evaluate", pytest.param("every-stage", marks=pytest.mark.slow)])
+def test_interrupts_exit_cleanly_and_the_rerun_continues(chain, tiny_models, make_recipe, tmp_path, monkeypatch,
+                                                         capsys):
+    """Each stage gets Ctrl-C and then SIGTERM while it works; it leaves no folder, and the same command
+    then finishes it (the stages before it are not run again)."""
+    import importlib
+
+    stages = CHAINS[chain]
+    on = {s: {"enabled": s in stages} for s in ("finetune", "distill", "quantize")}
+    recipe = make_recipe(tiny_models["llama"],
+                         prune={"enabled": "prune" in stages, "target_params": 0.7, "calibration_blocks": 4},
+                         finetune={**on["finetune"], "max_steps": 2}, distill={**on["distill"], "max_steps": 2},
+                         evaluate={"models": ["base", "quantize"], "speed": False, "samples": False})
+    run_dir = tmp_path / "runs" / "tiny"
+    for stage in stages:
+        module, name, make_hook = INTERRUPT_POINTS[stage]
+        target = importlib.import_module(module)
+        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            monkeypatch.setattr(target, name, make_hook(sig))
+            err = fails(["run", recipe, "--until", stage], capsys, code=code)
+            assert ("terminated" if sig == signal.SIGTERM else "interrupted") in err and "run the same command" in err
+            no_folder(run_dir, *([stage] if stage != "evaluate" else []))
+            assert not (run_dir / "report.md").exists()
+            monkeypatch.undo()
+        assert main(["run", str(recipe), "--until", stage]) == 0, stage
+        assert stage == "evaluate" or (run_dir / STAGE_DIRS[stage] / "pipeline.json").is_file()
+    assert (run_dir / "report.md").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is the run's only
+
+
+def test_debug_shows_the_traceback(tiny_models, make_recipe, tmp_path, capsys):
+    source = write(tmp_path / "d.jsonl", '{"text": \n')
+    rc = main(["run", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)})), "--stages", "load,finetune",
+               "--debug"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" in err and "line 1 is not valid JSON" in err
+
+
+def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypatch, capsys):
+    from pipeline import runner
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(runner, "_run", broken)
+    err = fails(["run", make_recipe(tiny_models["gpt2"])], capsys, code=1)
+    assert "ZeroDivisionError" in err and "--debug" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,stage", [(signal.SIGTERM, 143, "finetune"), (signal.SIGINT, 130, "quantize")])
+def test_signal_from_outside_a_real_run(sig, code, stage, tiny_models, make_recipe, tmp_path):
+    """`kill` / Ctrl-C sent to a real `python -m pipeline run` while a stage works: clean exit, no folder,
+    and the same command then finishes."""
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 400, "save_steps": None},
+                         distill={"enabled": False}, evaluate={"enabled": False})
+    cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--until", stage]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if stage == "quantize":  # get there quickly: a short fine-tune first
+        assert subprocess.run(cmd[:-2] + ["--until", "finetune", "finetune.max_steps=2"], env=env,
+                              capture_output=True).returncode == 0
+        cmd.append("finetune.max_steps=2")
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if f"{stage}: reading" in line:
+            break
+    time.sleep(2)
+    proc.send_signal(sig)
+    err = "".join(log) + proc.stderr.read()
+    assert proc.wait(timeout=120) == code, err
+    assert "Traceback" not in err and "run the same command again" in err, err
+    no_folder(tmp_path / "runs" / "tiny", stage)
+    assert subprocess.run(cmd[:5] + ["--until", stage, "finetune.max_steps=2"], env=env, cwd=tmp_path,
+                          capture_output=True).returncode == 0
+    assert (tmp_path / "runs" / "tiny" / stage / "pipeline.json").is_file()
