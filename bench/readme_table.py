@@ -98,7 +98,8 @@ def _ppls(model: dict, texts: list[str]) -> str:
 def _quantize(r: dict) -> list[str]:
     rows = _quantize_rows(r)
     if r.get("also"):  # the same candidates on a second model (the QAT fine-tune)
-        rows += ["", f"Same candidates on `{r['also']['fp32']['input']}`:", ""] + _quantize_rows(r["also"])
+        rows = [f"Plain fine-tune (`{r['fp32']['input']}`):", ""] + rows
+        rows += ["", f"QAT fine-tune (`{r['also']['fp32']['input']}`), same candidates:", ""] + _quantize_rows(r["also"])
     s, texts = r["settings"], list(r["fp32"]["ppl"])
     tokens = ", ".join(f"{n:,} {t} tokens" for t, n in s["texts"].items())
     rows += ["", f"*Perplexity: context {s['context']}, stride {s['stride']}, {tokens}. Speed: prefill of "
@@ -153,6 +154,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate),
              ("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
+    "quantize-qat": [("quantize-qat", _quantize)],
     "compress": [("compress", _compress)],
 }
 

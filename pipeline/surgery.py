@@ -361,7 +361,7 @@ def plan(model, imp: Importance, target: dict, refit: bool = False) -> Cut:
     s = sizes(model.config)
     t = {**s, **{k: v for k, v in target.items() if v is not None}}
     cut = Cut(layers=_top(imp.layers, t["num_hidden_layers"]))
-    if t == s:
+    if all(t[k] == s[k] for k in s if k != "num_hidden_layers"):  # depth only (width was not even measured)
         return cut
     fam = family(model.config)
     if t["hidden_size"] < s["hidden_size"]:

@@ -199,3 +199,19 @@ def test_prune_stage_heals_in_distill_with_its_own_data(tiny_models, make_recipe
     md = (run_dir / "report.md").read_text()
     assert "repeated 4-grams" in md and "| prune |" in md
     assert "the perplexity of its teacher `base`" in md
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_depth_only_prune_stage_measures_no_width_and_drops_the_least_influential_layers(arch, tiny_models,
+                                                                                         make_recipe, tmp_path):
+    path = make_recipe(tiny_models[arch], finetune={"enabled": False}, distill={"enabled": False},
+                       quantize={"enabled": False}, evaluate={"enabled": False},
+                       prune={"enabled": True, "target_params": 0.8, "axes": ["depth"], "calibration_blocks": 4})
+    assert main(["run", str(path)]) == 0
+    rec = tiny.record(tmp_path / "runs" / "tiny" / "prune")
+    influence = rec["importance"]["layers"]
+    kept = rec["kept"]["layers"]
+    assert len(kept) == rec["sizes"]["after"]["num_hidden_layers"] < 4
+    assert min(influence[i] for i in kept) >= max(influence[i] for i in range(4) if i not in kept)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny" / "prune")
+    assert pruned.config.num_hidden_layers == len(kept)
