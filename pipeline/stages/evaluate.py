@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import data, models, report
+from pipeline import data, models, report, tasks
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
@@ -36,7 +36,10 @@ class EvaluateConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # speed and sample prompts
     samples: bool = True  # write generation samples from each model into the report
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding for the samples
-    lm_eval_tasks: list[str] = field(default_factory=list)  # optional lm-eval harness tasks (needs lm-eval + data)
+    task: tasks.OfflineTaskConfig = field(default_factory=tasks.OfflineTaskConfig)  # lm-eval task from the validation text
+    lm_eval_tasks: list[str] = field(default_factory=list)  # more lm-eval tasks: names (data from the Hub) or .yaml files
+    lm_eval_batch_size: int = 8  # lm-eval requests per forward pass
+    lm_eval_limit: int | None = None  # score at most this many documents of each lm_eval_tasks task (null = all)
 
     def check(self) -> list[str]:
         problems = []
@@ -50,6 +53,11 @@ class EvaluateConfig:
             if getattr(self, key) < 1:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1")
         problems += [f"texts: file '{t}' does not exist" for t in self.texts if not Path(t).expanduser().is_file()]
+        if self.lm_eval_batch_size < 1:
+            problems.append(f"lm_eval_batch_size: {self.lm_eval_batch_size} must be at least 1")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            problems.append(f"lm_eval_limit: {self.lm_eval_limit} must be at least 1, or null for all")
+        problems += tasks.check_names(self.lm_eval_tasks)
         if (self.speed or self.samples) and not self.prompts:
             problems.append("prompts: give at least one prompt, or set speed and samples to false")
         return problems
@@ -67,11 +75,11 @@ def _texts(cfg: EvaluateConfig, ctx: Context, tokenizer) -> list[tuple[str, list
     return out
 
 
-def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
+def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: dict | None = None) -> dict:
     """Every metric for one model folder; cached in its pipeline.json for unchanged settings."""
     record = read_record(folder)
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.get("fingerprint"))
+                          record.get("fingerprint"), task_plan)  # the plan: which tasks run, which are skipped
     cached = record.get("scoreboard", {})
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
@@ -106,40 +114,50 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
         row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation)} for p in cfg.prompts]
         row["decoding"] = describe(cfg.generation)
         row["repetition_4gram"] = repetition([s["output"] for s in row["samples"]])
-    if cfg.lm_eval_tasks:
-        row["lm_eval"] = lm_eval(model, tokenizer, cfg.lm_eval_tasks)
+    plan = task_plan or {}
+    if plan.get("run"):
+        row["tasks"] = tasks.run_tasks(model, tokenizer, folder, plan["run"], plan["include"], ctx.seed,
+                                       cfg.lm_eval_batch_size, cfg.lm_eval_limit)
+    if plan.get("skipped"):
+        row["tasks"] = {**plan["skipped"], **row.get("tasks", {})}
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
     record["evaluation"] = evaluations
+    record["tasks"] = row.get("tasks", {})
     record["scoreboard"] = row
     write_record(folder, record)
     return row
 
 
-def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
-    """lm-eval harness scores when it is installed and its data reachable; otherwise say why and go on."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        log.warning("evaluate: lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipping")
-        return {"skipped": "lm-eval not installed"}
-    try:
-        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks)
-    except Exception as err:  # no network for task data, unknown task, ...: the rest of the report still matters
-        log.warning("evaluate: lm-eval tasks %s could not run (%s); skipping", tasks, err)
-        return {"skipped": str(err)[:300]}
-    return results.get("results", {})
+def plan_tasks(cfg: EvaluateConfig, ctx: Context) -> dict:
+    """Which lm-eval tasks every model runs (`run`, with the folders their YAML files are in) and which are
+    skipped for all of them, with the reason (`skipped`); writes the offline task into run_dir/tasks/."""
+    plan = {"run": list(cfg.lm_eval_tasks), "include": [], "skipped": {}}
+    if cfg.task.enabled:
+        try:
+            path = tasks.offline_task(ctx.data, cfg.task, ctx.seed, ctx.run_dir)
+            plan["run"].insert(0, tasks.OFFLINE_TASK)
+            plan["include"].append(path.parent)
+        except ValueError as err:
+            log.warning("evaluate: no offline task: %s", err)
+            plan["skipped"][tasks.OFFLINE_TASK] = {"skipped": str(err)}
+    missing = tasks.available()
+    if missing and plan["run"]:
+        log.warning("evaluate: %s; the lm-eval tasks %s are skipped", missing, ", ".join(plan["run"]))
+        plan["skipped"].update({t: {"skipped": missing} for t in plan["run"]})
+        plan["run"] = []
+    return plan
 
 
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
+    plan = plan_tasks(cfg, ctx)
     for name in cfg.models:
         folder = ctx.run_dir / name
         if read_record(folder) is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
-        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx)}
+        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = read_record(folder).get("parent")
         if name == "distill":  # so the report can set the student against its teacher
