@@ -133,6 +133,13 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
         for task, scores in (record.get("tasks") or {}).items()
         for metric, value in scores.items() if isinstance(value, (int, float))
     ]
+    evals += [  # answers to the held-out prompts of a chat recipe, scored by `evaluate` metrics
+        EvalResult(task_type="text-generation", task_name="held-out answers",
+                   dataset_type=record.get("dataset") or "held-out prompts",
+                   dataset_name=record.get("dataset") or "held-out prompts", dataset_split="validation", metric_type=metric,
+                   metric_value=value)
+        for metric, value in (record.get("answer_scores") or {}).items() if isinstance(value, (int, float))
+    ]
     data = ModelCardData(
         model_name=name,
         base_model=base_model,
@@ -152,6 +159,8 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
                 metrics[f"{task} {metric}"] = round(value, 4)
             elif metric == "skipped":
                 metrics[f"{task}"] = f"skipped: {value}"
+    for metric, value in (record.get("answer_scores") or {}).items():
+        metrics[f"answers {metric}"] = value if isinstance(value, (int, float)) else f"skipped: {value['skipped']}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     body = f"""
 # {name}

@@ -59,8 +59,9 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     extra = [e["dataset"] for e in rows[0].get("evaluations", [])[1:]] if rows else []
     task_cols = task_columns(rows)
+    answer_cols = list(dict.fromkeys(m for r in rows for m in (r.get("answers") or {}).get("scores", {})))
     headers = ([h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
-               + [f"{task} {metric}".strip() for task, metric in task_cols])
+               + [f"{task} {metric}".strip() for task, metric in task_cols] + [f"answers {m}" for m in answer_cols])
     lines = [f"# Report: {recipe}", "", "![perplexity vs size](report.png)", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
@@ -68,8 +69,9 @@ def markdown(recipe: str, rows: list[dict]) -> str:
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
         cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
         cells += [task_cell((row.get("tasks") or {}).get(task), metric) for task, metric in task_cols]
+        cells += [answer_cell((row.get("answers") or {}).get("scores", {}).get(m)) for m in answer_cols]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += task_notes(rows, task_cols)
+    lines += task_notes(rows, task_cols) + answer_notes(rows, answer_cols)
     for row in rows:
         teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)
         if teacher:
@@ -107,6 +109,35 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                 lines.append(f"- **{row['name']}**: {prompt} _{output}_")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def answer_cell(value) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}" if value <= 1 else f"{value:.1f}"
+    return "skipped" if isinstance(value, dict) else "–"
+
+
+def answer_notes(rows: list[dict], answer_cols: list[str]) -> list[str]:
+    """What the answer columns score, why a metric was skipped, and a few answers of each model."""
+    answered = [r for r in rows if r.get("answers")]
+    if not answered:
+        return []
+    first = answered[0]["answers"]
+    lines = ["", f"Answers: each model answered {first['prompts']} held-out prompt(s) under its chat template "
+             f"(greedy, at most {first['max_new_tokens']} new tokens); `evaluate` metrics score the answers against "
+             "the held-out responses (exact_match and rouge_l in [0, 1], chrf in [0, 100])."]
+    for m in answer_cols:
+        for row in answered:
+            value = row["answers"]["scores"].get(m)
+            if isinstance(value, dict):
+                lines.append(f"- `{m}` skipped for {row['name']}: {value['skipped']}")
+    lines += ["", "## Answers to held-out prompts", ""]
+    for i, item in enumerate(first["answers"][:3]):
+        lines += [f"**Prompt:** {item['prompt']}", "", f"- **reference**: _{' '.join(item['reference'].split())}_"]
+        for row in answered:
+            lines.append(f"- **{row['name']}**: _{' '.join(row['answers']['answers'][i]['answer'].split())}_")
+        lines.append("")
+    return lines
 
 
 def task_notes(rows: list[dict], task_cols: list[tuple[str, str]]) -> list[str]:

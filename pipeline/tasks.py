@@ -101,19 +101,28 @@ def task_manager(include: list[Path], defaults: bool = True):
     return TaskManager(include_path=[str(p) for p in include] or None, include_defaults=defaults)
 
 
-def _passages(dsd, data_cfg) -> list[str]:
-    """Validation passages as plain text: documents, or the assistant's answers of chat data."""
-    rows = dsd["validation"]
-    if data_cfg.format != "chat":
-        return [t for t in rows[data_cfg.text_column] if isinstance(t, str)]
-    from pipeline.chat import conversation
+def _choose(rng: random.Random, truth: str, pool: list[tuple[int, str]], own: int, k: int,
+            several: bool) -> list[str] | None:
+    """`k` distinct distractors from `pool` ((source, text) pairs), from other sources than `own` when
+    `several` sources exist; None when there are not enough."""
+    out = []
+    for source, text in rng.sample(pool, len(pool)):
+        if (source != own or not several) and text != truth and text not in out:
+            out.append(text)
+        if len(out) == k:
+            return out
+    return None
 
-    return [m["content"] for row in rows for m in conversation(row, data_cfg) if m.get("role") == "assistant"]
+
+def _question(rng, n: int, context: str, truth: str, distractors: list[str]) -> dict:
+    label = rng.randrange(len(distractors) + 1)
+    return {"id": n, "context": context, "choices": distractors[:label] + [truth] + distractors[label:],
+            "label": label}
 
 
-def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, folder: Path) -> Path:
-    """Write the offline task (YAML + JSONL) into `folder`; the same passages and seed give the same files.
-    Raises ValueError when the passages are too few or too short for one question."""
+def continuation_docs(passages: list[str], cfg: OfflineTaskConfig, seed: int) -> list[dict]:
+    """Questions from text: `context_words` of a passage; choices: its next `continuation_words` words and
+    the words at a random place of other passages."""
     need = cfg.context_words + cfg.continuation_words
     # every non-overlapping stretch of `need` words is a candidate question: (passage, first word)
     words = [p.split() for p in passages]
@@ -123,27 +132,36 @@ def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, f
                          f"needs at least {cfg.choices} (lower evaluate.task.context_words or choices)")
     rng = random.Random(seed)
     rng.shuffle(spans)
-    several = len({i for i, _ in spans}) >= cfg.choices  # distractors from other passages when there are enough
-
-    def ending(span) -> str:
-        i, at = span
-        return " ".join(words[i][at + cfg.context_words : at + need])
-
+    endings = [(i, " ".join(words[i][at + cfg.context_words : at + need])) for i, at in spans]
+    several = len({i for i, _ in spans}) >= cfg.choices
     docs = []
     for n, (i, at) in enumerate(spans[: cfg.docs]):
-        truth = ending((i, at))
-        distractors = []
-        for other in rng.sample(spans, len(spans)):
-            text = ending(other)
-            if (other[0] != i or not several) and other != (i, at) and text != truth and text not in distractors:
-                distractors.append(text)
-            if len(distractors) == cfg.choices - 1:
-                break
-        if len(distractors) < cfg.choices - 1:
-            continue
-        label = rng.randrange(cfg.choices)
-        docs.append({"id": n, "context": " ".join(words[i][at : at + cfg.context_words]),
-                     "choices": distractors[:label] + [truth] + distractors[label:], "label": label})
+        truth = " ".join(words[i][at + cfg.context_words : at + need])
+        distractors = _choose(rng, truth, endings, i, cfg.choices - 1, several)
+        if distractors is not None:
+            docs.append(_question(rng, n, " ".join(words[i][at : at + cfg.context_words]), truth, distractors))
+    return docs
+
+
+def answer_docs(pairs: list[tuple[str, str]], cfg: OfflineTaskConfig, seed: int) -> list[dict]:
+    """Questions from chat data: the user's prompt; choices: its held-out answer and other conversations'."""
+    if len({a for _, a in pairs}) < cfg.choices:
+        raise ValueError(f"the validation split has {len(pairs)} conversation(s); the offline task needs answers "
+                         f"from at least {cfg.choices} (lower evaluate.task.choices or raise data.validation_percent)")
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    pool = list(enumerate(a for _, a in pairs))
+    docs = []
+    for n, i in enumerate(order[: cfg.docs]):
+        distractors = _choose(rng, pairs[i][1], pool, i, cfg.choices - 1, True)
+        if distractors is not None:
+            docs.append(_question(rng, n, pairs[i][0], pairs[i][1], distractors))
+    return docs
+
+
+def write_task(docs: list[dict], cfg: OfflineTaskConfig, seed: int, folder: Path, about: str) -> Path:
+    """The offline task as lm-eval reads it: `<name>.yaml` pointing at `<name>.jsonl` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     data_file = folder / f"{OFFLINE_TASK}.jsonl"
     data_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -160,8 +178,7 @@ def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, f
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                         {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "seed": seed, "choices": cfg.choices,
-                     "about": "multiple-choice continuation of held-out validation passages (llm-pipeline); "
-                              f"chance accuracy {1 / cfg.choices:.2f}"},
+                     "about": f"{about} (llm-pipeline); chance accuracy {1 / cfg.choices:.2f}"},
     }
     path = folder / f"{OFFLINE_TASK}.yaml"
     path.write_text("# Written by llm-pipeline's evaluate stage from the recipe's validation split.\n"
@@ -169,11 +186,28 @@ def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, f
     return path
 
 
+def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, folder: Path) -> Path:
+    """Write the offline task (YAML + JSONL) for text passages into `folder`; the same passages and seed give
+    the same files. Raises ValueError when the passages are too few or too short."""
+    return write_task(continuation_docs(passages, cfg, seed), cfg, seed, folder,
+                      "multiple-choice continuation of held-out validation passages")
+
+
 def offline_task(data_cfg, cfg: OfflineTaskConfig, seed: int, run_dir: Path) -> Path:
-    """The offline task's YAML file for this run (written into run_dir/tasks/)."""
+    """The offline task's YAML file for this run (written into run_dir/tasks/): continuation of validation
+    passages for text data; for chat data, picking each held-out prompt's answer among other answers."""
     from pipeline import data
 
-    return build_offline_task(_passages(data.load_splits(data_cfg, seed), data_cfg), cfg, seed, run_dir / "tasks")
+    dsd = data.load_splits(data_cfg, seed)
+    if data_cfg.format != "chat":
+        texts = [t for t in dsd["validation"][data_cfg.text_column] if isinstance(t, str)]
+        return build_offline_task(texts, cfg, seed, run_dir / "tasks")
+    from pipeline.answers import held_out
+
+    pairs = [(" ".join(m["content"] for m in messages if m.get("role") == "user"), answer)
+             for messages, answer in held_out(dsd, data_cfg, None)]
+    return write_task(answer_docs(pairs, cfg, seed), cfg, seed, run_dir / "tasks",
+                      "multiple-choice: the held-out answer to each validation prompt among other answers")
 
 
 def _lm(model, tokenizer, folder: Path, batch_size: int):
@@ -206,9 +240,10 @@ def _scores(task_result: dict) -> dict:
 
 
 def run_tasks(model, tokenizer, folder: Path, tasks: list[str], include: list[Path], seed: int,
-              batch_size: int = 8, limit: int | None = None) -> dict:
+              batch_size: int = 8, limit: int | None = None, chat: bool = False) -> dict:
     """{task: {metric: value, "stderr": {metric: value}}} for every task; a task that cannot run is
-    {"skipped": reason}, so the report shows it instead of dropping it."""
+    {"skipped": reason}, so the report shows it instead of dropping it. `chat`: prompts go through the
+    tokenizer's chat template (lm-eval's --apply_chat_template), as for a chat recipe's models."""
     missing = available()
     if missing:
         return {t: {"skipped": missing} for t in tasks}
@@ -224,8 +259,8 @@ def run_tasks(model, tokenizer, folder: Path, tasks: list[str], include: list[Pa
         try:
             results = simple_evaluate(model=lm, tasks=[name], task_manager=manager, log_samples=False,
                                       limit=None if name == OFFLINE_TASK else limit,  # the task sets its size
-                                      bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+                                      bootstrap_iters=1000, apply_chat_template=chat, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         except Exception as err:  # no network for the task's data, a broken task file, ...
             log.warning("evaluate: lm-eval task %s could not run on %s (%s); skipping it", name, folder.name, err)
             out[name] = {"skipped": f"{type(err).__name__}: {str(err)[:300]}"}

@@ -29,6 +29,21 @@ def test_batched_perplexity_equals_unbatched_reference(batch_size, llama_and_ids
     assert ours["scored_tokens"] == n
 
 
+def test_the_lm_head_runs_only_on_the_scored_positions(tiny_models, tokenizer):
+    ids = tokenizer(data.stdlib_corpus_file().read_text()[:6000])["input_ids"][:700]
+    for arch in ("gpt2", "llama"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+        seen = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        ours = perplexity(model, ids, 64, 16, batch_size=8)
+        hook.remove()
+        ref, _ = guide_perplexity(model, ids, 64, 16)
+        assert ours["perplexity"] == pytest.approx(ref, rel=1e-4), arch
+        # the first window scores 63 tokens; every later one its 16 new tokens (+1 position that is dropped),
+        # the last one what is left
+        assert seen[0][1] == 64 and {s[1] for s in seen[1:-1]} == {17} and seen[-1][1] <= 17, (arch, seen)
+
+
 def test_context_and_stride_set_the_scored_token_count():
     # overlapping windows: every token but the first is scored exactly once
     assert sum(k for *_, k in windows(1000, 128, 64)) == 999

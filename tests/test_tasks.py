@@ -1,12 +1,16 @@
 """Task-level evaluation: the offline lm-eval task, the user's own task files, skipped tasks, recipe errors."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import data, models, tasks
+from pipeline import answers, data, models, tasks
 from pipeline.cli import main
+from pipeline.generate import GenerationConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST_EVAL = {"speed": False, "samples": False}
 
@@ -106,3 +110,94 @@ def test_unknown_task_names_and_bad_task_files_are_recipe_errors(tiny_models, ma
     assert "missing.yaml' does not exist" in err and "has no top-level `task: <name>`" in err
     assert main(["validate", str(path), "evaluate.lm_eval_tasks=[]", "evaluate.task.choices=1"]) == 2
     assert "evaluate.task.choices: 1 must be at least 2" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                "{% if add_generation_prompt %}assistant:{% endif %}"
+CHAT_DATA = {"source": str(ROOT / "recipes" / "data" / "python-chat.jsonl"), "format": "chat",
+             "chat_template": CHAT_TEMPLATE, "validation_percent": 20, "block_size": 128}
+
+
+def test_chat_recipe_scores_answers_with_evaluate_modules_loaded_by_path_for_each_stage(tiny_models, make_recipe,
+                                                                                       tmp_path):
+    path = make_recipe(tiny_models["llama"], data=CHAT_DATA, distill={"enabled": False},
+                       quantize={"enabled": False},
+                       finetune={"method": "lora", "max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
+                       evaluate={"models": ["base", "finetune"], "speed": False, "answer_tokens": 8,
+                                 "prompts": ["What is a list?"]})
+    assert main(["run", str(path)]) == 0
+    run = _run_dir(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "finetune"]
+    for row in report["models"]:
+        scores = row["answers"]["scores"]
+        assert set(scores) == {"exact_match", "chrf", "rouge_l"}, row["name"]
+        assert 0 <= scores["exact_match"] <= 1 and 0 <= scores["rouge_l"] <= 1 and 0 <= scores["chrf"] <= 100
+        assert row["answers"]["prompts"] == 6 and all(a["reference"] for a in row["answers"]["answers"])
+        # the offline task for chat data: each held-out prompt's answer among other conversations' answers
+        assert 0 <= row["tasks"][tasks.OFFLINE_TASK]["acc"] <= 1
+    md = (run / "report.md").read_text()
+    assert "answers exact_match | answers chrf | answers rouge_l |" in md and "## Answers to held-out prompts" in md
+    meta = yaml.safe_load((run / "finetune" / "README.md").read_text().split("---")[1])
+    types = {m["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    assert {"exact_match", "chrf", "rouge_l", "acc", "perplexity"} <= types
+    # the report's samples are answers under the chat template, as `generate --chat` gives them
+    model, tok = models.load_folder(run / "finetune")
+    sample = report["models"][1]["samples"][0]
+    cfg = GenerationConfig(max_new_tokens=4)
+    assert sample["output"] == generate(model, tok, "What is a list?", cfg, chat=True)
+    assert generate(model, tok, "What is a list?", cfg, chat=True) == generate(
+        model, tok, [{"role": "user", "content": "What is a list?"}], cfg)
+
+
+def test_a_model_that_answers_correctly_scores_exact_match_1(tiny_models):
+    model, tok = models.load_folder(tiny_models["gpt2"])
+    tok.chat_template = CHAT_TEMPLATE
+    prompts = [[{"role": "user", "content": q}] for q in ("What does len() return?", "How do I sort a list?")]
+    cfg = GenerationConfig(max_new_tokens=6)
+    # hand-made references: what this model answers itself, and a wrong answer
+    right = [(p, generate(model, tok, p, cfg)) for p in prompts]
+    wrong = [(p, "The number of items.") for p in prompts]
+    metrics = answers.load_metrics(["exact_match", "chrf", "rouge_l", str(ROOT / "pipeline" / "eval_metrics" / "chrf")])
+    good = answers.score(model, tok, right, metrics, 6)["scores"]
+    bad = answers.score(model, tok, wrong, metrics, 6)["scores"]
+    assert good["exact_match"] == 1.0 and good["rouge_l"] == 1.0 and good["chrf"] == 100.0
+    assert bad["exact_match"] == 0.0 and bad["chrf"] < 50
+    assert good[str(ROOT / "pipeline" / "eval_metrics" / "chrf")] == 100.0  # a metric folder given by path
+
+
+def test_unknown_metric_is_a_recipe_error_and_an_unreachable_one_is_skipped(tiny_models, make_recipe, capsys,
+                                                                           monkeypatch):
+    path = make_recipe(tiny_models["gpt2"], evaluate={"answer_metrics": ["exact_match", "./no/such/metric"]})
+    assert main(["validate", str(path)]) == 2
+    assert "answer_metrics[1]: './no/such/metric' is not a metric" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = answers.load_metrics(["exact_match", "no-such-hub-metric"])
+    assert not isinstance(loaded["exact_match"], str) and isinstance(loaded["no-such-hub-metric"], str)
+
+
+def test_generate_chat_flag_applies_the_chat_template(tiny_models, tmp_path, capsys):
+    model, tok = models.load_folder(tiny_models["llama"])
+    assert main(["generate", str(tiny_models["llama"]), "What is a list?", "--chat"]) == 2  # no template
+    assert "no chat template" in capsys.readouterr().err
+    tok.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    assert main(["generate", str(tmp_path / "chat"), "What is a list?", "--chat", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == generate(model, tok, "What is a list?", GenerationConfig(max_new_tokens=5), chat=True).strip()
+    assert out != generate(model, tok, "What is a list?", GenerationConfig(max_new_tokens=5)).strip()
+
+
+@pytest.mark.slow
+def test_offline_task_on_smollm2_scores_the_base_model_clearly_above_chance(tmp_path):
+    from pipeline.models import load_model, load_tokenizer, resolve
+
+    source = resolve("smollm2-135m")
+    model, tok = load_model(source).eval(), load_tokenizer(source)
+    cfg = tasks.OfflineTaskConfig()
+    path = tasks.offline_task(data.DataConfig(), cfg, 42, tmp_path)
+    scores = tasks.run_tasks(model, tok, tmp_path, [tasks.OFFLINE_TASK], [path.parent], seed=42)[tasks.OFFLINE_TASK]
+    chance = 1 / cfg.choices
+    # 100 questions: the standard error is about 0.05, so 0.45 is four of them above chance
+    assert scores["acc"] > chance + 0.2, scores

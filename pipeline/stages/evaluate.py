@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import data, models, report, tasks
+from pipeline import answers, data, models, report, tasks
+from pipeline.config import StageError
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
@@ -40,6 +41,10 @@ class EvaluateConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)  # more lm-eval tasks: names (data from the Hub) or .yaml files
     lm_eval_batch_size: int = 8  # lm-eval requests per forward pass
     lm_eval_limit: int | None = None  # score at most this many documents of each lm_eval_tasks task (null = all)
+    answers: bool = True  # chat data: each model answers the held-out prompts; answer_metrics score the answers
+    answer_metrics: list[str] = field(default_factory=lambda: ["exact_match", "chrf", "rouge_l"])  # `evaluate` metrics
+    answer_tokens: int = 64  # greedy new tokens per answer
+    max_answers: int | None = 20  # held-out prompts answered per model (null = all)
 
     def check(self) -> list[str]:
         problems = []
@@ -58,6 +63,11 @@ class EvaluateConfig:
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             problems.append(f"lm_eval_limit: {self.lm_eval_limit} must be at least 1, or null for all")
         problems += tasks.check_names(self.lm_eval_tasks)
+        problems += answers.check_names(self.answer_metrics)
+        if self.answer_tokens < 1:
+            problems.append(f"answer_tokens: {self.answer_tokens} must be at least 1")
+        if self.max_answers is not None and self.max_answers < 1:
+            problems.append(f"max_answers: {self.max_answers} must be at least 1, or null for all")
         if (self.speed or self.samples) and not self.prompts:
             problems.append("prompts: give at least one prompt, or set speed and samples to false")
         return problems
@@ -75,11 +85,14 @@ def _texts(cfg: EvaluateConfig, ctx: Context, tokenizer) -> list[tuple[str, list
     return out
 
 
-def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: dict | None = None) -> dict:
+def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: dict | None = None,
+                    answer_plan: dict | None = None) -> dict:
     """Every metric for one model folder; cached in its pipeline.json for unchanged settings."""
     record = read_record(folder)
+    metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
+    # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.get("fingerprint"), task_plan)  # the plan: which tasks run, which are skipped
+                          record.get("fingerprint"), task_plan, metrics)
     cached = record.get("scoreboard", {})
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
@@ -88,6 +101,9 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
     started = time.time()
     with PeakMemory(device) as mem:
         model, tokenizer = models.load_folder(folder, device_map=str(device))
+        chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
+        if chat and ctx.data.chat_template:
+            tokenizer.chat_template = ctx.data.chat_template
         evaluations = []
         for name, ids, text in _texts(cfg, ctx, tokenizer):
             result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
@@ -111,19 +127,29 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         log.info("evaluate: %s prefill %.0f tok/s, generate %.1f tok/s", folder.name, row["prefill_tok_s"],
                  row["gen_tok_s"])
     if cfg.samples:
-        row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation)} for p in cfg.prompts]
+        try:
+            row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation, chat=chat)}
+                              for p in cfg.prompts]
+        except ValueError as err:  # a chat recipe whose model has no chat template
+            raise StageError(f"evaluate: {folder.name}: {err}") from err
         row["decoding"] = describe(cfg.generation)
         row["repetition_4gram"] = repetition([s["output"] for s in row["samples"]])
     plan = task_plan or {}
     if plan.get("run"):
         row["tasks"] = tasks.run_tasks(model, tokenizer, folder, plan["run"], plan["include"], ctx.seed,
-                                       cfg.lm_eval_batch_size, cfg.lm_eval_limit)
+                                       cfg.lm_eval_batch_size, cfg.lm_eval_limit, chat=chat)
     if plan.get("skipped"):
         row["tasks"] = {**plan["skipped"], **row.get("tasks", {})}
+    if answer_plan:
+        row["answers"] = answers.score(model, tokenizer, answer_plan["prompts"], answer_plan["metrics"],
+                                       cfg.answer_tokens)
+        log.info("evaluate: %s answers to %d held-out prompts: %s", folder.name, row["answers"]["prompts"],
+                 ", ".join(f"{k} {v}" for k, v in row["answers"]["scores"].items()))
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
     record["evaluation"] = evaluations
     record["tasks"] = row.get("tasks", {})
+    record["answer_scores"] = row.get("answers", {}).get("scores", {})
     record["scoreboard"] = row
     write_record(folder, record)
     return row
@@ -149,15 +175,26 @@ def plan_tasks(cfg: EvaluateConfig, ctx: Context) -> dict:
     return plan
 
 
+def plan_answers(cfg: EvaluateConfig, ctx: Context) -> dict | None:
+    """For chat data: the held-out prompts every model answers and the metrics (or why one is missing)."""
+    if ctx.data.format != "chat" or not cfg.answers or not cfg.answer_metrics:
+        return None
+    prompts = answers.held_out(data.load_splits(ctx.data, ctx.seed), ctx.data, cfg.max_answers)
+    if not prompts:
+        log.warning("evaluate: the validation split has no conversation with an assistant turn to answer")
+        return None
+    return {"prompts": prompts, "metrics": answers.load_metrics(cfg.answer_metrics)}
+
+
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
-    plan = plan_tasks(cfg, ctx)
+    plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
     for name in cfg.models:
         folder = ctx.run_dir / name
         if read_record(folder) is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
-        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan)}
+        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = read_record(folder).get("parent")
         if name == "distill":  # so the report can set the student against its teacher
