@@ -199,5 +199,6 @@ def test_offline_task_on_smollm2_scores_the_base_model_clearly_above_chance(tmp_
     path = tasks.offline_task(data.DataConfig(), cfg, 42, tmp_path)
     scores = tasks.run_tasks(model, tok, tmp_path, [tasks.OFFLINE_TASK], [path.parent], seed=42)[tasks.OFFLINE_TASK]
     chance = 1 / cfg.choices
+    print(f"SmolLM2-135M base on {tasks.OFFLINE_TASK}: {scores}")  # shown with pytest -s
     # 100 questions: the standard error is about 0.05, so 0.45 is four of them above chance
     assert scores["acc"] > chance + 0.2, scores
