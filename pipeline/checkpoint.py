@@ -136,8 +136,8 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
     evals += [  # answers to the held-out prompts of a chat recipe, scored by `evaluate` metrics
         EvalResult(task_type="text-generation", task_name="held-out answers",
                    dataset_type=record.get("dataset") or "held-out prompts",
-                   dataset_name=record.get("dataset") or "held-out prompts", dataset_split="validation", metric_type=metric,
-                   metric_value=value)
+                   dataset_name=record.get("dataset") or "held-out prompts", dataset_split="validation",
+                   metric_type=metric, metric_value=value)
         for metric, value in (record.get("answer_scores") or {}).items() if isinstance(value, (int, float))
     ]
     data = ModelCardData(

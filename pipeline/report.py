@@ -151,7 +151,8 @@ def task_notes(rows: list[dict], task_cols: list[tuple[str, str]]) -> list[str]:
         lines.append(f"Tasks (lm-eval harness, ± standard error): `{OFFLINE_TASK}` is multiple-choice continuation of "
                      "held-out validation passages (the true next words against those of other passages; see "
                      "`tasks/heldout_continuation.yaml` for the chance level). Re-run it: `lm_eval --model hf "
-                     "--model_args pretrained=<folder> --include_path tasks --tasks heldout_continuation` (`--model openvino` for an OpenVINO folder).")
+                     "--model_args pretrained=<folder> --include_path tasks --tasks heldout_continuation` "
+                     "(`--model openvino --device cpu` for an OpenVINO folder).")
     else:
         lines.append("Tasks: lm-eval harness scores, ± standard error.")
     reasons = {}

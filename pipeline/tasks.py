@@ -1,14 +1,16 @@
 """Task-level evaluation with the lm-eval harness: standard task names, the user's own task YAML files,
 and an offline task built from the recipe's own validation text.
 
-The offline task (`heldout_continuation`) is multiple-choice continuation: each document is the start of
-a validation passage, and the choices are its true next words and the words at the same place in other
-passages. It is generated deterministically from the recipe's seed and written as an ordinary lm-eval
-task (a YAML file and a JSONL data file, `dataset_path: json`) in `runs/<recipe>/tasks/`, so `lm_eval`
-itself runs it and a user can re-run it by hand:
+The offline task (`heldout_continuation`) is multiple-choice continuation: each document is a stretch of
+a validation passage, and the choices are its true next words and words from other passages (for chat
+data: each held-out prompt, with its answer among other conversations' answers). It is generated
+deterministically from the recipe's seed and written as an ordinary lm-eval task (a YAML file and a JSONL
+data file, `dataset_path: json`) in `runs/<recipe>/tasks/`, so `lm_eval` itself runs it and a user can
+re-run it by hand:
 
     lm_eval --model hf --model_args pretrained=runs/quickstart/base \\
             --include_path runs/quickstart/tasks --tasks heldout_continuation
+    (an OpenVINO folder: --model openvino --device cpu)
 """
 from __future__ import annotations
 
