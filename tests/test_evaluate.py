@@ -84,12 +84,15 @@ def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, t
         assert math.isfinite(m["perplexity"]) and m["gen_tok_s"] > 0 and m["peak_mem_mb"] >= 0
         assert m["speed_settings"]["prefill_tokens"] == 32
         assert m["samples"][0]["prompt"] == "The list" and m["samples"][0]["output"]
+        # the offline lm-eval task on every model, the bitsandbytes int8 one included
+        assert 0 <= m["tasks"]["heldout_continuation"]["acc"] <= 1, m["name"]
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (800, 500)
     md = (run_dir / "report.md").read_text()
     assert "report.png" in md and "## Samples (greedy" in md and "**quantize**" in md
+    assert "heldout_continuation acc |" in md
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
