@@ -14,7 +14,7 @@ install:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,openvino,qat]"
+	$(PY) -m pip install -q -e ".[dev,openvino,qat,tasks]"
 	# OpenVINO quantization: optimum-intel declares torchvision and huggingface_hub<1.22 (which clash with
 	# datasets); neither is needed for causal LMs, so it goes in without its declared dependencies
 	$(PY) -m pip install -q --no-deps optimum-intel==2.2.0

@@ -215,6 +215,21 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
         )
         for e in record.get("evaluation", [])
     ]
+    evals += [
+        EvalResult(task_type="text-generation", task_name=task, dataset_type=task, dataset_name=task,
+                   metric_type=metric, metric_value=round(value, 4),
+                   metric_name=f"{metric} (± {scores['stderr'][metric]:.4f})"
+                   if isinstance((scores.get("stderr") or {}).get(metric), float) else metric)
+        for task, scores in (record.get("tasks") or {}).items()
+        for metric, value in scores.items() if isinstance(value, (int, float))
+    ]
+    evals += [  # answers to the held-out prompts of a chat recipe, scored by `evaluate` metrics
+        EvalResult(task_type="text-generation", task_name="held-out answers",
+                   dataset_type=record.get("dataset") or "held-out prompts",
+                   dataset_name=record.get("dataset") or "held-out prompts", dataset_split="validation",
+                   metric_type=metric, metric_value=value)
+        for metric, value in (record.get("answer_scores") or {}).items() if isinstance(value, (int, float))
+    ]
     data = ModelCardData(
         model_name=name,
         base_model=base_model,
@@ -228,6 +243,14 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
     metrics = {**record.get("metrics", {})}
     for e in record.get("evaluation", []):
         metrics[f"perplexity ({e['dataset']})"] = round(e["perplexity"], 4)
+    for task, scores in (record.get("tasks") or {}).items():
+        for metric, value in scores.items():
+            if isinstance(value, (int, float)):
+                metrics[f"{task} {metric}"] = round(value, 4)
+            elif metric == "skipped":
+                metrics[f"{task}"] = f"skipped: {value}"
+    for metric, value in (record.get("answer_scores") or {}).items():
+        metrics[f"answers {metric}"] = value if isinstance(value, (int, float)) else f"skipped: {value['skipped']}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
     body = f"""
 # {name}

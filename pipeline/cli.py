@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, help="sampling: keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, help="sampling: nucleus probability mass")
     gen.add_argument("--seed", type=int, help="sampling seed")
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user message: apply the tokenizer's chat template, print the answer")
     check = sub.add_parser("validate", parents=[common], help="validate a recipe without loading any model")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*")
@@ -160,7 +162,14 @@ def _generate(args) -> int:
     except Exception as err:  # noqa: BLE001
         return report(err, args.debug)
     for prompt in args.prompt:
-        print(prompt + generate(model, tokenizer, prompt, cfg))
+        if args.chat:
+            try:
+                print(generate(model, tokenizer, prompt, cfg, chat=True).strip())
+            except ValueError as err:  # no chat template
+                print(f"error: --chat: {err}", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            print(prompt + generate(model, tokenizer, prompt, cfg))
     return 0
 
 

@@ -38,12 +38,27 @@ class GenerationConfig:
         return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
+def chat_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """A user message (or a whole conversation) rendered with the tokenizer's chat template, ending where
+    the assistant's answer starts."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template; set data.chat_template in the recipe (or drop --chat)")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompt: str, cfg: GenerationConfig) -> str:
-    """The continuation of `prompt` (prompt text not included)."""
+def generate(model, tokenizer, prompt: str | list[dict], cfg: GenerationConfig, chat: bool = False) -> str:
+    """The continuation of `prompt` (prompt text not included); with `chat`, the assistant's answer to it
+    (a user message, or a list of {role, content} messages) under the tokenizer's chat template."""
     from pipeline.metrics import model_device
 
-    enc = tokenizer(prompt, return_tensors="pt").to(model_device(model))
+    if chat or not isinstance(prompt, str):
+        # the template writes its own special tokens (BOS, turn markers); the tokenizer must not add more
+        enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    enc = enc.to(model_device(model))
     if cfg.strategy == "sample":
         torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

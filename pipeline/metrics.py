@@ -32,7 +32,15 @@ def model_device(model) -> torch.device:
 @torch.no_grad()
 def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int | None = None,
                batch_size: int = 8) -> dict:
-    """Token-level perplexity of `ids`; windows of equal length run `batch_size` at a time."""
+    """Token-level perplexity of `ids`; windows of equal length run `batch_size` at a time.
+
+    A window scores only its last `k` tokens, so the LM head and the log-softmax run on those positions
+    alone: transformers' `logits_to_keep` makes the model apply its head to the last k + 1 hidden states
+    (the last one predicts past the window and is dropped). Models without it (OpenVINO) give all logits."""
+    import inspect
+
+    import torch.nn.functional as F
+
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:
@@ -40,23 +48,24 @@ def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int
     stream = torch.tensor(ids, dtype=torch.long)
     device = model_device(model)
     spans = windows(len(stream), context, stride)
+    slice_head = "logits_to_keep" in inspect.signature(model.forward).parameters
     nll, scored = 0.0, 0
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    groups: dict[int, list] = {}
-    for span in spans:  # only the last window can be shorter; group by length so batches stack
-        groups.setdefault(span[1] - span[0], []).append(span)
-    for length, group in groups.items():
+    groups: dict[tuple[int, int], list] = {}
+    for span in spans:  # windows of one length and one scored count stack into a batch
+        groups.setdefault((span[1] - span[0], span[2]), []).append(span)
+    for (length, k), group in groups.items():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
             batch = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)
-            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits
-            logp = torch.log_softmax(torch.as_tensor(logits)[:, :-1].float(), dim=-1)
-            token_lp = logp.gather(-1, batch[:, 1:, None].to(logp.device))[..., 0]
-            for row, (_, _, k) in enumerate(chunk):
-                nll -= token_lp[row, -k:].sum().item()
-                scored += k
+            extra = {"logits_to_keep": k + 1} if slice_head else {}
+            logits = model(input_ids=batch, attention_mask=torch.ones_like(batch), **extra).logits
+            logits = torch.as_tensor(logits)[:, -(k + 1) : -1]
+            targets = batch[:, -k:].to(logits.device)
+            nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            scored += k * len(chunk)
     if was_training:
         model.train()
     return {

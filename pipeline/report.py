@@ -32,17 +32,46 @@ def write(run_dir: Path, recipe: str, rows: list[dict]) -> None:
     _atomic(run_dir / "report.md", markdown(recipe, rows))
 
 
+def task_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(task, metric) for every lm-eval task any model has: its main metric (acc when it has one)."""
+    from pipeline.tasks import main_metric
+
+    out: dict[str, str | None] = {}
+    for row in rows:
+        for task, scores in (row.get("tasks") or {}).items():
+            if out.get(task) is None:
+                out[task] = main_metric(scores)
+    return [(task, metric or "") for task, metric in out.items()]
+
+
+def task_cell(scores: dict | None, metric: str) -> str:
+    if not scores:
+        return "–"
+    if "skipped" in scores:
+        return "skipped"
+    value, err = scores.get(metric), (scores.get("stderr") or {}).get(metric)
+    if not isinstance(value, (int, float)):
+        return "–"
+    return f"{value:.3f}" + (f" ± {err:.3f}" if isinstance(err, (int, float)) else "")
+
+
 def markdown(recipe: str, rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     extra = [e["dataset"] for e in rows[0].get("evaluations", [])[1:]] if rows else []
-    headers = [h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
+    task_cols = task_columns(rows)
+    answer_cols = list(dict.fromkeys(m for r in rows for m in (r.get("answers") or {}).get("scores", {})))
+    headers = ([h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
+               + [f"{task} {metric}".strip() for task, metric in task_cols] + [f"answers {m}" for m in answer_cols])
     lines = [f"# Report: {recipe}", "", "![perplexity vs size](report.png)", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
         cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
+        cells += [task_cell((row.get("tasks") or {}).get(task), metric) for task, metric in task_cols]
+        cells += [answer_cell((row.get("answers") or {}).get("scores", {}).get(m)) for m in answer_cols]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += task_notes(rows, task_cols) + answer_notes(rows, answer_cols)
     for row in rows:
         teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)
         if teacher:
@@ -80,6 +109,60 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                 lines.append(f"- **{row['name']}**: {prompt} _{output}_")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def answer_cell(value) -> str:
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}" if value <= 1 else f"{value:.1f}"
+    return "skipped" if isinstance(value, dict) else "–"
+
+
+def answer_notes(rows: list[dict], answer_cols: list[str]) -> list[str]:
+    """What the answer columns score, why a metric was skipped, and a few answers of each model."""
+    answered = [r for r in rows if r.get("answers")]
+    if not answered:
+        return []
+    first = answered[0]["answers"]
+    lines = ["", f"Answers: each model answered {first['prompts']} held-out prompt(s) under its chat template "
+             f"(greedy, at most {first['max_new_tokens']} new tokens); `evaluate` metrics score the answers against "
+             "the held-out responses (exact_match and rouge_l in [0, 1], chrf in [0, 100])."]
+    for m in answer_cols:
+        for row in answered:
+            value = row["answers"]["scores"].get(m)
+            if isinstance(value, dict):
+                lines.append(f"- `{m}` skipped for {row['name']}: {value['skipped']}")
+    lines += ["", "## Answers to held-out prompts", ""]
+    for i, item in enumerate(first["answers"][:3]):
+        lines += [f"**Prompt:** {item['prompt']}", "", f"- **reference**: _{' '.join(item['reference'].split())}_"]
+        for row in answered:
+            lines.append(f"- **{row['name']}**: _{' '.join(row['answers']['answers'][i]['answer'].split())}_")
+        lines.append("")
+    return lines
+
+
+def task_notes(rows: list[dict], task_cols: list[tuple[str, str]]) -> list[str]:
+    """What the task columns mean, and why any task was skipped (never silently dropped)."""
+    from pipeline.tasks import OFFLINE_TASK
+
+    if not task_cols:
+        return []
+    lines = [""]
+    if any(task == OFFLINE_TASK for task, _ in task_cols):
+        lines.append(f"Tasks (lm-eval harness, ± standard error): `{OFFLINE_TASK}` is multiple-choice continuation of "
+                     "held-out validation passages (the true next words against those of other passages; see "
+                     "`tasks/heldout_continuation.yaml` for the chance level). Re-run it: `lm_eval --model hf "
+                     "--model_args pretrained=<folder> --include_path tasks --tasks heldout_continuation` "
+                     "(`--model openvino --device cpu` for an OpenVINO folder).")
+    else:
+        lines.append("Tasks: lm-eval harness scores, ± standard error.")
+    reasons = {}
+    for row in rows:
+        for task, scores in (row.get("tasks") or {}).items():
+            if "skipped" in scores:
+                reasons.setdefault((task, scores["skipped"]), []).append(row["name"])
+    for (task, reason), names in reasons.items():
+        lines.append(f"- `{task}` skipped for {', '.join(names)}: {reason}")
+    return lines
 
 
 def plot(rows: list[dict], recipe: str, path: Path) -> None:

@@ -120,3 +120,7 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
     assert rows["distill"]["params"] == rows["prune"]["params"]
     assert rows["distill"]["perplexity"] < rows["prune"]["perplexity"]
     assert rows["quantize"]["disk_mb"] < 0.6 * rows["distill"]["disk_mb"]
+    for row in rows.values():  # the offline lm-eval task, beside perplexity, for every model
+        assert 0 <= row["tasks"]["heldout_continuation"]["acc"] <= 1, row["name"]
+    assert rows["base"]["tasks"]["heldout_continuation"]["acc"] > 0.35  # chance: 0.25
+    assert "heldout_continuation acc" in (tmp_path / "quickstart" / "report.md").read_text()

@@ -29,6 +29,21 @@ def test_batched_perplexity_equals_unbatched_reference(batch_size, llama_and_ids
     assert ours["scored_tokens"] == n
 
 
+def test_the_lm_head_runs_only_on_the_scored_positions(tiny_models, tokenizer):
+    ids = tokenizer(data.stdlib_corpus_file().read_text()[:6000])["input_ids"][:700]
+    for arch in ("gpt2", "llama"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+        seen = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        ours = perplexity(model, ids, 64, 16, batch_size=8)
+        hook.remove()
+        ref, _ = guide_perplexity(model, ids, 64, 16)
+        assert ours["perplexity"] == pytest.approx(ref, rel=1e-4), arch
+        # the first window scores 63 tokens; every later one its 16 new tokens (+1 position that is dropped),
+        # the last one what is left
+        assert seen[0][1] == 64 and {s[1] for s in seen[1:-1]} == {17} and seen[-1][1] <= 17, (arch, seen)
+
+
 def test_context_and_stride_set_the_scored_token_count():
     # overlapping windows: every token but the first is scored exactly once
     assert sum(k for *_, k in windows(1000, 128, 64)) == 999
@@ -69,12 +84,15 @@ def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, t
         assert math.isfinite(m["perplexity"]) and m["gen_tok_s"] > 0 and m["peak_mem_mb"] >= 0
         assert m["speed_settings"]["prefill_tokens"] == 32
         assert m["samples"][0]["prompt"] == "The list" and m["samples"][0]["output"]
+        # the offline lm-eval task on every model, the bitsandbytes int8 one included
+        assert 0 <= m["tasks"]["heldout_continuation"]["acc"] <= 1, m["name"]
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (800, 500)
     md = (run_dir / "report.md").read_text()
     assert "report.png" in md and "## Samples (greedy" in md and "**quantize**" in md
+    assert "heldout_continuation acc |" in md
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])

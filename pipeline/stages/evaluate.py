@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import data, errors, models, report
+from pipeline import answers, data, errors, models, report, tasks
+from pipeline.config import StageError
 from pipeline.checkpoint import fingerprint, read_record, write_record
 from pipeline.context import Context
 from pipeline.generate import GenerationConfig, describe, generate
@@ -36,7 +37,14 @@ class EvaluateConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # speed and sample prompts
     samples: bool = True  # write generation samples from each model into the report
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding for the samples
-    lm_eval_tasks: list[str] = field(default_factory=list)  # optional lm-eval harness tasks (needs lm-eval + data)
+    task: tasks.OfflineTaskConfig = field(default_factory=tasks.OfflineTaskConfig)  # lm-eval task from the validation text
+    lm_eval_tasks: list[str] = field(default_factory=list)  # more lm-eval tasks: names (data from the Hub) or .yaml files
+    lm_eval_batch_size: int = 8  # lm-eval requests per forward pass
+    lm_eval_limit: int | None = None  # score at most this many documents of each lm_eval_tasks task (null = all)
+    answers: bool = True  # chat data: each model answers the held-out prompts; answer_metrics score the answers
+    answer_metrics: list[str] = field(default_factory=lambda: ["exact_match", "chrf", "rouge_l"])  # `evaluate` metrics
+    answer_tokens: int = 64  # greedy new tokens per answer
+    max_answers: int | None = 20  # held-out prompts answered per model (null = all)
 
     def check(self) -> list[str]:
         problems = []
@@ -53,6 +61,16 @@ class EvaluateConfig:
             path = Path(t).expanduser()
             problem = "does not exist" if not path.is_file() else errors.file_problem(path)  # empty, not UTF-8
             problems += [f"texts: file '{t}' {problem}"] if problem else []
+        if self.lm_eval_batch_size < 1:
+            problems.append(f"lm_eval_batch_size: {self.lm_eval_batch_size} must be at least 1")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            problems.append(f"lm_eval_limit: {self.lm_eval_limit} must be at least 1, or null for all")
+        problems += tasks.check_names(self.lm_eval_tasks)
+        problems += answers.check_names(self.answer_metrics)
+        if self.answer_tokens < 1:
+            problems.append(f"answer_tokens: {self.answer_tokens} must be at least 1")
+        if self.max_answers is not None and self.max_answers < 1:
+            problems.append(f"max_answers: {self.max_answers} must be at least 1, or null for all")
         if (self.speed or self.samples) and not self.prompts:
             problems.append("prompts: give at least one prompt, or set speed and samples to false")
         return problems
@@ -70,11 +88,14 @@ def _texts(cfg: EvaluateConfig, ctx: Context, tokenizer) -> list[tuple[str, list
     return out
 
 
-def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
+def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: dict | None = None,
+                    answer_plan: dict | None = None) -> dict:
     """Every metric for one model folder; cached in its pipeline.json for unchanged settings."""
     record = read_record(folder)
+    metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
+    # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.get("fingerprint"))
+                          record.get("fingerprint"), task_plan, metrics)
     cached = record.get("scoreboard", {})
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
@@ -83,6 +104,9 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
     started = time.time()
     with PeakMemory(device) as mem:
         model, tokenizer = models.load_folder(folder, device_map=str(device))
+        chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
+        if chat and ctx.data.chat_template:
+            tokenizer.chat_template = ctx.data.chat_template
         evaluations = []
         for name, ids, text in _texts(cfg, ctx, tokenizer):
             result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
@@ -106,43 +130,74 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
         log.info("evaluate: %s prefill %.0f tok/s, generate %.1f tok/s", folder.name, row["prefill_tok_s"],
                  row["gen_tok_s"])
     if cfg.samples:
-        row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation)} for p in cfg.prompts]
+        try:
+            row["samples"] = [{"prompt": p, "output": generate(model, tokenizer, p, cfg.generation, chat=chat)}
+                              for p in cfg.prompts]
+        except ValueError as err:  # a chat recipe whose model has no chat template
+            raise StageError(f"evaluate: {folder.name}: {err}") from err
         row["decoding"] = describe(cfg.generation)
         row["repetition_4gram"] = repetition([s["output"] for s in row["samples"]])
-    if cfg.lm_eval_tasks:
-        row["lm_eval"] = lm_eval(model, tokenizer, cfg.lm_eval_tasks)
+    plan = task_plan or {}
+    if plan.get("run"):
+        row["tasks"] = tasks.run_tasks(model, tokenizer, folder, plan["run"], plan["include"], ctx.seed,
+                                       cfg.lm_eval_batch_size, cfg.lm_eval_limit, chat=chat)
+    if plan.get("skipped"):
+        row["tasks"] = {**plan["skipped"], **row.get("tasks", {})}
+    if answer_plan:
+        row["answers"] = answers.score(model, tokenizer, answer_plan["prompts"], answer_plan["metrics"],
+                                       cfg.answer_tokens)
+        log.info("evaluate: %s answers to %d held-out prompts: %s", folder.name, row["answers"]["prompts"],
+                 ", ".join(f"{k} {v}" for k, v in row["answers"]["scores"].items()))
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
     record["evaluation"] = evaluations
+    record["tasks"] = row.get("tasks", {})
+    record["answer_scores"] = row.get("answers", {}).get("scores", {})
     record["scoreboard"] = row
     write_record(folder, record)
     return row
 
 
-def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
-    """lm-eval harness scores when it is installed and its data reachable; otherwise say why and go on."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        log.warning("evaluate: lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipping")
-        return {"skipped": "lm-eval not installed"}
-    try:
-        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks)
-    except Exception as err:  # no network for task data, unknown task, ...: the rest of the report still matters
-        log.warning("evaluate: lm-eval tasks %s could not run (%s); skipping", tasks, err)
-        return {"skipped": str(err)[:300]}
-    return results.get("results", {})
+def plan_tasks(cfg: EvaluateConfig, ctx: Context) -> dict:
+    """Which lm-eval tasks every model runs (`run`, with the folders their YAML files are in) and which are
+    skipped for all of them, with the reason (`skipped`); writes the offline task into run_dir/tasks/."""
+    plan = {"run": list(cfg.lm_eval_tasks), "include": [], "skipped": {}}
+    if cfg.task.enabled:
+        try:
+            path = tasks.offline_task(ctx.data, cfg.task, ctx.seed, ctx.run_dir)
+            plan["run"].insert(0, tasks.OFFLINE_TASK)
+            plan["include"].append(path.parent)
+        except ValueError as err:
+            log.warning("evaluate: no offline task: %s", err)
+            plan["skipped"][tasks.OFFLINE_TASK] = {"skipped": str(err)}
+    missing = tasks.available()
+    if missing and plan["run"]:
+        log.warning("evaluate: %s; the lm-eval tasks %s are skipped", missing, ", ".join(plan["run"]))
+        plan["skipped"].update({t: {"skipped": missing} for t in plan["run"]})
+        plan["run"] = []
+    return plan
+
+
+def plan_answers(cfg: EvaluateConfig, ctx: Context) -> dict | None:
+    """For chat data: the held-out prompts every model answers and the metrics (or why one is missing)."""
+    if ctx.data.format != "chat" or not cfg.answers or not cfg.answer_metrics:
+        return None
+    prompts = answers.held_out(data.load_splits(ctx.data, ctx.seed), ctx.data, cfg.max_answers)
+    if not prompts:
+        log.warning("evaluate: the validation split has no conversation with an assistant turn to answer")
+        return None
+    return {"prompts": prompts, "metrics": answers.load_metrics(cfg.answer_metrics)}
 
 
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
+    plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
     for name in cfg.models:
         folder = ctx.run_dir / name
         if read_record(folder) is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
-        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx)}
+        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = read_record(folder).get("parent")
         if name == "distill":  # so the report can set the student against its teacher
