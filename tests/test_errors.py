@@ -196,6 +196,12 @@ def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
     no_folder(tmp_path / "runs" / "tiny", "load")
 
 
+def test_generate_names_a_damaged_folder(tokenizer, tmp_path, capsys):
+    folder = _truncated(tmp_path, tokenizer)
+    err = fails(["generate", folder, "Hello"], capsys)
+    assert "is truncated" in err and str(folder) in err
+
+
 def test_damaged_stage_folder(tiny_models, make_recipe, tmp_path, capsys):
     """A stage folder whose weights were cut short (a copy that failed) is named by the stage reading it."""
     recipe = make_recipe(tiny_models["gpt2"])
