@@ -359,7 +359,7 @@ def test_second_run_on_the_same_folder_is_refused_until_the_first_ends(tiny_mode
         first.send_signal(signal.SIGKILL)  # a crash: the lock must not outlive it
         first.wait()
     assert main(["run", str(recipe), "--stages", "load"]) == 0
-    assert (run_dir / "base" / "pipeline.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base"]  # the lock lives beside the run folder
 
 
 def test_wait_queues_behind_the_first_run(tiny_models, make_recipe, tmp_path):
