@@ -112,26 +112,37 @@ def examples(tokenized, block_size: int, max_examples: int | None, source: str =
     off entirely are dropped (they would have no loss at all)."""
     from pipeline.data import cap_train
 
-    def cut(row):
-        first = next((i for i, t in enumerate(row["labels"]) if t != IGNORE), len(row["labels"]))
+    def cut(row):  # response_at: where the first assistant token is; -1: the conversation has none
+        first = next((i for i, t in enumerate(row["labels"]) if t != IGNORE), -1)
         return {"input_ids": row["input_ids"][:block_size], "labels": row["labels"][:block_size],
                 "response_at": first}
 
     cut_rows = tokenized.map(cut, desc=f"Cutting conversations to {block_size} tokens")
-    kept = cut_rows.filter(lambda row: row["response_at"] < block_size, desc="Dropping empty responses")
+    kept = cut_rows.filter(lambda row: 0 <= row["response_at"] < block_size, desc="Dropping empty responses")
     for name in kept:
         dropped = len(cut_rows[name]) - len(kept[name])
         if not dropped:
             continue
-        shortest = min(cut_rows[name]["response_at"])
-        fix = (f"raise data.block_size to at least {shortest + 1} (the shortest prompt is {shortest} tokens), "
-               "or shorten the prompts")
+        starts = cut_rows[name]["response_at"]
+        silent = starts.count(-1)
+        if silent:
+            if name == "train" and silent == len(starts):
+                raise StageError(f"data.messages_column: no training conversation of '{source}' has a turn with "
+                                 "role 'assistant', so there is nothing to learn; name the model's turns "
+                                 "'assistant' (not 'gpt', 'bot', ...) and the user's 'user'")
+            log.warning("data: %d of %d %s conversations have no assistant turn and are dropped", silent,
+                        len(starts), name)
+            if silent == dropped:
+                continue
+        cut_off = [s for s in starts if s >= block_size]
+        fix = (f"raise data.block_size to at least {min(cut_off) + 1} ({max(cut_off) + 1} keeps them all: their "
+               f"prompts are {min(cut_off)} to {max(cut_off)} tokens long), or shorten the prompts")
         if name == "train" and len(kept[name]) == 0:
-            raise StageError(f"data.block_size: every one of the {dropped} training conversations of '{source}' "
+            raise StageError(f"data.block_size: every one of the {len(cut_off)} training conversations of '{source}' "
                              f"has its assistant turns cut off by data.block_size {block_size}, so none has a "
                              f"token to learn; {fix}")
         log.warning("data: %d of %d %s conversations lose every assistant token to data.block_size %d and are "
-                    "dropped; %s", dropped, len(cut_rows[name]), name, block_size, fix)
+                    "dropped; %s", len(cut_off), len(starts), name, block_size, fix)
     return cap_train(kept.remove_columns("response_at"), max_examples)
 
 

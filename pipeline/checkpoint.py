@@ -87,8 +87,11 @@ def staging(final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-LOCK = ".lock"  # flock'ed while a run uses the folder; the OS drops it when the process ends, even killed
-LOCK_HOLDER = ".lock-holder.json"  # who holds it, for the message the next run gets
+def lock_files(run_dir: Path) -> tuple[Path, Path]:
+    """Beside the run folder (which stays a plain folder of results): the lock, flock'ed while a run uses
+    the folder (the OS drops it when the process ends, even killed), and who holds it, for the next run."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.lock", run_dir.parent / f".{run_dir.name}.lock.json"
 
 
 def writable_run_dir(run_dir: Path) -> None:
@@ -114,8 +117,8 @@ def run_lock(run_dir: Path, wait: bool = False):
         yield
         return
     writable_run_dir(run_dir)
-    lock = FileLock(str(Path(run_dir) / LOCK), timeout=-1 if wait else 0)
-    holder = Path(run_dir) / LOCK_HOLDER
+    lock_path, holder = lock_files(run_dir)
+    lock = FileLock(str(lock_path), timeout=-1 if wait else 0)
     try:
         if wait and lock_holder(run_dir):
             log.info("run folder %s is in use (%s); waiting for it", run_dir, lock_holder(run_dir))
@@ -139,7 +142,7 @@ def run_lock(run_dir: Path, wait: bool = False):
 def lock_holder(run_dir: Path) -> str | None:
     """'PID 123 on host, started ...' for the run that holds the folder, if it said."""
     try:
-        info = json.loads((Path(run_dir) / LOCK_HOLDER).read_text())
+        info = json.loads(lock_files(run_dir)[1].read_text())
         return f"PID {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
     except (OSError, ValueError, KeyError):
         return None

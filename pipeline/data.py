@@ -223,6 +223,13 @@ def require_text_column(split, column: str, key: str, cfg: DataConfig) -> None:
         raise StageError(f"data.{key}: column '{column}' of '{cfg.source}' holds {describe(split.features[column])}, "
                          f"not text{where}; fix the data, or set data.{key} to a text column"
                          + (f" ({', '.join(texts)})" if texts else " (this data has none)"))
+    values = split.data.column(column)  # the table under the split: row numbers are the file's
+    if values.null_count:
+        import pyarrow.compute as pc
+
+        first = pc.index(pc.is_null(values), True).as_py()
+        raise StageError(f"data.{key}: {values.null_count} of {len(values)} rows of '{cfg.source}' have no "
+                         f"'{column}' (the first is row {first + 1}); give every row one, or remove those rows")
 
 
 def _checked(dsd, cfg: DataConfig):

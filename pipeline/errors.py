@@ -111,8 +111,8 @@ def explain(err: BaseException) -> StageError | None:
             return StageError(f"disk full while writing '{e.filename or where}': {mb(free_bytes(where) or 0)} free; "
                               "free some space or set output_dir to a larger disk, then run the same command again")
         if isinstance(e, OSError) and e.errno in NOT_WRITABLE and e.filename:
-            return StageError(f"cannot write '{e.filename}' ({e.strerror}); check its permissions, or set "
-                              "output_dir to a folder you can write")
+            return StageError(f"cannot access '{e.filename}' ({e.strerror}); check its permissions (for output, "
+                              "set output_dir to a folder you can write)")
         if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (GPU)
             return StageError("out of GPU memory: lower the stage's batch_size (raise grad_accum to keep the "
                               "effective batch), lower data.block_size, or set gradient_checkpointing: true")

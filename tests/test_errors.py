@@ -76,6 +76,11 @@ DATA_CASES = [
      {"validation_percent": 2}, ["validation split", "data.block_size 64", "validation_percent"]),
     ("csv-ragged-row", "d.csv", "text\n" + "".join(f"row {i}\n" for i in range(5)) + "a,b,c\n", {},
      ["d.csv", "line 7"]),
+    ("text-missing-in-some-rows", "d.jsonl", lines(DOCS[:4]) + '{"title": "no text"}\n' + lines(DOCS[4:]), {},
+     ["data.text_column", "1 of 41 rows", "row 5"]),
+    ("chat-no-assistant-turns", "c.jsonl", lines({"messages": [{"role": "human", "content": "hi"},
+                                                              {"role": "gpt", "content": "hello"}]} for _ in range(10)),
+     CHAT, ["role 'assistant'", "'gpt'"]),
     ("chat-one-conversation", "c.jsonl", lines(CHATS[:1]), CHAT, ["1 conversation"]),
     ("chat-missing-columns", "c.jsonl", lines({"question": "q", "answer": "a"} for _ in range(10)), CHAT,
      ["question, answer", "data.messages_column", "data.prompt_column"]),
@@ -189,6 +194,12 @@ def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
     for needle in needles:
         assert needle in err, (needle, err)
     no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+def test_generate_names_a_damaged_folder(tokenizer, tmp_path, capsys):
+    folder = _truncated(tmp_path, tokenizer)
+    err = fails(["generate", folder, "Hello"], capsys)
+    assert "is truncated" in err and str(folder) in err
 
 
 def test_damaged_stage_folder(tiny_models, make_recipe, tmp_path, capsys):
@@ -348,7 +359,7 @@ def test_second_run_on_the_same_folder_is_refused_until_the_first_ends(tiny_mode
         first.send_signal(signal.SIGKILL)  # a crash: the lock must not outlive it
         first.wait()
     assert main(["run", str(recipe), "--stages", "load"]) == 0
-    assert (run_dir / "base" / "pipeline.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base"]  # the lock lives beside the run folder
 
 
 def test_wait_queues_behind_the_first_run(tiny_models, make_recipe, tmp_path):
