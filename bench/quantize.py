@@ -15,7 +15,8 @@ from pathlib import Path
 
 import common
 
-METHODS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4"]
+METHODS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4",
+           "gguf-f16", "gguf-q8_0", "gguf-q5_0", "gguf-q5_1", "gguf-q4_0", "gguf-q4_1"]  # GGUF: the file, as transformers reloads it
 PROMPTS = ["The Python interpreter reads a program and", "In the history of the English language,"]
 
 
