@@ -9,7 +9,7 @@ import torch
 from gguf import GGUFReader, TokenType
 from transformers import AutoModelForCausalLM
 
-from pipeline import data, gguf_export, models, push, recipe
+from pipeline import data, gguf_export, llamacpp, models, push, recipe
 from pipeline.cli import main
 from pipeline.metrics import perplexity
 from tiny import record as _record
@@ -187,6 +187,13 @@ def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_r
     report = {r["name"]: r for r in json.loads((out.parent / "report.json").read_text())["models"]}
     assert report["quantize"]["perplexity"] == pytest.approx(rows["gguf-q4_0"]["perplexity"], rel=1e-6)
     assert report["quantize"]["params"] == report["base"]["params"]
+    if llamacpp.available():  # llama.cpp's own score of the same file and tokens (tests/test_llamacpp.py checks more)
+        ours = report["quantize"]["llamacpp"]
+        assert ours["evaluations"][0]["perplexity"] == pytest.approx(report["quantize"]["perplexity"], rel=0.01)
+        assert ours["tokenization_matches"] and ours["gen_tok_s"] > 0
+    else:
+        assert report["quantize"]["llamacpp"] == {"skipped": "llama-cpp-python not installed"}
+    assert "llamacpp" not in report["base"]
     card = (out / "README.md").read_text()
     meta = card.split("---")[1]
     assert "library_name: gguf" in meta and "- gguf" in meta

@@ -37,6 +37,7 @@ class EvaluateConfig:
     samples: bool = True  # write generation samples from each model into the report
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding for the samples
     lm_eval_tasks: list[str] = field(default_factory=list)  # optional lm-eval harness tasks (needs lm-eval + data)
+    llamacpp: bool = True  # GGUF folders: also llama.cpp's own perplexity and speed, if llama-cpp-python is installed
 
     def check(self) -> list[str]:
         problems = []
@@ -81,7 +82,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
     with PeakMemory(device) as mem:
         model, tokenizer = models.load_folder(folder, device_map=str(device))
         evaluations = []
-        for name, ids, text in _texts(cfg, ctx, tokenizer):
+        texts = _texts(cfg, ctx, tokenizer)
+        for name, ids, text in texts:
             result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
             result["dataset"] = name
             if cfg.word_level:
@@ -108,12 +110,30 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context) -> dict:
         row["repetition_4gram"] = repetition([s["output"] for s in row["samples"]])
     if cfg.lm_eval_tasks:
         row["lm_eval"] = lm_eval(model, tokenizer, cfg.lm_eval_tasks)
+    gguf = models.gguf_file(folder) if cfg.llamacpp else None
+    if gguf is not None:
+        row["llamacpp"] = llamacpp_scores(gguf, tokenizer, texts, cfg)
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
     record["evaluation"] = evaluations
     record["scoreboard"] = row
     write_record(folder, record)
     return row
+
+
+def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
+    """llama.cpp's own perplexity (same token ids, same windows) and speed for a GGUF file, when installed."""
+    from pipeline import llamacpp
+
+    if not llamacpp.available():
+        log.info("evaluate: %s is GGUF; install llama-cpp-python for llama.cpp's own perplexity and speed (%s)",
+                 path.name, llamacpp.INSTALL)
+        return {"skipped": "llama-cpp-python not installed"}
+    result = llamacpp.evaluate(path, tokenizer, texts, cfg.context, cfg.stride, cfg.prompts, cfg.new_tokens)
+    log.info("evaluate: %s in llama.cpp: perplexity %.3f, generate %.1f tok/s, tokenization %s", path.name,
+             result["evaluations"][0]["perplexity"], result["gen_tok_s"],
+             "matches" if result["tokenization_matches"] else "DIFFERS from the Hugging Face tokenizer")
+    return result
 
 
 def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
