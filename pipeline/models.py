@@ -197,17 +197,35 @@ def peek_config(source: Source | None, trust_remote_code: bool = False):
         return None
 
 
+def gguf_special_tokens(path: Path) -> dict[str, str]:
+    """bos/eos/unk/pad tokens named by a GGUF file's `tokenizer.ggml.*_token_id` keys."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    out = {}
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        field = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None and tokens is not None and int(field.contents()) < len(tokens.data):
+            part = tokens.parts[tokens.data[int(field.contents())]]
+            out[key] = bytes(part).decode("utf-8")
+    return out
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
-    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         if source.gguf_file:
             # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
             # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
-            tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file)
-            cfg = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-            if cfg.eos_token_id is not None:
-                tok.eos_token = tok.convert_ids_to_tokens(int(cfg.eos_token_id))
+            # The file's own special tokens, passed in: transformers' GGUF tokenizer reads only their ids and
+            # otherwise adds "<s>"/"</s>" as new tokens (GPT-2) or swaps BOS and EOS (Llama converter).
+            special = gguf_special_tokens(Path(source.path) / source.gguf_file)
+            tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file, **special)
+            for key, token in special.items():
+                setattr(tok, key, token)
+            cfg = gguf_config(source)
             tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
         else:
             tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
@@ -224,6 +242,18 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     return tok
 
 
+def gguf_config(source: Source):
+    """The config transformers reads from a GGUF file's metadata, with GPT-2's context length put where
+    GPT2Config keeps it: the loader maps `gpt2.context_length` to `n_ctx` only, so `n_positions` (the
+    position-embedding rows) would stay at its default 1024 and any other length fail to load."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
+        config.n_positions = config.n_ctx
+    return config
+
+
 def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     """AutoModelForCausalLM from any source; safetensors only, never pickled weights."""
     from transformers import AutoModelForCausalLM
@@ -232,7 +262,8 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
         check_weights(source.path)
     try:
         if source.gguf_file:
-            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                                         config=gguf_config(source), **kwargs)
             # GGUF weights are dequantized on load; the leftover config entry breaks save_pretrained.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
@@ -267,12 +298,36 @@ def load_openvino(folder: str | Path):
     return OVModelForCausalLM.from_pretrained(folder)
 
 
+def gguf_file(folder: str | Path) -> Path | None:
+    """The GGUF file of a GGUF model folder (as the quantize stage's gguf-* candidates write it, or a
+    .gguf path itself); None for other folders. A folder with several .gguf files is ambiguous."""
+    folder = Path(folder)
+    if folder.suffix == ".gguf" and folder.is_file():
+        return folder
+    if (folder / "config.json").is_file() or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) > 1:
+        raise ModelSourceError(f"'{folder}' holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); "
+                               "give the path of the one to load")
+    return files[0] if files else None
+
+
 def load_folder(folder: str | Path, **kwargs):
-    """Model and tokenizer from a stage folder written by this pipeline (transformers or OpenVINO), or any
-    model folder."""
+    """Model and tokenizer from a stage folder written by this pipeline (transformers, OpenVINO or GGUF), or
+    any model folder. A GGUF model is the file itself, dequantized by transformers' GGUF loader; its
+    tokenizer comes from the tokenizer files saved beside it when there are some (the exact tokenizer the
+    file was written from), else from the file's own vocabulary."""
+    gguf = gguf_file(folder)
+    if gguf is not None:
+        model = load_model(Source("gguf", str(gguf.parent), gguf.name), **kwargs)
+        has_files = (gguf.parent / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(Source("folder", str(gguf.parent)) if has_files else
+                                   Source("gguf", str(gguf.parent), gguf.name))
+        return model, tokenizer
     if not (Path(folder) / "config.json").is_file():
-        raise ModelSourceError(f"'{folder}' is not a model folder (no config.json); give a stage output folder "
-                               "such as runs/quickstart/finetune")
+        raise ModelSourceError(f"'{folder}' is not a model folder (no config.json, no .gguf file); give a stage "
+                               "output folder such as runs/quickstart/finetune")
     source = Source("folder", str(folder))
     if is_openvino(folder):  # device_map and the like are torch loading options; OpenVINO picks its own
         return load_openvino(folder), load_tokenizer(source)

@@ -3,10 +3,13 @@
 `bnb-*` (bitsandbytes) write a transformers folder whose config.json carries the
 `quantization_config`, so `AutoModelForCausalLM.from_pretrained` reloads it. `openvino-*` export
 through optimum-intel with NNCF weight compression and write an OpenVINO IR folder
-(`openvino_model.xml/.bin`) that `OVModelForCausalLM.from_pretrained` reloads. Both quantize weights
-only: quantizing activations too (dynamic int8) wrecks models this small."""
+(`openvino_model.xml/.bin`) that `OVModelForCausalLM.from_pretrained` reloads. `gguf-*` write a GGUF
+folder (`<model>-Q8_0.gguf` and the tokenizer files) for llama.cpp, Ollama and LM Studio; it is scored
+as the file itself, reloaded with transformers' `gguf_file=` (pipeline/gguf_export.py). All quantize
+weights only: quantizing activations too (dynamic int8) wrecks models this small."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +19,12 @@ import torch
 
 from pipeline import models
 
-Method = Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4"]
+Method = Literal["bnb-int8", "bnb-nf4", "bnb-fp4", "openvino-int8", "openvino-int4",
+                 "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1"]
 BITS = {"bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4, "openvino-int8": 8, "openvino-int4": 4}
+# GGUF types as llama.cpp names them; bits of the main weight type (Q8_0 stores 8.5 bits a weight, with scales)
+GGUF_BITS = {"gguf-f16": 16, "gguf-q8_0": 8, "gguf-q4_0": 4, "gguf-q4_1": 4, "gguf-q5_0": 5, "gguf-q5_1": 5}
+BITS.update(GGUF_BITS)
 # Which methods each option applies to; setting it on another method is a recipe error.
 OPTIONS = {
     "threshold": ("bnb-int8",),
@@ -107,6 +114,8 @@ class Candidate:
 
     @property
     def backend(self) -> str:
+        if self.method in GGUF_BITS:
+            return "gguf"
         return "bitsandbytes" if self.method.startswith("bnb-") else "openvino"
 
     @property
@@ -116,6 +125,8 @@ class Candidate:
 
 def unavailable(cand: Candidate, device: torch.device) -> str | None:
     """Why `cand` cannot run on this machine, or None if it can."""
+    if cand.backend == "gguf":  # written in numpy, read back by transformers: any device
+        return None if importlib.util.find_spec("gguf") else "needs the gguf package: pip install gguf"
     if cand.backend == "bitsandbytes":
         if device.type == "mps":
             return "bitsandbytes does not run on Apple MPS; use an openvino-* candidate, or run on CPU/CUDA"
@@ -216,7 +227,10 @@ class Calibration:
 
 def quantize(cand: Candidate, source: Path, device: torch.device, trust_remote_code: bool = False,
              calibration: Calibration | None = None):
-    """The full-precision model folder `source`, quantized in memory (not yet saved)."""
+    """The full-precision model folder `source`, quantized in memory (not yet saved); for GGUF, the export
+    to write on `save`."""
+    if cand.backend == "gguf":
+        return gguf_export(cand, source, trust_remote_code)
     if cand.backend == "bitsandbytes":
         return models.load_model(models.Source("folder", str(source)), trust_remote_code=trust_remote_code,
                                  quantization_config=bnb_config(cand), device_map=str(device))
@@ -249,7 +263,28 @@ def save(model, folder: Path) -> None:
         model.save_pretrained(folder)
 
 
+def gguf_export(cand: Candidate, source: Path, trust_remote_code: bool = False):
+    """The GGUF export of `source`; the file is named after the recipe that made the folder (or the folder)."""
+    from pipeline.checkpoint import read_record
+    from pipeline.gguf_export import GGUFExport
+
+    name = (read_record(source) or {}).get("recipe") or Path(source).name
+    return GGUFExport(Path(source), cand.method.removeprefix("gguf-"), name, trust_remote_code)
+
+
+def describe_gguf(cand: Candidate) -> str:
+    from pipeline.gguf_export import TYPES
+
+    label = TYPES[cand.method.removeprefix("gguf-")][2]
+    if label in ("F16", "Q8_0"):
+        return f"GGUF {label} weights for llama.cpp/Ollama (norms and biases F32)"
+    return (f"GGUF {label} weights for llama.cpp/Ollama (output head / tied embedding Q8_0, as llama.cpp keeps "
+            "it at higher precision; norms and biases F32)")
+
+
 def describe(cand: Candidate) -> str:
+    if cand.backend == "gguf":
+        return describe_gguf(cand)
     if cand.method == "bnb-int8":
         return f"bitsandbytes LLM.int8 weights (outlier threshold {bnb_config(cand).llm_int8_threshold})"
     if cand.backend == "bitsandbytes":
@@ -279,6 +314,8 @@ def grid(cand: Candidate) -> dict | None:
     if cand.method == "openvino-int4":
         return {"bits": 4, "group_size": 128 if cand.group_size is None else cand.group_size,
                 "symmetric": bool(cand.sym)}
+    if cand.method in ("gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1"):  # llama.cpp blocks of 32 weights
+        return {"bits": int(cand.method[6]), "group_size": 32, "symmetric": cand.method.endswith("_0")}
     return None
 
 
@@ -287,6 +324,8 @@ def versions(cand: Candidate) -> dict:
     import importlib.metadata as md
 
     packages = ["bitsandbytes"] if cand.backend == "bitsandbytes" else ["optimum-intel", "optimum", "openvino", "nncf"]
+    if cand.backend == "gguf":
+        packages = ["gguf"]
     out = {}
     for package in packages:
         try:

@@ -43,6 +43,7 @@ class Recipe:
                 problems.append(f"model: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
+        problems += self._check_gguf(source)
         for stage in ("finetune", "prune", "distill", "quantize"):
             value = getattr(self, stage).input
             adapter = stage == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
@@ -68,6 +69,22 @@ class Recipe:
             except StageError as err:
                 problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
         return problems
+
+    def _check_gguf(self, source) -> list[str]:
+        """gguf-* candidates against the model's architecture, when its config can be read now."""
+        from pipeline import gguf_export
+
+        methods = {i: c.method for i, c in enumerate(self.quantize.candidates)
+                   if isinstance(c.method, str) and c.method.startswith("gguf-")}
+        if not self.quantize.enabled or not methods:
+            return []
+        folder = self.quantize.input if self.quantize.input != "auto" else None
+        config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
+        problem = gguf_export.unsupported(config) if config is not None else None
+        if problem is None:
+            return []
+        return [f"quantize.candidates[{i}].method: {method} cannot write this model: {problem}. Remove the gguf-* "
+                "candidates or use bnb-*/openvino-* ones" for i, method in methods.items()]
 
     @property
     def run_dir(self) -> Path:

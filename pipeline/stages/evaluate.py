@@ -45,6 +45,7 @@ class EvaluateConfig:
     answer_metrics: list[str] = field(default_factory=lambda: ["exact_match", "chrf", "rouge_l"])  # `evaluate` metrics
     answer_tokens: int = 64  # greedy new tokens per answer
     max_answers: int | None = 20  # held-out prompts answered per model (null = all)
+    llamacpp: bool = True  # GGUF folders: also llama.cpp's own perplexity and speed, if llama-cpp-python is installed
 
     def check(self) -> list[str]:
         problems = []
@@ -108,7 +109,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         if chat and ctx.data.chat_template:
             tokenizer.chat_template = ctx.data.chat_template
         evaluations = []
-        for name, ids, text in _texts(cfg, ctx, tokenizer):
+        texts = _texts(cfg, ctx, tokenizer)
+        for name, ids, text in texts:
             result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
             result["dataset"] = name
             if cfg.word_level:
@@ -148,6 +150,9 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
                                        cfg.answer_tokens)
         log.info("evaluate: %s answers to %d held-out prompts: %s", folder.name, row["answers"]["prompts"],
                  ", ".join(f"{k} {v}" for k, v in row["answers"]["scores"].items()))
+    gguf = models.gguf_file(folder) if cfg.llamacpp else None
+    if gguf is not None:
+        row["llamacpp"] = llamacpp_scores(gguf, tokenizer, texts, cfg)
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
     record["evaluation"] = evaluations
@@ -187,6 +192,37 @@ def plan_answers(cfg: EvaluateConfig, ctx: Context) -> dict | None:
         log.warning("evaluate: the validation split has no conversation with an assistant turn to answer")
         return None
     return {"prompts": prompts, "metrics": answers.load_metrics(cfg.answer_metrics)}
+
+
+def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
+    """llama.cpp's own perplexity (same token ids, same windows) and speed for a GGUF file, when installed."""
+    from pipeline import llamacpp
+
+    if not llamacpp.available():
+        log.info("evaluate: %s is GGUF; install llama-cpp-python for llama.cpp's own perplexity and speed (%s)",
+                 path.name, llamacpp.INSTALL)
+        return {"skipped": "llama-cpp-python not installed"}
+    result = llamacpp.evaluate(path, tokenizer, texts, cfg.context, cfg.stride, cfg.prompts, cfg.new_tokens)
+    log.info("evaluate: %s in llama.cpp: perplexity %.3f, generate %.1f tok/s, tokenization %s", path.name,
+             result["evaluations"][0]["perplexity"], result["gen_tok_s"],
+             "matches" if result["tokenization_matches"] else "DIFFERS from the Hugging Face tokenizer")
+    return result
+
+
+def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
+    """lm-eval harness scores when it is installed and its data reachable; otherwise say why and go on."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        log.warning("evaluate: lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipping")
+        return {"skipped": "lm-eval not installed"}
+    try:
+        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks)
+    except Exception as err:  # no network for task data, unknown task, ...: the rest of the report still matters
+        log.warning("evaluate: lm-eval tasks %s could not run (%s); skipping", tasks, err)
+        return {"skipped": str(err)[:300]}
+    return results.get("results", {})
 
 
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:

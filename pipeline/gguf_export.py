@@ -1,0 +1,337 @@
+"""GGUF export: a transformers model folder as one `.gguf` file that llama.cpp, Ollama and LM Studio run.
+
+Written with the `gguf` package the way llama.cpp's own `convert_hf_to_gguf.py` lays a model out: its
+tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / chat template, and
+`gguf.quants` for the weight types it can write in numpy (F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+
+Layout rules llama.cpp expects: GPT-2's `Conv1D` weights are stored transposed (as Linear weights);
+Llama's q/k projection rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved
+rope order; a tied embedding is written once (llama.cpp and transformers both reuse `token_embd` as the
+output head when `output.weight` is absent). Norms and biases stay F32. The output head (or the tied
+embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's `llama-quantize` gives it Q6_K
+(Q8_0 where the width is not a multiple of 256), and `gguf` cannot write K-quants.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("pipeline")
+
+# transformers model_type -> GGUF architecture; both llama.cpp and transformers' GGUF loader run these.
+ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama"}
+SUPPORTED = "gpt2 (GPT-2, DistilGPT2) and llama (Llama, SmolLM/SmolLM2, TinyLlama-style BPE models)"
+# type -> (GGML tensor type, llama.cpp file type, label used in file names and Ollama tags)
+TYPES = {
+    "f16": ("F16", "MOSTLY_F16", "F16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0", "Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1", "Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0", "Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1", "Q5_1"),
+}
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) for the byte-level BPE pre-tokenizers we recognise.
+# llama.cpp picks the split regex by this name; without one it falls back to a default split and warns
+# that generation quality will be degraded.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    "gpt-2": "GPT-2's byte-level regex (ByteLevel with use_regex)",
+    "smollm": "SmolLM's single-digit split, then GPT-2's byte-level regex",
+    "llama-bpe": "Llama 3's split regex, then ByteLevel",
+}
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written as GGUF (architecture, tokenizer, layout); the message says what can."""
+
+
+def unsupported(config) -> str | None:
+    """Why a model with this config cannot be exported to GGUF, or None if it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"GGUF export supports {SUPPORTED}; this model is '{model_type}'"
+    if model_type == "gpt2":
+        inner = config.n_inner or 4 * config.n_embd
+        if inner != 4 * config.n_embd:  # transformers' GGUF loader reads no n_inner: it could not reload this
+            return (f"GGUF export of GPT-2 needs the standard MLP width 4 x n_embd = {4 * config.n_embd} "
+                    f"(transformers' GGUF loader has no key for n_inner); this model has n_inner={inner}")
+        if config.activation_function != "gelu_new":
+            return f"GGUF GPT-2 runs gelu_new (tanh GELU); this model uses {config.activation_function}"
+    else:
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            return "GGUF export of Llama models writes no attention/MLP biases; this model has attention_bias/mlp_bias"
+        if config.hidden_act != "silu":
+            return f"GGUF llama runs SiLU MLPs; this model uses {config.hidden_act}"
+        rope = _rope(config)
+        if rope.get("rope_type", "default") not in ("default", "linear", "yarn", "llama3"):
+            return f"GGUF export writes default, linear, yarn and llama3 rope scaling; this model uses {rope['rope_type']}"
+    return None
+
+
+def filename(name: str, qtype: str) -> str:
+    """`<model>-Q8_0.gguf`, as GGUF repos on the Hub name their files (Ollama's `:Q8_0` tag matches it)."""
+    return f"{name}-{TYPES[qtype][2]}.gguf"
+
+
+@dataclass
+class GGUFExport:
+    """A pending export, so the quantize stage can treat GGUF like its other backends: `save_pretrained`
+    writes the file into a folder (the stage then adds the tokenizer files beside it)."""
+
+    source: Path
+    qtype: str
+    name: str
+    trust_remote_code: bool = False
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return write(self.source, folder / filename(self.name, self.qtype), self.qtype, self.name,
+                     self.trust_remote_code)
+
+
+def _rope(config) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(rope)
+
+
+def pre_tokenizer(tokenizer, source: Path | None = None) -> str:
+    """llama.cpp's pre-tokenizer name for `tokenizer`. The source GGUF's own name wins when the model came
+    from one (e.g. "smollm" for SmolLM2): transformers' GGUF loader rebuilds every llama-arch BPE tokenizer
+    with the plain GPT-2 regex, so its structure no longer tells SmolLM's digit split apart."""
+    inherited = source_pre(source) if source is not None else None
+    if inherited:
+        return inherited
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+            and not steps[1].get("use_regex", True)):
+        return "llama-bpe"
+    known = "; ".join(f"{k}: {v}" for k, v in PRE_TOKENIZERS.items())
+    raise GGUFExportError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) matches none "
+                          f"llama.cpp knows by name here ({known})")
+
+
+def source_pre(folder: Path) -> str | None:
+    """`tokenizer.ggml.pre` of the GGUF file this stage folder's lineage was loaded from, if any."""
+    from gguf import GGUFReader
+
+    from pipeline.checkpoint import read_record
+
+    seen = set()
+    record = read_record(folder)
+    while record and record.get("stage") != "base" and record.get("parent") and record["parent"] not in seen:
+        seen.add(record["parent"])
+        parent = Path(record["parent"])
+        record = read_record(parent) or read_record(parent.parent)  # a finetune adapter/ sits in its stage
+    parent = Path(str((record or {}).get("parent") or ""))
+    if not (record and record.get("stage") == "base" and parent.suffix == ".gguf" and parent.is_file()):
+        return None
+    field = GGUFReader(parent).fields.get("tokenizer.ggml.pre")
+    return str(field.contents()) if field is not None else None
+
+
+def vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types: special added tokens CONTROL, other added ones USER_DEFINED, ids the
+    embedding has but the tokenizer lacks padded as `[PAD<id>]`, as llama.cpp's converter does."""
+    from gguf import TokenType
+
+    if json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] != "BPE":
+        raise GGUFExportError("GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM); this "
+                              "tokenizer is not BPE (SentencePiece models are not supported yet)")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= n_vocab:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary has {n_vocab}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL if i not in added else
+                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    return tokens, [int(t) for t in types]
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's rotate-half q/k rows -> llama.cpp's interleaved pairs (per head)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in Hugging Face's (out, in) layout) for every weight, tied ones once."""
+    import gguf
+
+    cfg = model.config
+    layers = cfg.num_hidden_layers
+    names = gguf.get_tensor_name_map(arch, layers)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    out = []
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name.startswith("lm_head."):
+            continue
+        if hf_name.endswith((".attn.bias", ".attn.masked_bias")):  # GPT-2's causal-mask buffers (older saves)
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GGUFExportError(f"tensor '{hf_name}' has no GGUF name for {cfg.model_type}")
+        w = t.detach().float().cpu().numpy()
+        if cfg.model_type == "gpt2" and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            w = w.T  # Conv1D stores (in, out)
+        if cfg.model_type == "llama":
+            if hf_name.endswith("q_proj.weight"):
+                w = _permute(w, cfg.num_attention_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                w = _permute(w, cfg.num_key_value_heads)
+        out.append((name, np.ascontiguousarray(w)))
+    return out
+
+
+def tensor_type(name: str, w: np.ndarray, qtype: str, tied: bool):
+    """The GGML type of one tensor under file type `qtype` (see the module docstring)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if w.ndim < 2 or name == "position_embd.weight":  # norms, biases; llama.cpp keeps position embeddings F32
+        return Q.F32
+    wanted = Q[TYPES[qtype][0]]
+    if qtype not in ("f16", "q8_0") and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        wanted = Q.Q8_0
+    if wanted != Q.F16 and w.shape[-1] % GGML_QUANT_SIZES[wanted][0]:
+        return Q.F16  # a row that does not fill whole blocks: llama.cpp falls back the same way
+    return wanted
+
+
+def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: bool = False) -> Path:
+    """Write the model folder `source` (weights, config and tokenizer files) as the GGUF file `out`."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    problem = unsupported(config)
+    if problem:
+        raise GGUFExportError(problem)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    arch = gguf.MODEL_ARCH.GPT2 if config.model_type == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    weights = tensors(model, arch)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    tied = not any(n == "output.weight" for n, _ in weights)
+    tokens, types = vocab(tokenizer, n_vocab)
+    pre = pre_tokenizer(tokenizer, source)
+
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[TYPES[qtype][1]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _hyperparameters(writer, config, n_vocab)
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise GGUFExportError(f"no BPE merges found in {source}/tokenizer.json")
+    # the tokenizer object is the truth for ids and for whether BOS/EOS are added (SpecialVocab reads files)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id")
+        if token_id is not None:
+            special.special_token_ids[kind] = int(token_id)
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    special.add_special_token["bos"] = len(full) > len(plain) and full[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
+    if special.chat_template is None and tokenizer.chat_template:
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+
+    counts: dict[str, int] = {}
+    for tname, w in weights:
+        kind = tensor_type(tname, w, qtype, tied)
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tname, w.astype(np.float32))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(tname, w.astype(np.float16))
+        else:
+            writer.add_tensor(tname, gguf.quants.quantize(w, kind), raw_dtype=kind)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    tmp.replace(out)
+    log.info("gguf: wrote %s (%s, tensors: %s, pre-tokenizer %s)", out.name, TYPES[qtype][2],
+             ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), pre)
+    return out
+
+
+def _hyperparameters(writer, config, n_vocab: int) -> None:
+    """The architecture keys llama.cpp reads (and transformers' GGUF loader maps back to a config)."""
+    import gguf
+
+    if config.model_type == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        return
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = _rope(config)
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind == "llama3":  # llama.cpp takes Llama 3.x scaling as per-frequency factors, a `rope_freqs` tensor
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, head_dim))
+
+
+def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rope scaling as the divisor of each rotary frequency."""
+    base, factor = float(rope["rope_theta"]), float(rope["factor"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope["original_max_position_embeddings"])
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = np.where(wavelen < old_ctx / high, 1.0,
+                       np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)

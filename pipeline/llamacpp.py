@@ -1,0 +1,98 @@
+"""llama.cpp as a client of GGUF folders, through `llama-cpp-python` (the optional `[llamacpp]` extra,
+built from source: `make install-llamacpp`). Perplexity with the same sliding windows as the rest of the
+pipeline, on token ids given by the caller (so llama.cpp and transformers score identical tokens), the
+tokenization check, and prefill / greedy generation speed, all with llama.cpp's own kernels."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.metrics import windows
+
+INSTALL = "pip install llama-cpp-python (builds llama.cpp from source; `make install-llamacpp`)"
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(path: str | Path, context: int, threads: int | None = None):
+    """`llama_cpp.Llama` for a .gguf file, keeping the logits of every position (perplexity needs them)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=max(context, 64), n_batch=max(context, 64), logits_all=True,
+                 n_threads=threads, verbose=False)
+
+
+def tokenize(llm, text: str) -> list[int]:
+    """llama.cpp's tokenization of plain text (no BOS, special-token text not parsed), to set against
+    `tokenizer(text, add_special_tokens=False)`."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    top = rows.max(axis=-1, keepdims=True)
+    return rows - top - np.log(np.exp(rows - top).sum(axis=-1, keepdims=True))
+
+
+def perplexity(llm, ids: list[int], context: int, stride: int, max_tokens: int | None = None) -> dict:
+    """Token-level perplexity of `ids` in llama.cpp: the windows of `pipeline.metrics.perplexity`, each
+    evaluated from an empty KV cache, every token scored once."""
+    ids = ids[:max_tokens] if max_tokens else ids
+    nll, scored = 0.0, 0
+    for begin, end, k in windows(len(ids), context, stride):
+        window = ids[begin:end]
+        llm.reset()
+        llm.eval(window)
+        logp = _log_softmax(np.asarray(llm.scores[: len(window) - 1]))
+        targets = np.asarray(window[1:])
+        token_lp = logp[np.arange(len(targets)), targets]
+        nll -= float(token_lp[-k:].sum())
+        scored += k
+    return {"perplexity": math.exp(nll / scored), "nll": nll / scored, "scored_tokens": scored,
+            "context": context, "stride": stride}
+
+
+def speed(llm, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Prefill and greedy-generation tokens/s over token-id prompts, after one warm-up prompt."""
+    def one(prompt):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([token])
+        return prefill, time.perf_counter() - started
+
+    one(prompts[0])
+    timed = [one(p) for p in prompts]
+    return {"prefill_tok_s": round(sum(len(p) for p in prompts) / sum(t[0] for t in timed), 1),
+            "gen_tok_s": round(len(prompts) * new_tokens / sum(t[1] for t in timed), 2)}
+
+
+def evaluate(path: str | Path, tokenizer, texts: list[tuple[str, list[int], str]], context: int, stride: int,
+             prompts: list[str], new_tokens: int) -> dict:
+    """llama.cpp's view of one GGUF file: perplexity per text on the caller's token ids, whether its own
+    tokenizer splits a sample as the Hugging Face tokenizer does, and speed."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    llm = load(path, max(context, max(len(p) for p in prompt_ids) + new_tokens))
+    out = {"evaluations": [], "file": Path(path).name}
+    for name, ids, _ in texts:
+        out["evaluations"].append({"dataset": name, **perplexity(llm, ids, context, stride)})
+    sample = tokenizer.decode(texts[0][1][:200])
+    out["tokenization_matches"] = tokenize(llm, sample) == tokenizer(sample, add_special_tokens=False)["input_ids"]
+    out.update(speed(llm, prompt_ids, new_tokens))
+    import llama_cpp
+
+    out["llama_cpp_python"] = llama_cpp.__version__
+    return out

@@ -1,0 +1,220 @@
+"""GGUF export: tiny GPT-2 and Llama written as GGUF, read back by transformers (`gguf_file=`) and by
+`gguf.GGUFReader`; the gguf-* quantize candidates through the gate, evaluate and generate."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader, TokenType
+from transformers import AutoModelForCausalLM
+
+from pipeline import data, gguf_export, llamacpp, models, push, recipe
+from pipeline.cli import main
+from pipeline.metrics import perplexity
+from tiny import record as _record
+
+IDS = torch.arange(1, 33).unsqueeze(0)
+TEXT = "The Python interpreter reads 2024 lines:\n\tdef f(x): return x ** 2  # café, naïve — ok?"
+# max |logit difference| to the float32 source: a random tiny model's logits are within about ±1
+TOLERANCE = {"f16": 2e-3, "q8_0": 0.03, "q5_0": 0.15, "q5_1": 0.15, "q4_0": 0.3, "q4_1": 0.3}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS, attention_mask=torch.ones_like(IDS)).logits
+
+
+def fields(path) -> dict:
+    reader = GGUFReader(path)
+    out = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    out["tensors"] = {t.name: (t.tensor_type.name, t.shape.tolist()) for t in reader.tensors}
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    """Every type for both architectures, written once for the module."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for arch, folder in tiny_models.items():
+        for qtype in gguf_export.TYPES:
+            out[arch, qtype] = gguf_export.write(folder, root / gguf_export.filename(f"tiny-{arch}", qtype), qtype,
+                                                 f"tiny-{arch}")
+    return out
+
+
+@pytest.mark.parametrize("qtype", list(gguf_export.TYPES))
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_round_trip_through_transformers_gguf_loader(arch, qtype, exported, tiny_models, tokenizer):
+    path = exported[arch, qtype]
+    assert path.name == f"tiny-{arch}-{gguf_export.TYPES[qtype][2]}.gguf"
+    source = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    # the file alone, as a user loads it: weights, config and tokenizer all from GGUF metadata
+    model = models.load_model(models.Source("gguf", str(path.parent), path.name))
+    gguf_tok = models.load_tokenizer(models.Source("gguf", str(path.parent), path.name))
+    assert type(model) is type(source)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings"):
+        assert getattr(model.config, key) == getattr(source.config, key), key
+    if arch == "llama":
+        assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
+    err = (logits(model) - logits(source)).abs().max().item()
+    assert 0 < err < TOLERANCE[qtype], err  # quantized for real, and the layout (permute, transpose) is right
+    # the tied head was written once and is tied again on load
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    # the tokenizer read back from the GGUF vocabulary and merges tokenizes exactly as the source one
+    assert gguf_tok(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
+    assert gguf_tok.get_vocab() == tokenizer.get_vocab()
+    assert gguf_tok.decode(tokenizer(TEXT)["input_ids"]) == TEXT
+
+
+def test_metadata_read_back_with_gguf_reader(exported, tokenizer, tiny_models):
+    merges = json.loads((tiny_models["llama"] / "tokenizer.json").read_text())["model"]["merges"]
+    llama = fields(exported["llama", "q8_0"])
+    expected = {
+        "general.architecture": "llama", "general.type": "model", "general.name": "tiny-llama",
+        "general.file_type": 7, "general.quantization_version": 2,  # LlamaFileType.MOSTLY_Q8_0
+        "llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 4,
+        "llama.feed_forward_length": 128, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16, "llama.vocab_size": 512,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    for key, value in expected.items():
+        assert llama[key] == value, key
+    assert llama["llama.rope.freq_base"] == pytest.approx(10000.0)
+    assert llama["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    tokens, types = llama["tokenizer.ggml.tokens"], llama["tokenizer.ggml.token_type"]
+    assert tokens == [tokenizer.convert_ids_to_tokens(i) for i in range(512)]
+    assert types[0] == TokenType.CONTROL and set(types[1:]) == {TokenType.NORMAL}  # <|endoftext|> is special
+    assert llama["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+    # tied embedding once, Q8_0; every projection Q8_0 (GGUF shapes are (in, out)); norms F32
+    t = llama["tensors"]
+    assert "output.weight" not in t and t["token_embd.weight"] == ("Q8_0", [64, 512])
+    assert t["blk.0.attn_k.weight"] == ("Q8_0", [64, 32]) and t["blk.3.ffn_down.weight"] == ("Q8_0", [128, 64])
+    assert t["blk.0.attn_norm.weight"][0] == t["output_norm.weight"][0] == "F32"
+    assert len(t) == 2 + 4 * 9
+    gpt2 = fields(exported["gpt2", "q4_0"])
+    for key, value in {"general.architecture": "gpt2", "general.file_type": 2, "gpt2.context_length": 256,
+                       "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256, "gpt2.block_count": 4,
+                       "gpt2.attention.head_count": 4, "tokenizer.ggml.pre": "gpt-2"}.items():
+        assert gpt2[key] == value, key
+    assert gpt2["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    t = gpt2["tensors"]
+    # Conv1D (in, out) written as Linear (out, in), which GGUF lists reversed; the tied head stays Q8_0 in 4-bit
+    assert t["blk.0.attn_qkv.weight"] == ("Q4_0", [64, 192]) and t["blk.0.ffn_up.weight"] == ("Q4_0", [64, 256])
+    assert t["token_embd.weight"] == ("Q8_0", [64, 512]) and "output.weight" not in t
+    assert t["position_embd.weight"] == ("F32", [64, 256]) and t["blk.0.attn_qkv.bias"][0] == "F32"
+    assert fields(exported["gpt2", "f16"])["tensors"]["token_embd.weight"][0] == "F16"
+
+
+def test_special_tokens_chat_template_and_pre_tokenizer_lineage(tokenizer, tmp_path, make_recipe):
+    """A SmolLM-style tokenizer (digits split one by one) with a chat template and an added special token:
+    all of it lands in the GGUF; a model loaded back from that GGUF keeps "smollm" through the lineage."""
+    from tokenizers import pre_tokenizers
+
+    import tiny
+
+    tok = tiny.build_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}"
+    folder = tmp_path / "smol"
+    model = tiny.build_model("llama", tok)  # 513 tokens: the embedding covers the added one
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    path = gguf_export.write(folder, tmp_path / "smol-Q8_0.gguf", "q8_0", "smol")
+    meta = fields(path)
+    assert meta["tokenizer.ggml.pre"] == "smollm"
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    assert meta["tokenizer.ggml.token_type"][512] == TokenType.CONTROL and meta["tokenizer.ggml.tokens"][512] == "<|im_start|>"
+    # the load stage rebuilds the tokenizer from GGUF (plain GPT-2 regex); exporting it again keeps "smollm"
+    recipe = make_recipe(path, quantize={"candidates": [{"method": "gguf-q8_0"}], "speed_tokens": 0},
+                         evaluate={"enabled": False})
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    again = gguf_export.write(base, tmp_path / "again-Q8_0.gguf", "q8_0", "again")
+    assert fields(again)["tokenizer.ggml.pre"] == "smollm"
+    assert gguf_export.pre_tokenizer(models.load_folder(base)[1]) == "gpt-2"  # what the structure alone says
+
+
+def test_unsupported_architecture_fails_at_validation(tmp_path, tokenizer, make_recipe, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path / "tiny-opt"
+    OPTForCausalLM(OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                             vocab_size=len(tokenizer), max_position_embeddings=64,
+                             word_embed_proj_dim=32)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = make_recipe(folder, quantize={"candidates": [{"method": "bnb-int8"}, {"method": "gguf-q8_0"}]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "quantize.candidates[1].method: gguf-q8_0 cannot write this model: GGUF export supports gpt2" in err
+    assert "llama" in err and "this model is 'opt'" in err and "1 problem(s)" in err
+    with pytest.raises(gguf_export.GGUFExportError, match="this model is 'opt'"):
+        gguf_export.write(folder, tmp_path / "x.gguf", "q8_0", "x")
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
+
+
+def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_recipe, tokenizer, capsys):
+    candidates = [{"method": "gguf-f16"}, {"method": "gguf-q8_0"}, {"method": "gguf-q4_0"}]
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False}, distill={"enabled": False},
+                       quantize={"candidates": candidates, "max_ppl_increase": 5.0, "speed_tokens": 2},
+                       evaluate={"models": ["base", "quantize"], "max_tokens": 512, "samples": False})
+    assert main(["run", str(path)]) == 0
+    out = path.parent / "runs" / "tiny" / "quantize"
+    rec = _record(out)
+    rows = {r["name"]: r for r in rec["candidates"]}
+    assert [r["status"] for r in rows.values()] == ["passed"] * 3, rows
+    assert rows["gguf-f16"]["backend"] == "gguf" and rows["gguf-q4_0"]["bits"] == 4
+    assert rows["gguf-q4_0"]["disk_mb"] < rows["gguf-q8_0"]["disk_mb"] < rows["gguf-f16"]["disk_mb"]
+    assert rec["chosen"] == "gguf-q4_0" and rec["backend_versions"]["gguf"]
+    files = sorted(p.name for p in out.iterdir())
+    assert "tiny-Q4_0.gguf" in files and "tokenizer.json" in files and "config.json" not in files
+    assert not any(f.endswith(".safetensors") for f in files)
+    # the gate scored the shipped file: the .gguf reloaded with transformers on its own, same windows
+    shipped = AutoModelForCausalLM.from_pretrained(out, gguf_file="tiny-Q4_0.gguf")
+    r = recipe.load(path)
+    ids = data.eval_stream(data.prepare(r.data, tokenizer, r.seed)["validation"])
+    expected = perplexity(shipped, ids, 64, 32, 512)["perplexity"]
+    assert rows["gguf-q4_0"]["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert rows["gguf-f16"]["ppl_increase_pct"] == pytest.approx(0, abs=0.05)
+    assert abs(rows["gguf-q4_0"]["ppl_increase_pct"]) > abs(rows["gguf-q8_0"]["ppl_increase_pct"])
+    assert models.disk_size(out) == (out / "tiny-Q4_0.gguf").stat().st_size
+    # evaluate scores the same file; the card is a GGUF card with llama.cpp / Ollama commands
+    report = {r["name"]: r for r in json.loads((out.parent / "report.json").read_text())["models"]}
+    assert report["quantize"]["perplexity"] == pytest.approx(rows["gguf-q4_0"]["perplexity"], rel=1e-6)
+    assert report["quantize"]["params"] == report["base"]["params"]
+    if llamacpp.available():  # llama.cpp's own score of the same file and tokens (tests/test_llamacpp.py checks more)
+        ours = report["quantize"]["llamacpp"]
+        assert ours["evaluations"][0]["perplexity"] == pytest.approx(report["quantize"]["perplexity"], rel=0.01)
+        assert ours["tokenization_matches"] and ours["gen_tok_s"] > 0
+    else:
+        assert report["quantize"]["llamacpp"] == {"skipped": "llama-cpp-python not installed"}
+    assert "llamacpp" not in report["base"]
+    card = (out / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "library_name: gguf" in meta and "- gguf" in meta
+    assert "llama-cli -m tiny-Q4_0.gguf" in card and "hf.co/<user>/<repo>:Q4_0" in card
+    assert 'gguf_file="tiny-Q4_0.gguf"' in card
+    plan = push.dry_run(r, ["quantize"])
+    assert "ollama run hf.co/<user>/tiny-quantize:Q4_0" in plan and "tiny-Q4_0.gguf" in plan
+    capsys.readouterr()
+    # generate reads the GGUF folder (and the file itself)
+    assert main(["generate", str(out), "The list", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(out / "tiny-Q4_0.gguf"), "The list", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0] == printed[1] and printed[0].startswith("The list")
+
+
+def test_quantize_bench_lists_gguf_candidates():
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import quantize as bench_quantize
+
+    assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.METHODS)
+    args = bench_quantize.parse_args(["--methods", "gguf-q8_0", "openvino-int8"])
+    assert args.methods == ["gguf-q8_0", "openvino-int8"]
