@@ -215,6 +215,6 @@ def test_quantize_bench_lists_gguf_candidates():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import quantize as bench_quantize
 
-    assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.METHODS)
-    args = bench_quantize.parse_args(["--methods", "gguf-q8_0", "openvino-int8"])
-    assert args.methods == ["gguf-q8_0", "openvino-int8"]
+    assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.PRESETS)
+    args = bench_quantize.parse_args(["--candidates", "gguf-q8_0", "openvino-int8"])
+    assert args.candidates == ["gguf-q8_0", "openvino-int8"]
