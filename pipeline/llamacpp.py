@@ -61,37 +61,50 @@ def perplexity(llm, ids: list[int], context: int, stride: int, max_tokens: int |
             "context": context, "stride": stride}
 
 
-def speed(llm, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Prefill and greedy-generation tokens/s over token-id prompts, after one warm-up prompt."""
-    def one(prompt):
+def prefill_ids(tokenizer, prompts: list[str], prefill_tokens: int) -> list[int]:
+    """The prompts joined and repeated to `prefill_tokens` ids, as `pipeline.metrics.speed` builds them."""
+    ids = tokenizer(" ".join(prompts))["input_ids"]
+    return (ids * (prefill_tokens // len(ids) + 1))[:prefill_tokens]
+
+
+def speed(llm, prefill: list[int], prompts: list[list[int]], new_tokens: int) -> dict:
+    """What `pipeline.metrics.speed` measures for torch models, in llama.cpp: prefill tokens/s (one pass
+    over `prefill`) and greedy generation tokens/s (`new_tokens` after each prompt, the prompt's own pass
+    included), one timed run after a warm-up."""
+    def time_prefill():
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prefill)
+        return time.perf_counter() - started
+
+    def time_generate(prompt):
         llm.reset()
         started = time.perf_counter()
         llm.eval(prompt)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
         for _ in range(new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])
-        return prefill, time.perf_counter() - started
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return time.perf_counter() - started
 
-    one(prompts[0])
-    timed = [one(p) for p in prompts]
-    return {"prefill_tok_s": round(sum(len(p) for p in prompts) / sum(t[0] for t in timed), 1),
-            "gen_tok_s": round(len(prompts) * new_tokens / sum(t[1] for t in timed), 2)}
+    time_prefill(), time_generate(prompts[0])  # warm-up
+    prefill_s = time_prefill()
+    generate_s = sum(time_generate(p) for p in prompts)
+    return {"prefill_tok_s": round(len(prefill) / prefill_s, 1),
+            "gen_tok_s": round(len(prompts) * new_tokens / generate_s, 2)}
 
 
 def evaluate(path: str | Path, tokenizer, texts: list[tuple[str, list[int], str]], context: int, stride: int,
-             prompts: list[str], new_tokens: int) -> dict:
+             prompts: list[str], prefill_tokens: int, new_tokens: int) -> dict:
     """llama.cpp's view of one GGUF file: perplexity per text on the caller's token ids, whether its own
     tokenizer splits a sample as the Hugging Face tokenizer does, and speed."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    llm = load(path, max(context, max(len(p) for p in prompt_ids) + new_tokens))
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    prefill = prefill_ids(tokenizer, prompts, prefill_tokens)
+    llm = load(path, max(context, len(prefill), max(len(p) for p in prompt_ids) + new_tokens))
     out = {"evaluations": [], "file": Path(path).name}
     for name, ids, _ in texts:
         out["evaluations"].append({"dataset": name, **perplexity(llm, ids, context, stride)})
     sample = tokenizer.decode(texts[0][1][:200])
     out["tokenization_matches"] = tokenize(llm, sample) == tokenizer(sample, add_special_tokens=False)["input_ids"]
-    out.update(speed(llm, prompt_ids, new_tokens))
+    out.update(speed(llm, prefill, prompt_ids, new_tokens))
     import llama_cpp
 
     out["llama_cpp_python"] = llama_cpp.__version__

@@ -41,5 +41,5 @@ def test_llamacpp_reads_every_type_like_transformers(arch, qtype, sources, tmp_p
                                   **WINDOW)
     assert ours["scored_tokens"] == transformers_ppl["scored_tokens"] == len(ids) - 1
     assert ours["perplexity"] == pytest.approx(transformers_ppl["perplexity"], rel=0.01)
-    timed = llamacpp.speed(llm, [ids[:32]], 4)
+    timed = llamacpp.speed(llm, ids[:64], [ids[:8], ids[8:16]], 4)
     assert timed["gen_tok_s"] > 0 and timed["prefill_tok_s"] > 0

@@ -202,7 +202,8 @@ def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
         log.info("evaluate: %s is GGUF; install llama-cpp-python for llama.cpp's own perplexity and speed (%s)",
                  path.name, llamacpp.INSTALL)
         return {"skipped": "llama-cpp-python not installed"}
-    result = llamacpp.evaluate(path, tokenizer, texts, cfg.context, cfg.stride, cfg.prompts, cfg.new_tokens)
+    result = llamacpp.evaluate(path, tokenizer, texts, cfg.context, cfg.stride, cfg.prompts,
+                               cfg.prefill_tokens, cfg.new_tokens)
     log.info("evaluate: %s in llama.cpp: perplexity %.3f, generate %.1f tok/s, tokenization %s", path.name,
              result["evaluations"][0]["perplexity"], result["gen_tok_s"],
              "matches" if result["tokenization_matches"] else "DIFFERS from the Hugging Face tokenizer")
