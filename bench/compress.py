@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import common  # noqa: E402
+import common
+
+ROOT = common.ROOT
 
 # name -> (kind, settings): kind "uniform" is distill's layer subset, "prune" the prune stage
 VARIANTS = {

@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 if not WIKITEXT.is_file():

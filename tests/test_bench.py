@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _smoke(script: str, tmp_path, *extra) -> dict:
@@ -21,7 +21,7 @@ def _smoke(script: str, tmp_path, *extra) -> dict:
 
 
 def test_evaluate_bench_args_and_smoke(tmp_path):
-    import evaluate as bench_evaluate
+    bench_evaluate = bench_module("evaluate")
 
     args = bench_evaluate.parse_args(["--tokens", "100", "--batch-size", "2"])
     assert args.tokens == 100 and args.batch_size == 2 and not args.smoke
@@ -31,7 +31,7 @@ def test_evaluate_bench_args_and_smoke(tmp_path):
 
 
 def test_e2e_bench_args():
-    import e2e
+    e2e = bench_module("e2e")
 
     args = e2e.parse_args(["finetune.max_steps=3", "--smoke"])
     assert args.overrides == ["finetune.max_steps=3"] and args.smoke
@@ -45,7 +45,7 @@ def test_e2e_bench_smoke(tmp_path):
 
 
 def test_finetune_bench_args():
-    import finetune as bench_finetune
+    bench_finetune = bench_module("finetune")
 
     args = bench_finetune.parse_args(["--methods", "full", "--steps", "5"])
     assert args.methods == "full" and args.steps == 5 and args.rounds == 2
@@ -60,7 +60,7 @@ def test_finetune_bench_smoke(tmp_path):
 
 
 def test_cpu_speed_bench_args_and_smoke(tmp_path):
-    import cpu_speed
+    cpu_speed = bench_module("cpu_speed")
 
     args = cpu_speed.parse_args(["--steps", "5", "--variants", "1-thread"])
     assert args.steps == 5 and args.variants == "1-thread"
@@ -72,13 +72,13 @@ def test_cpu_speed_bench_args_and_smoke(tmp_path):
 
 
 def test_readme_benchmark_tables_match_the_committed_results():
-    import readme_table
+    readme_table = bench_module("readme_table")
 
     assert readme_table.main(["--check"]) == 0, "run: python bench/readme_table.py"
 
 
 def test_precision_bench_args_and_smoke(tmp_path):
-    import precision
+    precision = bench_module("precision")
 
     assert precision.parse_args(["--smoke"]).smoke
     result = _smoke("precision", tmp_path)
@@ -87,7 +87,7 @@ def test_precision_bench_args_and_smoke(tmp_path):
 
 
 def test_compress_bench_schema_on_a_tiny_teacher(tmp_path):
-    import compress
+    compress = bench_module("compress")
 
     with pytest.raises(SystemExit):
         compress.parse_args(["--variants", "width-80,shrink-everything"])

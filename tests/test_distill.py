@@ -12,7 +12,7 @@ from pipeline import models, recipe, runner
 from pipeline.cli import main
 from pipeline.config import StageError
 from pipeline.stages import distill
-from tiny import run_stages as _run, logits as _logits, record as _record
+from tiny import bench_module, run_stages as _run, logits as _logits, record as _record
 
 ARCHS = ["gpt2", "llama"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,8 +259,7 @@ def test_distill_stage_fresh_student_with_reverse_kl_and_bf16_teacher(tiny_model
 # --- the bench -------------------------------------------------------------------------------
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import distill as bench  # bench/distill.py, not the stage
+    bench = bench_module("distill")  # bench/distill.py, not the stage
 
     sys.path.pop(0)
     sys.modules.pop("distill", None)

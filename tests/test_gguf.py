@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import data, gguf_export, llamacpp, models, push, recipe
 from pipeline.cli import main
 from pipeline.metrics import perplexity
-from tiny import record as _record
+from tiny import bench_module, record as _record
 
 IDS = torch.arange(1, 33).unsqueeze(0)
 TEXT = "The Python interpreter reads 2024 lines:\n\tdef f(x): return x ** 2  # café, naïve — ok?"
@@ -212,8 +212,7 @@ def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_r
 def test_quantize_bench_lists_gguf_candidates():
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import quantize as bench_quantize
+    bench_quantize = bench_module("quantize")
 
     assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.PRESETS)
     args = bench_quantize.parse_args(["--candidates", "gguf-q8_0", "openvino-int8"])

@@ -15,7 +15,7 @@ from pipeline import quant_backends as qb
 from pipeline.cli import main
 from pipeline.metrics import perplexity
 from pipeline.stages import quantize
-from tiny import record as _record
+from tiny import bench_module, record as _record
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "llama"]
@@ -231,8 +231,7 @@ def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):
 
 
 def test_quantize_bench_args_and_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import quantize as bench_quantize
+    bench_quantize = bench_module("quantize")
     from test_bench import _smoke
 
     args = bench_quantize.parse_args(["--candidates", "bnb-nf4", "int4-g32-awq", "--wiki-tokens", "1000"])

@@ -64,3 +64,19 @@ def record(folder):
     import json
 
     return json.loads((Path(folder) / "pipeline.json").read_text())
+
+
+def bench_module(name: str):
+    """bench/<name>.py as a module, loaded from its file. Not by putting bench/ first on sys.path: its
+    evaluate.py, finetune.py and quantize.py would then shadow the `evaluate` package (and make every later
+    `import evaluate` in the test session get the script)."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))  # the scripts' own `import common`, after every installed package
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
