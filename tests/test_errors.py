@@ -478,7 +478,9 @@ def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypa
 def test_signal_from_outside_a_real_run(sig, code, stage, tiny_models, make_recipe, tmp_path):
     """`kill` / Ctrl-C sent to a real `python -m pipeline run` while a stage works: clean exit, no folder,
     and the same command then finishes."""
+    # Enough work that the signal lands while the stage runs: a long fine-tune, or two OpenVINO exports.
     recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 400, "save_steps": None},
+                         quantize={"candidates": [{"method": "openvino-int8"}, {"method": "openvino-int8", "name": "b"}]},
                          distill={"enabled": False}, evaluate={"enabled": False})
     cmd = [sys.executable, "-m", "pipeline", "run", str(recipe), "--until", stage]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -492,7 +494,7 @@ def test_signal_from_outside_a_real_run(sig, code, stage, tiny_models, make_reci
         log.append(line)
         if f"{stage}: reading" in line:
             break
-    time.sleep(2)
+    time.sleep(0.5)
     proc.send_signal(sig)
     err = "".join(log) + proc.stderr.read()
     assert proc.wait(timeout=120) == code, err

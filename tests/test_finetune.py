@@ -338,7 +338,7 @@ def test_two_process_run_writes_once(tiny_models, make_recipe, tmp_path):
     assert m["train_loss_last"] < m["train_loss_first"] - 0.1
     assert done.stderr.count("finetune: reading") == 1  # only rank 0 logs
     assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md",
-                                                         "report.png"]
+                                                         "report.png", "tasks"]  # tasks/: evaluate's offline task
     assert not list(tmp_path.rglob(".*.partial"))
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report["models"]] == ["base", "finetune"]
