@@ -158,7 +158,7 @@ def bnb_config(cand: Candidate):
     )
 
 
-def openvino_config(cand: Candidate, statistics_path: Path | None = None, block_size: int = 128):
+def openvino_config(cand: Candidate, statistics_path: Path | None = None):
     from optimum.intel import OVWeightQuantizationConfig
 
     options = {"bits": cand.bits, "sym": bool(cand.sym)}
@@ -175,7 +175,7 @@ def openvino_config(cand: Candidate, statistics_path: Path | None = None, block_
         if cand.data_aware:
             # The calibration set itself goes to OVQuantizer.quantize; nncf keeps the activation statistics
             # under statistics_path, so candidates on the same calibration set collect them once.
-            options.update(num_samples=cand.calibration_shape(block_size)[0],
+            options.update(num_samples=cand.calibration_samples or CALIBRATION_SAMPLES,
                            statistics_path=None if statistics_path is None else str(statistics_path))
     return OVWeightQuantizationConfig(**options)
 
@@ -192,13 +192,7 @@ class Calibration:
     def ir(self, source: Path, trust_remote_code: bool) -> Path:
         folder = self.work / "openvino-fp32"
         if not (folder / "openvino_model.xml").exists():
-            from optimum.intel import OVModelForCausalLM
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                model = OVModelForCausalLM.from_pretrained(source, export=True, load_in_8bit=False, compile=False,
-                                                           trust_remote_code=trust_remote_code)
-            model.save_pretrained(folder)
+            _export(source, trust_remote_code, load_in_8bit=False).save_pretrained(folder)
         return folder
 
     def dataset(self, model, quantizer, config, shape: tuple[int, int]):
@@ -241,16 +235,23 @@ def quantize(cand: Candidate, source: Path, device: torch.device, trust_remote_c
             raise ValueError(f"{cand.label} is data-aware and needs calibration blocks")
         model = OVModelForCausalLM.from_pretrained(calibration.ir(source, trust_remote_code), compile=False)
         shape = cand.calibration_shape(calibration.block_size)
-        config = openvino_config(cand, calibration.statistics(shape), calibration.block_size)
+        config = openvino_config(cand, calibration.statistics(shape))
         quantizer = OVQuantizer.from_pretrained(model)
         quantizer.quantize(ov_config=OVConfig(quantization_config=config),
                            calibration_dataset=calibration.dataset(model, quantizer, config, shape))
         return model
 
+    return _export(source, trust_remote_code, quantization_config=openvino_config(cand))
+
+
+def _export(source: Path, trust_remote_code: bool, **options):
+    """`source` exported to OpenVINO IR by optimum-intel (not compiled), with `options` for the export."""
+    from optimum.intel import OVModelForCausalLM
+
     with warnings.catch_warnings():  # tracing the torch model warns about every data-dependent branch
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return OVModelForCausalLM.from_pretrained(source, export=True, quantization_config=openvino_config(cand),
-                                                  compile=False, trust_remote_code=trust_remote_code)
+        return OVModelForCausalLM.from_pretrained(source, export=True, compile=False,
+                                                  trust_remote_code=trust_remote_code, **options)
 
 
 def save(model, folder: Path) -> None:
@@ -302,9 +303,9 @@ def describe(cand: Candidate) -> str:
             default = "max_activation_variance" if cand.data_aware else "weight_quantization_error"
             text += f" ranked by {cand.sensitivity_metric or default}"
         if cand.data_aware:
-            samples, tokens = cand.calibration_shape(0)
+            samples = cand.calibration_samples or CALIBRATION_SAMPLES
             text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {samples} calibration sequences of "
-                     f"{tokens or 'data.block_size'} tokens from the training split")
+                     f"{cand.calibration_tokens or 'data.block_size'} tokens from the training split")
     return text + ")"
 
 
