@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-compress"), help="where the variants' runs go")
     p.add_argument("--override", action="append", default=[], help="recipe override for every variant (key=value)")
     p.add_argument("--out", default=str(common.RESULTS / "compress.json"))
+    p.add_argument("--zero-shot-only", action="store_true", help="score the cuts without distilling them")
     p.add_argument("--smoke", action="store_true", help="tiny Llama teacher and sizes, for a quick check")
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
             student = distill.student_from_teacher(teacher, distill.layer_map(r.distill, n))
             zero = {"refit": scores(student, tokenizer, val_ids, wiki_text, args)}
             del student
-            out = runner.run(r, ["distill"], force=True)["distill"]
+            out = None if args.zero_shot_only else runner.run(r, ["distill"], force=True)["distill"]
         else:
             keys = [f"prune.{k}={v}" for k, v in settings.items()]
             zero = {}
@@ -142,7 +143,14 @@ def main(argv=None) -> None:
                                 [*common_overrides, "prune.enabled=true", f"prune.input={teacher_folder}",
                                  "prune.target_params=null", "prune.refit=true", *keys])
                 runner.run(r, ["prune"], force=True)
-            out = runner.run(r, ["distill"], force=True)["distill"]
+            out = None if args.zero_shot_only else runner.run(r, ["distill"], force=True)["distill"]
+        if out is None:  # --zero-shot-only
+            result["variants"][name] = {"kind": kind, "settings": settings, "seconds": round(time.time() - started, 1),
+                                        "zero_shot": zero.get("refit") or zero.get("no_refit"),
+                                        "zero_shot_by_refit": zero if len(zero) > 1 else None}
+            print(name, result["variants"][name], flush=True)
+            common.save("compress", result, Path(args.out))
+            continue
         student, _ = models.load_folder(out, dtype=torch.float32)
         after = scores(student, tokenizer, val_ids, wiki_text, args)
         params = models.count_params(student)
@@ -160,7 +168,8 @@ def main(argv=None) -> None:
         gc.collect()
         print(name, result["variants"][name], flush=True)
         common.save("compress", result, Path(args.out))  # after every variant: a killed run keeps what it had
-    plot(result, Path(args.out).with_suffix(".png"))
+    if not args.zero_shot_only:
+        plot(result, Path(args.out).with_suffix(".png"))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -367,8 +367,10 @@ def calibration_blocks(cfg: DataConfig, tokenizer, seed: int, n: int, key: str,
     import torch
 
     block_size = block_size or cfg.block_size
-    tokenized = prepare(cfg, tokenizer, seed)["train"].select_columns(["input_ids"])
-    blocks = pack(tokenized, block_size)
+    if cfg.mix:  # the same weighted interleaving of sources as the training blocks
+        blocks = text_blocks(replace(cfg, block_size=block_size), tokenizer, seed)["train"].select_columns(["input_ids"])
+    else:
+        blocks = pack(prepare(cfg, tokenizer, seed)["train"].select_columns(["input_ids"]), block_size)
     if len(blocks) == 0:
         raise StageError(f"{key}: the training split of '{cfg.source}' has no block of {block_size} tokens to "
                          "calibrate on; use more data or smaller blocks")

@@ -117,10 +117,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     raw.setdefault("name", path.stem)
-    distill = raw.get("distill")
-    if isinstance(distill, dict) and isinstance(distill.get("data"), dict) and isinstance(raw.get("data", {}), dict):
-        # distill.data says what differs from the recipe's data; every key it leaves out is the recipe's
-        distill["data"] = {**(raw.get("data") or {}), **distill["data"]}
+    for stage in ("prune", "distill"):
+        section = raw.get(stage)
+        if isinstance(section, dict) and isinstance(section.get("data"), dict) and isinstance(raw.get("data", {}), dict):
+            # <stage>.data says what differs from the recipe's data; every key it leaves out is the recipe's
+            section["data"] = {**(raw.get("data") or {}), **section["data"]}
     errors: list[str] = []
     recipe = parse(Recipe, raw, "", errors)
     if errors:

@@ -174,14 +174,16 @@ def test_prune_stage_heals_in_distill_with_its_own_data(tiny_models, make_recipe
     extra.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog, then rests." for i in range(400)))
     path = make_recipe(tiny_models["llama"], finetune={"enabled": False}, quantize={"enabled": False},
                        prune={"enabled": True, "intermediate_size": 64, "num_hidden_layers": 3,
-                              "calibration_blocks": 8},
+                              "calibration_blocks": 8, "data": {"mix": [{"source": str(extra), "weight": 3.0}]}},
                        distill={"data": {"block_size": 64, "mix": [{"source": str(extra), "weight": 1.0}]}},
                        evaluate={"models": ["base", "prune", "distill"], "speed": False})
     assert main(["run", str(path)]) == 0
     run_dir = tmp_path / "runs" / "tiny"
     rec = tiny.record(run_dir / "prune")
     assert rec["sizes"]["after"]["intermediate_size"] == 64 and rec["sizes"]["after"]["num_hidden_layers"] == 3
-    assert rec["calibration"] == {"split": "train", "blocks": 8, "tokens": 8 * 64}
+    assert rec["calibration"] == {"split": "train", "text": "python-stdlib-pydoc-topics", "mix": [str(extra)],
+                                  "blocks": 8, "tokens": 8 * 64}
+    assert "extra.txt" in rec["summary"]
     assert len(rec["importance"]["layers"]) == 4 and len(rec["importance"]["mlp"][0]) == 128
     assert len(rec["kept"]["layers"]) == 3 and all(len(v) == 64 for v in rec["kept"]["mlp"].values())
     assert rec["metrics"]["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
@@ -215,3 +217,21 @@ def test_depth_only_prune_stage_measures_no_width_and_drops_the_least_influentia
     assert min(influence[i] for i in kept) >= max(influence[i] for i in range(4) if i not in kept)
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny" / "prune")
     assert pruned.config.num_hidden_layers == len(kept)
+
+
+def test_calibration_blocks_come_from_every_mix_source(tokenizer, tmp_path):
+    """prune.data / the recipe's data with `mix`: importance is measured on the weighted mixture, train split only."""
+    from pipeline import data
+
+    main_txt, extra = tmp_path / "main.txt", tmp_path / "extra.txt"
+    main_txt.write_text("\n".join(f"alpha beta gamma line {i} of the main text." for i in range(300)))
+    extra.write_text("\n".join(f"zebra yak quokka row {i} of the other text." for i in range(300)))
+    plain = data.DataConfig(source=str(main_txt), block_size=32)
+    mixed = data.DataConfig(source=str(main_txt), block_size=32, mix=[data.MixSource(source=str(extra), weight=1.0)])
+    texts = [tokenizer.decode(b) for b in data.calibration_blocks(mixed, tokenizer, 0, 40, "prune.calibration_blocks")]
+    assert len(texts) == 40 and any("zebra" in t for t in texts) and any("alpha" in t for t in texts)
+    assert not any("zebra" in tokenizer.decode(b) for b in data.calibration_blocks(plain, tokenizer, 0, 40, "k"))
+    # never the validation split of the main source
+    val = data.eval_stream(data.prepare(plain, tokenizer, 0)["validation"])
+    held_out = {f"line {i} " for i in range(300) if f"line {i} " in tokenizer.decode(val)}
+    assert held_out and not any(h in t for t in texts for h in held_out)

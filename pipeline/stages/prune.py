@@ -18,6 +18,7 @@ import torch
 from pipeline import data, models, surgery
 from pipeline.checkpoint import save_model, staging, write_record
 from pipeline.context import Context, StageError, begin
+from pipeline.data import DataConfig
 
 log = logging.getLogger("pipeline")
 Axis = Literal["mlp", "heads", "hidden", "depth"]
@@ -39,6 +40,10 @@ class PruneConfig:
     num_attention_heads: int | None = None  # query heads kept; under GQA a multiple of the heads per KV group
     intermediate_size: int | None = None  # MLP channels kept in every layer
     calibration_blocks: int = 64  # data.block_size blocks of the training split to measure importance on
+    # text to measure importance on (the `data` schema, `mix` included); null = the recipe's. Importance follows
+    # the text it is measured on: calibrate on what the student must stay good at (general text for general use)
+    data: DataConfig | None = None
+    mlp_importance: Literal["energy", "activation"] = "energy"  # MLP channels by E[x^2]*|W_out col|^2, or mean |x|
     refit: bool = True  # least-squares re-fit of the projections that lost inputs (lower zero-shot perplexity)
     round_to: int = 32  # target_params: hidden and MLP widths are multiples of this
     batch_size: int = 8  # calibration blocks per forward pass
@@ -172,10 +177,12 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     model, tokenizer = models.load_folder(ctx.inputs["prune"], dtype=torch.float32)
     before = surgery.sizes(model.config)
     target = targets(cfg, model.config)
-    blocks = data.calibration_blocks(ctx.data, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
+    text = cfg.data or ctx.data
+    blocks = data.calibration_blocks(text, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
     width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
     log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
-    imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width)
+    imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width,
+                          mlp_importance=cfg.mlp_importance)
     cut = surgery.plan(model, imp, target, refit=cfg.refit and width)
     student = surgery.apply(model, cut)
     after = surgery.sizes(student.config)
@@ -191,14 +198,17 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
             ctx,
             metrics={"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4)},
             sizes={"before": before, "after": after},
-            calibration={"split": "train", "blocks": len(blocks), "tokens": int(blocks.numel())},
+            calibration={"split": "train", "text": text.label, "mix": [m.source for m in text.mix],
+                         "blocks": len(blocks), "tokens": int(blocks.numel())},
             importance=imp.summary(),
             kept=kept,
             tags=["pruning"],
             summary=(f"Pruned from `{ctx.inputs['prune']}` ({t_params:,} → {params:,} parameters, "
                      f"{params / t_params:.0%}): {_changed(before, after, True)} → {_changed(before, after, False)}. "
-                     f"Importance from activations on {blocks.numel():,} calibration tokens of the training split "
-                     f"(layers by block influence, channels and heads by activation magnitude)"
+                     f"Importance from activations on {blocks.numel():,} calibration tokens of the training split of "
+                     f"{text.label}" + "".join(f" + {m.source}" for m in text.mix) + " "
+                     f"(layers by block influence, MLP channels by {cfg.mlp_importance}, heads and hidden channels by "
+                     f"activation magnitude)"
                      + ("; output projections re-fitted by least squares." if cfg.refit and width else ".")
                      + " Distill it against the model it was cut from to recover quality."),
         ))
