@@ -104,9 +104,14 @@ class Candidate:
         return (any(getattr(self, key) for key in DATA_AWARE) or self.calibration_samples is not None
                 or self.sensitivity_metric not in (None, "weight_quantization_error"))
 
+    @property
+    def num_samples(self) -> int:
+        """Calibration sequences this candidate asks for."""
+        return self.calibration_samples or CALIBRATION_SAMPLES
+
     def calibration_shape(self, block_size: int) -> tuple[int, int]:
         """(sequences, tokens each) of the calibration set this candidate asks for."""
-        return (self.calibration_samples or CALIBRATION_SAMPLES, self.calibration_tokens or block_size)
+        return (self.num_samples, self.calibration_tokens or block_size)
 
     @property
     def label(self) -> str:
@@ -175,7 +180,7 @@ def openvino_config(cand: Candidate, statistics_path: Path | None = None):
         if cand.data_aware:
             # The calibration set itself goes to OVQuantizer.quantize; nncf keeps the activation statistics
             # under statistics_path, so candidates on the same calibration set collect them once.
-            options.update(num_samples=cand.calibration_samples or CALIBRATION_SAMPLES,
+            options.update(num_samples=cand.num_samples,
                            statistics_path=None if statistics_path is None else str(statistics_path))
     return OVWeightQuantizationConfig(**options)
 
@@ -303,9 +308,8 @@ def describe(cand: Candidate) -> str:
             default = "max_activation_variance" if cand.data_aware else "weight_quantization_error"
             text += f" ranked by {cand.sensitivity_metric or default}"
         if cand.data_aware:
-            samples = cand.calibration_samples or CALIBRATION_SAMPLES
-            text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {samples} calibration sequences of "
-                     f"{cand.calibration_tokens or 'data.block_size'} tokens from the training split")
+            text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {cand.num_samples} calibration "
+                     f"sequences of {cand.calibration_tokens or 'data.block_size'} tokens from the training split")
     return text + ")"
 
 

@@ -276,8 +276,9 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
 
     MLP channels: "activation" ranks channel j by mean |x_j| of its activation (Minitron); "energy" by
     E[x_j^2] * ||W_out[:, j]||^2, what the channel adds to the layer's output on average, so a strongly
-    active channel that the down projection barely reads ranks low (bench/results/compress-sweep/importance.json:
-    lower zero-shot perplexity than "activation" at 60% and 80%)."""
+    active channel that the down projection barely reads ranks low (on the quick start's teacher, before any
+    KD, lower validation perplexity than "activation" at 60% and 80%; `bench/compress.py --zero-shot-only
+    --override prune.mlp_importance=activation` compares them)."""
     model.eval()
     cfg = model.config
     _, stack = decoder_stack(model)
