@@ -29,6 +29,31 @@ def test_batched_perplexity_equals_unbatched_reference(batch_size, llama_and_ids
     assert ours["scored_tokens"] == n
 
 
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_models, tokenizer):
+    ids = tokenizer(data.stdlib_corpus_file().read_text()[:6000])["input_ids"][:700]
+    return {arch: AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval() for arch in ("gpt2", "llama")}, ids
+
+
+# (tokens, context, stride, batch size): 700 - 64 = 636 is not a multiple of 16, 40 or 48, so the last window
+# scores fewer tokens than the stride; stride == context; 50 and 200 tokens fit in one window (text shorter
+# than one context); 256 is the tiny models' longest position
+WINDOWS = [(700, 64, 16, 1), (700, 64, 40, 3), (700, 96, 48, 16), (700, 50, 50, 4), (700, 256, 128, 2),
+           (50, 64, 16, 8), (200, 256, 128, 8)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("tokens,context,stride,batch_size", WINDOWS)
+def test_perplexity_equals_the_guide_loop(arch, tokens, context, stride, batch_size, tiny_pair):
+    models, ids = tiny_pair
+    ids = ids[:tokens]
+    assert len(ids) == tokens
+    ref, n = guide_perplexity(models[arch], ids, context, stride)
+    ours = perplexity(models[arch], ids, context, stride, batch_size=batch_size)
+    assert ours["perplexity"] == pytest.approx(ref, rel=1e-4)
+    assert ours["scored_tokens"] == n == sum(k for *_, k in windows(tokens, context, stride))
+
+
 def test_the_lm_head_runs_only_on_the_scored_positions(tiny_models, tokenizer):
     ids = tokenizer(data.stdlib_corpus_file().read_text()[:6000])["input_ids"][:700]
     for arch in ("gpt2", "llama"):
