@@ -84,16 +84,29 @@ def ppl(model, texts: dict, args) -> dict:
 
 
 def speeds(folders: dict, tokenizer, args) -> dict:
-    """Median prefill and generate tokens/s per model over `args.rounds` rounds that visit every model."""
+    """Median prefill and generate tokens/s per model over `args.rounds` rounds that visit every model;
+    a GGUF folder is timed twice when llama-cpp-python is installed: as transformers reloads it and in
+    llama.cpp itself (`NAME@llama.cpp`), so all clients share the same rounds and machine load."""
     import statistics
 
+    from pipeline import llamacpp, models
     from pipeline.metrics import speed
 
-    loaded = {name: load(folder, args.threads) for name, folder in folders.items()}
-    runs = {name: [] for name in folders}
+    prefill = llamacpp.prefill_ids(tokenizer, PROMPTS, args.prefill_tokens)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    timers = {}
+    for name, folder in folders.items():
+        model = load(folder, args.threads)
+        timers[name] = lambda m=model: speed(m, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, 1)
+        gguf = models.gguf_file(folder)
+        if gguf is not None and llamacpp.available():
+            llm = llamacpp.load(gguf, max(args.context, len(prefill), max(map(len, prompts)) + args.new_tokens),
+                                args.threads)
+            timers[f"{name}@llama.cpp"] = lambda m=llm: llamacpp.speed(m, prefill, prompts, args.new_tokens)
+    runs = {name: [] for name in timers}
     for _ in range(args.rounds):
-        for name, model in loaded.items():
-            runs[name].append(speed(model, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, 1))
+        for name, timer in timers.items():
+            runs[name].append(timer())
     out = {}
     for name, timed in runs.items():
         gen = [t["gen_tok_s"] for t in timed]
@@ -136,7 +149,7 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
             row["ppl"] = ppl(load(out, args.threads), texts, args)
             row["eval_seconds"] = round(time.perf_counter() - started, 1)
             if models.gguf_file(out) is not None and llamacpp.available():  # the file in llama.cpp itself
-                row["llamacpp"] = llamacpp_row(models.gguf_file(out), tokenizer, texts, args)
+                row["llamacpp"] = llamacpp_row(models.gguf_file(out), texts, args)
             folders[name] = out
         except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
             row = {"error": f"{type(err).__name__}: {err}"[:400]}
@@ -165,24 +178,41 @@ def finish(result: dict, timed: dict, prefix: str) -> None:
         if "llamacpp" in row:
             row["llamacpp"]["ppl_increase_pct"] = {k: round(100 * (v / fp32["ppl"][k] - 1), 2)
                                                    for k, v in row["llamacpp"]["ppl"].items()}
+            row["llamacpp"].update(timed.get(f"{prefix}{name}@llama.cpp", {}))
         report(f"{prefix}{name}", row)
 
 
-def llamacpp_row(path: Path, tokenizer, texts: dict, args) -> dict:
-    """A GGUF file in llama.cpp itself (llama-cpp-python installed): perplexity on the same tokens and
-    windows, and prefill / greedy-generation tokens/s on the same prompts, median of `args.rounds`."""
-    import statistics
-
+def llamacpp_row(path: Path, texts: dict, args) -> dict:
+    """A GGUF file in llama.cpp itself (llama-cpp-python installed): perplexity on the same token ids and
+    windows as every other row (its speed is timed with the others, in `speeds`)."""
     from pipeline import llamacpp
 
-    prefill = llamacpp.prefill_ids(tokenizer, PROMPTS, args.prefill_tokens)
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    llm = llamacpp.load(path, max(args.context, len(prefill), max(map(len, prompts)) + args.new_tokens), args.threads)
-    timed = [llamacpp.speed(llm, prefill, prompts, args.new_tokens) for _ in range(args.rounds)]
+    llm = llamacpp.load(path, args.context, args.threads)
     return {"ppl": {name: llamacpp.perplexity(llm, ids, args.context, args.stride)["perplexity"]
                     for name, ids in texts.items()},
-            "prefill_tok_s": statistics.median(t["prefill_tok_s"] for t in timed),
-            "gen_tok_s": statistics.median(t["gen_tok_s"] for t in timed)}
+            "weight_repacking": not llamacpp.uses_amx()}
+
+
+def llamacpp_targets(result: dict) -> dict | None:
+    """The GGUF issue's targets, read off the rows: Q8_0 within +0.5% of fp32 on every text in llama.cpp,
+    and llama.cpp's generation speed for Q8_0 and the best 4/5-bit type beside OpenVINO int8's."""
+    rows = {name: row for name, row in result["candidates"].items() if "ppl_increase_pct" in row.get("llamacpp", {})}
+    if "gguf-q8_0" not in rows:
+        return None
+    q8 = rows["gguf-q8_0"]["llamacpp"]
+    low_bit = {n: r for n, r in rows.items() if n.startswith(("gguf-q4", "gguf-q5"))}
+    best = min(low_bit, key=lambda n: max(low_bit[n]["llamacpp"]["ppl_increase_pct"].values()), default=None)
+    gen = {"gguf-q8_0@llama.cpp": q8.get("gen_tok_s")}
+    if best:
+        gen[f"{best}@llama.cpp"] = low_bit[best]["llamacpp"].get("gen_tok_s")
+    for name in ("openvino-int8", "fp32"):
+        row = result["fp32"] if name == "fp32" else result["candidates"].get(name, {})
+        if "gen_tok_s" in row:
+            gen[name] = row["gen_tok_s"]
+    return {"q8_0_ppl_increase_pct": q8["ppl_increase_pct"],
+            "q8_0_within_0.5pct": all(v <= 0.5 for v in q8["ppl_increase_pct"].values()),
+            "best_4_5_bit": best, "best_4_5_bit_ppl_increase_pct": best and low_bit[best]["llamacpp"]["ppl_increase_pct"],
+            "gen_tok_s": gen}
 
 
 def main(argv=None) -> dict:
@@ -219,6 +249,7 @@ def main(argv=None) -> dict:
         folders.update({f"also/{k}": v for k, v in also_folders.items()})
     timed = speeds(folders, tokenizer, args)  # all models in the same rounds
     finish(main_result, timed, "")
+    targets = llamacpp_targets(main_result)
     result = {
         "settings": {
             "model": "tiny-llama (smoke)" if args.smoke else f"SmolLM2-135M-Instruct: {folder}",
@@ -232,6 +263,7 @@ def main(argv=None) -> dict:
             "note": "weight-only quantization; speeds measured on a CPU shared with other jobs are noisy",
         },
         **main_result,
+        **({"llamacpp_targets": targets} if targets else {}),
     }
     if also_result:
         finish(also_result, timed, "also/")

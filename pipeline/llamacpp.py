@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.metrics import windows
 
@@ -23,12 +24,42 @@ def available() -> bool:
     return True
 
 
+def uses_amx() -> bool:
+    """Whether this llama.cpp build runs ggml's AMX backend here (a CPU with AMX and a build that has it)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 def load(path: str | Path, context: int, threads: int | None = None):
-    """`llama_cpp.Llama` for a .gguf file, keeping the logits of every position (perplexity needs them)."""
+    """`llama_cpp.Llama` for a .gguf file, keeping the logits of every position (perplexity needs them).
+
+    Where ggml's AMX backend is active, weights load without repacking (llama.cpp's `--no-repack`):
+    its AMX repacked matmuls crash on quantized GGUF types on our Sapphire Rapids machines
+    (ggml-org/llama.cpp#20824). `Llama` has no argument for it, so its model-defaults call is wrapped
+    for the duration of the load."""
+    import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=max(context, 64), n_batch=max(context, 64), logits_all=True,
-                 n_threads=threads, verbose=False)
+    # llama-cpp-python generates on half the logical CPUs by default; torch uses every core it counts,
+    # and speeds are set side by side, so both get the same number of threads.
+    threads = threads or torch.get_num_threads()
+    kwargs = dict(model_path=str(path), n_ctx=max(context, 64), n_batch=max(context, 64), logits_all=True,
+                  n_threads=threads, n_threads_batch=threads, verbose=False)
+    if not uses_amx():
+        return Llama(**kwargs)
+    defaults = bindings.llama_model_default_params
+
+    def no_repack():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = no_repack
+    try:
+        return Llama(**kwargs)
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 def tokenize(llm, text: str) -> list[int]:
@@ -108,4 +139,5 @@ def evaluate(path: str | Path, tokenizer, texts: list[tuple[str, list[int], str]
     import llama_cpp
 
     out["llama_cpp_python"] = llama_cpp.__version__
+    out["weight_repacking"] = not uses_amx()
     return out

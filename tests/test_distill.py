@@ -256,6 +256,33 @@ def test_distill_stage_fresh_student_with_reverse_kl_and_bf16_teacher(tiny_model
     assert "Fresh GPT2LMHeadModel student (2 layers, hidden size 64)" in (out["distill"] / "README.md").read_text()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unfrozen_parameters_train_only_what_they_match(arch, tiny_models, make_recipe):
+    path = make_recipe(tiny_models[arch], finetune={"enabled": False},
+                       distill={"every": 2, "alpha_kd": 1.0, "alpha_ce": 0.0, "unfrozen_parameters": ["mlp"],
+                                "learning_rate": 1e-2})
+    _, out = _run(path, ["load", "distill"])
+    before = distill.student_from_teacher(AutoModelForCausalLM.from_pretrained(out["load"]), [0, 2]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out["distill"]).state_dict()
+    changed = {name for name, w in after.items() if not torch.equal(w, before[name])}
+    assert changed and all("mlp" in name for name in changed), changed
+    rec = _record(out["distill"])
+    assert rec["unfrozen_parameters"] == ["mlp"]
+    mlp = sum(w.numel() for name, w in after.items() if "mlp" in name)
+    assert rec["metrics"]["trained_params"] == mlp < rec["metrics"]["params"]
+
+
+def test_unfrozen_parameters_mistakes_are_named(tiny_models, make_recipe):
+    problems = distill.DistillConfig(unfrozen_parameters=["mlp(", "x"]).check()
+    assert any("'mlp(' is not a regular expression" in p for p in problems)
+    assert any("empty list trains nothing" in p for p in distill.DistillConfig(unfrozen_parameters=[]).check())
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
+                       distill={"every": 2, "unfrozen_parameters": ["no_such_module"]})
+    _run(path, ["load"])
+    with pytest.raises(StageError, match=r"unfrozen_parameters: \['no_such_module'\] match none"):
+        _run(path, ["distill"])
+
+
 # --- the bench -------------------------------------------------------------------------------
 
 def _bench():

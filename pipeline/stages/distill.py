@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,9 +50,19 @@ class DistillConfig(TrainConfig):
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU/CPU has it natively
     learning_rate: float = 1e-3  # a student with half its layers gone starts far off: 1e-3 beat 5e-4 and 2e-3 (bench)
     save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
+    # Regexes (re.search on parameter names, Axolotl's key): train only the matching parameters, e.g.
+    # [mlp] after an MLP-width cut; null = train every parameter of the student.
+    unfrozen_parameters: list[str] | None = None
 
     def check(self) -> list[str]:
         problems = super().check()
+        for pattern in self.unfrozen_parameters or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"unfrozen_parameters: '{pattern}' is not a regular expression ({err})")
+        if self.unfrozen_parameters == []:
+            problems.append("unfrozen_parameters: an empty list trains nothing; use null to train every parameter")
         if self.every is not None and self.every < 1:
             problems.append(f"every: {self.every} must be at least 1")
         if self.keep is not None and self.keep < 1:
@@ -254,6 +265,20 @@ def kd_loss(s_logits, t_logits, labels, temperature: float, kl: str = "forward")
     return per_token.mean() * temperature**2
 
 
+def unfreeze(student, patterns: list[str] | None) -> int:
+    """Train only the parameters whose names match one of `patterns` (all when None); the count trained."""
+    if patterns is None:
+        return models.count_params(student)
+    names = [name for name, _ in student.named_parameters()]
+    matched = {name for name in names if any(re.search(p, name) for p in patterns)}
+    if not matched:
+        raise StageError(f"distill.unfrozen_parameters: {patterns} match none of the student's parameters "
+                         f"(e.g. {', '.join(names[:3])}); fix the patterns or use null to train all")
+    for name, param in student.named_parameters():
+        param.requires_grad_(name in matched)
+    return sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
 def run(cfg: DistillConfig, ctx: Context) -> Path:
     from transformers import default_data_collator, set_seed
 
@@ -272,6 +297,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         keep = None
     else:
         student, keep = build_student(cfg, teacher, tokenizer, ctx.trust_remote_code)
+    trainable = unfreeze(student, cfg.unfrozen_parameters)
     evaluate = cfg.eval_steps is not None  # eval_loss is the distillation loss on the validation blocks
     args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed, evaluate=evaluate)
     t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
@@ -306,7 +332,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         save_model(tmp, trainer.model, tokenizer)
         write_record(tmp, stage.record(
             ctx,
-            metrics={"params": s_params, "teacher_params": t_params,
+            metrics={"params": s_params, "teacher_params": t_params, "trained_params": trainable,
                      "params_ratio": round(s_params / t_params, 4), **metrics},
             teacher=teacher_info,
             layer_map=keep,
@@ -315,6 +341,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
             distill_data={"label": text.label, "mix": [dataclasses.asdict(m) for m in text.mix],
                           "train_blocks": per_source, "block_size": text.block_size},
             loss=loss,
+            unfrozen_parameters=cfg.unfrozen_parameters,
             tags=["distillation"],
             summary=_summary(keep, cfg, teacher_info, trainer.model, loss, pruned, text),
         ))
