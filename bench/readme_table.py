@@ -96,7 +96,7 @@ def _ppls(model: dict, texts: list[str]) -> str:
 
 
 def _quantize(r: dict) -> list[str]:
-    rows = _quantize_rows(r)
+    rows = _quantize_rows(r) + _gguf_targets(r)
     if r.get("also"):  # the same candidates on a second model (the QAT fine-tune)
         rows = [f"Plain fine-tune (`{r['fp32']['input']}`):", ""] + rows
         rows += ["", f"QAT fine-tune (`{r['also']['fp32']['input']}`), same candidates:", ""] + _quantize_rows(r["also"])
@@ -126,7 +126,23 @@ def _quantize_rows(r: dict) -> list[str]:
         rows.append(f"| {name} | {_ppls(c, texts)} | {delta} | "
                     f"{c['disk_mb']:.0f} | {c['size_ratio']:.0%} | {c['prefill_tok_s']:.0f} | {c['gen_tok_s']:.1f} | "
                     f"{c['speedup_vs_fp32']:.2f}× |")
+        lc = c.get("llamacpp", {})
+        if "gen_tok_s" in lc:  # the same file in llama.cpp itself
+            delta = " / ".join(f"{lc['ppl_increase_pct'][t]:+.1f}%" for t in texts)
+            rows.append(f"| {name} in llama.cpp | {_ppls(lc, texts)} | {delta} | {c['disk_mb']:.0f} | "
+                        f"{c['size_ratio']:.0%} | {lc['prefill_tok_s']:.0f} | {lc['gen_tok_s']:.1f} | "
+                        f"{lc['gen_tok_s'] / fp32['gen_tok_s']:.2f}× |")
     return rows
+
+
+def _gguf_targets(r: dict) -> list[str]:
+    t = r.get("llamacpp_targets")
+    if not t:
+        return []
+    q8 = " / ".join(f"{v:+.2f}%" for v in t["q8_0_ppl_increase_pct"].values())
+    gen = ", ".join(f"{name} {v:.1f}" for name, v in t["gen_tok_s"].items() if v is not None)
+    return ["", f"Q8_0 in llama.cpp against fp32: {q8} ({'within' if t['q8_0_within_0.5pct'] else 'over'} the "
+            f"+0.5% target); best 4/5-bit type: {t['best_4_5_bit']}. Generation tokens/s, same rounds: {gen}."]
 
 
 def _compress(r: dict) -> list[str]:
@@ -155,6 +171,7 @@ BLOCKS = {  # README block: the results it shows, in order
              ("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
     "quantize-qat": [("quantize-qat", _quantize)],
+    "quantize-gguf": [("quantize-gguf", _quantize)],
     "compress": [("compress", _compress)],
 }
 

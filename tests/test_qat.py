@@ -38,7 +38,7 @@ def test_qat_trains_on_the_grid_and_saves_plain_float_weights(tiny_models, make_
                        quantize={"enabled": False}, evaluate={"enabled": False})
     _, out = run_stages(path, ["load", "finetune"])
     rec = _record(out["finetune"])
-    assert rec["qat"] == grid
+    assert rec["qat"] == {**grid, "fake_quant_after_n_steps": 0}
     assert "fake-quantized to int4 asymmetric, groups of 16" in rec["summary"]
     m = rec["metrics"]
     assert m["train_loss_last"] < m["train_loss_first"] - 0.4, m  # it learned through the fake quantizers
@@ -60,6 +60,35 @@ def test_qat_trains_on_the_grid_and_saves_plain_float_weights(tiny_models, make_
     assert _fake_quant_error(tuned, settings) < _fake_quant_error(plain_model, settings)
 
 
+def test_fake_quant_after_n_steps(tiny_models, make_recipe, tmp_path):
+    """The fake quantizers are off before step N and on from it (the callback reads the global step); with N
+    past the last step the run is plain fine-tuning, weight for weight."""
+    from types import SimpleNamespace
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    qat.prepare(model, qat.QatSettings(enabled=True, group_size=16))
+    callback = qat.delayed_start(3)
+    states = []
+    for step in (0, 2, 3, 5):
+        callback.on_step_begin(None, SimpleNamespace(global_step=step), None, model=model)
+        states.append({m.weight_fake_quantizer.enabled for m in model.modules() if hasattr(m, "weight_fake_quantizer")})
+    assert states == [{False}, {False}, {True}, {True}]
+
+    text = tmp_path / "repeated.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 400)
+    common = dict(data={"source": str(text)}, distill={"enabled": False}, quantize={"enabled": False},
+                  evaluate={"enabled": False})
+    steps = {"learning_rate": 1.0e-2, "max_steps": 4, **QUIET}
+    delayed = make_recipe(tiny_models["llama"], name="late", **common,
+                          finetune={**steps, "qat": {"enabled": True, "group_size": 16, "fake_quant_after_n_steps": 4}})
+    plain = make_recipe(tiny_models["llama"], name="plain", **common, finetune=steps)
+    late = AutoModelForCausalLM.from_pretrained(run_stages(delayed, ["load", "finetune"])[1]["finetune"])
+    ref = AutoModelForCausalLM.from_pretrained(run_stages(plain, ["load", "finetune"])[1]["finetune"])
+    for (name, a), b in zip(late.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert "fake_quant_after_n_steps: -1 must be 0 or more" in qat.QatSettings(fake_quant_after_n_steps=-1).check()[0]
+
+
 def test_quantize_warns_when_the_shipped_grid_differs(tiny_models, make_recipe, caplog):
     path = make_recipe(tiny_models["llama"], distill={"enabled": False},
                        finetune={"max_steps": 2, "qat": {"enabled": True, "group_size": 16}},
@@ -69,7 +98,7 @@ def test_quantize_warns_when_the_shipped_grid_differs(tiny_models, make_recipe, 
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         _, out = run_stages(path)
     rec = _record(out["quantize"])
-    assert rec["qat"] == {"trained_for": {"bits": 4, "group_size": 16, "symmetric": False},
+    assert rec["qat"] == {"trained_for": {"bits": 4, "group_size": 16, "symmetric": False, "fake_quant_after_n_steps": 0},
                           "shipped": {"bits": 4, "group_size": 32, "symmetric": False}, "matches": False}
     assert any("trained for int4 asymmetric, groups of 16" in r.message for r in caplog.records)
 

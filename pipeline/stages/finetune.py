@@ -102,8 +102,10 @@ def _summary(cfg: FinetuneConfig, metrics: dict, targets) -> str:
     done = f"for {metrics['train_steps']} steps ({metrics['train_tokens']} tokens)"
     if cfg.method == "full":
         if cfg.qat.enabled:
+            after = cfg.qat.fake_quant_after_n_steps
             return (f"Full quantization-aware fine-tune {done}: the block weights trained fake-quantized to "
-                    f"{qat.describe(cfg.qat.grid)} (torchao), saved as ordinary float weights; quantize them "
+                    f"{qat.describe(cfg.qat.grid)} (torchao){f' from step {after} on' if after else ''}, "
+                    "saved as ordinary float weights; quantize them "
                     "with a 4-bit candidate on the same grid.")
         return f"Full fine-tune {done}."
     name = {"lora": "LoRA", "qlora": "QLoRA"}[cfg.method]
@@ -141,6 +143,7 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         eval_dataset=eval_set,
         data_collator=collator,
         processing_class=tokenizer,
+        callbacks=[qat.delayed_start(cfg.qat.fake_quant_after_n_steps)] if cfg.qat.enabled else None,
     )
     if cfg.method == "qlora" and sharded(trainer):
         raise StageError("finetune.method qlora: a 4-bit base is not sharded with FSDP/DeepSpeed here; use "
@@ -158,7 +161,8 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
             metrics=metrics,
             method=cfg.method,
             lora_targets=targets,
-            qat=cfg.qat.grid if cfg.qat.enabled else None,
+            qat={**cfg.qat.grid, "fake_quant_after_n_steps": cfg.qat.fake_quant_after_n_steps}
+            if cfg.qat.enabled else None,
             tags=["fine-tuned"] + ([cfg.method] if cfg.method != "full" else []),
             summary=_summary(cfg, metrics, targets),
         ))

@@ -237,7 +237,7 @@ def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
     if not trained:
         return None
     shipped = backends.grid(cand)
-    matches = shipped == trained
+    matches = shipped == {key: trained.get(key) for key in ("bits", "group_size", "symmetric")}
     if cand.bits == 4 and not matches:
         from pipeline.qat import describe
 
