@@ -60,6 +60,25 @@ def test_qat_trains_on_the_grid_and_saves_plain_float_weights(tiny_models, make_
     assert _fake_quant_error(tuned, settings) < _fake_quant_error(plain_model, settings)
 
 
+@pytest.mark.parametrize("bits, group_size", [(4, 16), (4, 32), (3, 16)])
+def test_asymmetric_grid_sits_on_the_weights(bits, group_size, tiny_models):
+    """Each fake-quantized weight is within half a step of the original, a step being its group's
+    (max - min) / (2^bits - 1): the asymmetric grid spans each group (torchao's default integer zero-point
+    domain would shift it off)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    qat.prepare(model, qat.QatSettings(enabled=True, bits=bits, group_size=group_size, symmetric=False))
+    checked = 0
+    for module in model.modules():
+        if hasattr(module, "weight_fake_quantizer"):
+            w = module.weight.detach()
+            groups = w.reshape(-1, group_size)
+            step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2 ** bits - 1)
+            error = (module.weight_fake_quantizer(w).reshape(-1, group_size) - groups).abs()
+            assert (error <= step / 2 + 1e-6).all(), type(module).__name__
+            checked += 1
+    assert checked > 0
+
+
 def test_fake_quant_after_n_steps(tiny_models, make_recipe, tmp_path):
     """The fake quantizers are off before step N and on from it (the callback reads the global step); with N
     past the last step the run is plain fine-tuning, weight for weight."""
