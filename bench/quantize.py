@@ -37,6 +37,8 @@ PRESETS = {
                             "ratio": 0.8, **CALIBRATED},
     # GGUF: the file, as transformers reloads it
     **{f"gguf-{t}": {"method": f"gguf-{t}"} for t in ("f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")},
+    # Q8_0 with the output head (SmolLM2: the tied embedding) kept F16, as llama-quantize --output-tensor-type f16
+    "gguf-q8_0-f16-head": {"method": "gguf-q8_0", "output_tensor_type": "f16"},
 }
 DEFAULT = ["bnb-int8", "bnb-nf4", "openvino-int8", "openvino-int4", "int4-g32", "int4-g32-awq", "int4-g32-se",
            "int4-g32-awq-se", "int4-g32-gptq", "int4-g32-lora", "int4-g32-awq-se-r80"]
@@ -197,19 +199,22 @@ def llamacpp_targets(result: dict) -> dict | None:
     """The GGUF issue's targets, read off the rows: Q8_0 within +0.5% of fp32 on every text in llama.cpp,
     and llama.cpp's generation speed for Q8_0 and the best 4/5-bit type beside OpenVINO int8's."""
     rows = {name: row for name, row in result["candidates"].items() if "ppl_increase_pct" in row.get("llamacpp", {})}
-    if "gguf-q8_0" not in rows:
+    q8_rows = [name for name, row in rows.items() if row["options"]["method"] == "gguf-q8_0"]
+    if not q8_rows:
         return None
-    q8 = rows["gguf-q8_0"]["llamacpp"]
-    low_bit = {n: r for n, r in rows.items() if n.startswith(("gguf-q4", "gguf-q5"))}
+    q8_name = min(q8_rows, key=lambda n: max(rows[n]["llamacpp"]["ppl_increase_pct"].values()))
+    q8 = rows[q8_name]["llamacpp"]
+    low_bit = {n: r for n, r in rows.items() if r["options"]["method"] in ("gguf-q4_0", "gguf-q4_1", "gguf-q5_0",
+                                                                           "gguf-q5_1")}
     best = min(low_bit, key=lambda n: max(low_bit[n]["llamacpp"]["ppl_increase_pct"].values()), default=None)
-    gen = {"gguf-q8_0@llama.cpp": q8.get("gen_tok_s")}
+    gen = {f"{q8_name}@llama.cpp": q8.get("gen_tok_s")}
     if best:
         gen[f"{best}@llama.cpp"] = low_bit[best]["llamacpp"].get("gen_tok_s")
     for name in ("openvino-int8", "fp32"):
         row = result["fp32"] if name == "fp32" else result["candidates"].get(name, {})
         if "gen_tok_s" in row:
             gen[name] = row["gen_tok_s"]
-    return {"q8_0_ppl_increase_pct": q8["ppl_increase_pct"],
+    return {"q8_0": q8_name, "q8_0_ppl_increase_pct": q8["ppl_increase_pct"],
             "q8_0_within_0.5pct": all(v <= 0.5 for v in q8["ppl_increase_pct"].values()),
             "best_4_5_bit": best, "best_4_5_bit_ppl_increase_pct": best and low_bit[best]["llamacpp"]["ppl_increase_pct"],
             "gen_tok_s": gen}

@@ -141,7 +141,7 @@ def _gguf_targets(r: dict) -> list[str]:
         return []
     q8 = " / ".join(f"{v:+.2f}%" for v in t["q8_0_ppl_increase_pct"].values())
     gen = ", ".join(f"{name} {v:.1f}" for name, v in t["gen_tok_s"].items() if v is not None)
-    return ["", f"Q8_0 in llama.cpp against fp32: {q8} ({'within' if t['q8_0_within_0.5pct'] else 'over'} the "
+    return ["", f"Q8_0 in llama.cpp against fp32 (best Q8_0 file, {t.get('q8_0', 'gguf-q8_0')}): {q8} ({'within' if t['q8_0_within_0.5pct'] else 'over'} the "
             f"+0.5% target); best 4/5-bit type: {t['best_4_5_bit']}. Generation tokens/s, same rounds: {gen}."]
 
 

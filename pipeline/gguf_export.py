@@ -87,12 +87,13 @@ class GGUFExport:
     qtype: str
     name: str
     trust_remote_code: bool = False
+    output_tensor_type: str | None = None
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return write(self.source, folder / filename(self.name, self.qtype), self.qtype, self.name,
-                     self.trust_remote_code)
+                     self.trust_remote_code, self.output_tensor_type)
 
 
 def _rope(config) -> dict:
@@ -200,22 +201,28 @@ def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def tensor_type(name: str, w: np.ndarray, qtype: str, tied: bool):
-    """The GGML type of one tensor under file type `qtype` (see the module docstring)."""
+def tensor_type(name: str, w: np.ndarray, qtype: str, tied: bool, output_type: str | None = None):
+    """The GGML type of one tensor under file type `qtype` (see the module docstring); `output_type`
+    (f16 / q8_0) overrides the output head's, as llama-quantize's --output-tensor-type does."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
     if w.ndim < 2 or name == "position_embd.weight":  # norms, biases; llama.cpp keeps position embeddings F32
         return Q.F32
     wanted = Q[TYPES[qtype][0]]
-    if qtype not in ("f16", "q8_0") and (name == "output.weight" or (tied and name == "token_embd.weight")):
-        wanted = Q.Q8_0
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if output_type is not None:
+            wanted = Q[TYPES[output_type][0]]
+        elif qtype not in ("f16", "q8_0"):
+            wanted = Q.Q8_0
     if wanted != Q.F16 and w.shape[-1] % GGML_QUANT_SIZES[wanted][0]:
         return Q.F16  # a row that does not fill whole blocks: llama.cpp falls back the same way
     return wanted
 
 
-def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: bool = False) -> Path:
-    """Write the model folder `source` (weights, config and tokenizer files) as the GGUF file `out`."""
+def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: bool = False,
+          output_type: str | None = None) -> Path:
+    """Write the model folder `source` (weights, config and tokenizer files) as the GGUF file `out`; the
+    output head (or tied embedding) in `output_type` when given."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -264,7 +271,7 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
 
     counts: dict[str, int] = {}
     for tname, w in weights:
-        kind = tensor_type(tname, w, qtype, tied)
+        kind = tensor_type(tname, w, qtype, tied, output_type)
         counts[kind.name] = counts.get(kind.name, 0) + 1
         if kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, w.astype(np.float32))

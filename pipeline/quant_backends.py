@@ -42,6 +42,7 @@ OPTIONS = {
     "backup_precision": ("openvino-int4",),
     "calibration_samples": ("openvino-int4",),
     "calibration_tokens": ("openvino-int4",),
+    "output_tensor_type": tuple(GGUF_BITS),
 }
 DATA_AWARE = ("awq", "scale_estimation", "gptq", "lora_correction")
 # nncf.SensitivityMetric values; all but the first rank layers on calibration activations
@@ -69,6 +70,9 @@ class Candidate:
     backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None  # layers not in 4-bit (int8_asym)
     calibration_samples: int | None = None  # calibration sequences (default 128 when data-aware)
     calibration_tokens: int | None = None  # tokens per calibration sequence (default data.block_size)
+    # gguf-*: the type of the output head, or of the tied embedding that serves as it (llama-quantize's
+    # --output-tensor-type); default: the file's type for f16/q8_0, q8_0 for the 4/5-bit types
+    output_tensor_type: Literal["f16", "q8_0"] | None = None
 
     def check(self) -> list[str]:
         problems = []
@@ -275,17 +279,21 @@ def gguf_export(cand: Candidate, source: Path, trust_remote_code: bool = False):
     from pipeline.gguf_export import GGUFExport
 
     name = (read_record(source) or {}).get("recipe") or Path(source).name
-    return GGUFExport(Path(source), cand.method.removeprefix("gguf-"), name, trust_remote_code)
+    return GGUFExport(Path(source), cand.method.removeprefix("gguf-"), name, trust_remote_code,
+                      cand.output_tensor_type)
 
 
 def describe_gguf(cand: Candidate) -> str:
     from pipeline.gguf_export import TYPES
 
     label = TYPES[cand.method.removeprefix("gguf-")][2]
-    if label in ("F16", "Q8_0"):
-        return f"GGUF {label} weights for llama.cpp/Ollama (norms and biases F32)"
-    return (f"GGUF {label} weights for llama.cpp/Ollama (output head / tied embedding Q8_0, as llama.cpp keeps "
-            "it at higher precision; norms and biases F32)")
+    if cand.output_tensor_type:
+        head = f"output head / tied embedding {cand.output_tensor_type.upper()}; "
+    elif label in ("F16", "Q8_0"):
+        head = ""
+    else:
+        head = "output head / tied embedding Q8_0, as llama.cpp keeps it at higher precision; "
+    return f"GGUF {label} weights for llama.cpp/Ollama ({head}norms and biases F32)"
 
 
 def describe(cand: Candidate) -> str:

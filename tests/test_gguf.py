@@ -158,6 +158,41 @@ def test_unsupported_architecture_fails_at_validation(tmp_path, tokenizer, make_
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_output_tensor_type_keeps_the_head_at_f16(arch, tiny_models, exported, tmp_path):
+    """llama-quantize's --output-tensor-type: the output head (here the tied embedding, written once) in F16,
+    every block weight still Q8_0; the head's round trip is then exact to F16, so the logits move closer to
+    the source's than the plain Q8_0 file's."""
+    path = gguf_export.write(tiny_models[arch], tmp_path / "tiny-Q8_0.gguf", "q8_0", "tiny", output_type="f16")
+    tensors = fields(path)["tensors"]
+    plain = fields(exported[arch, "q8_0"])["tensors"]
+    assert tensors["token_embd.weight"][0] == "F16" and plain["token_embd.weight"][0] == "Q8_0"
+    assert {n: t for n, t in tensors.items() if n != "token_embd.weight"} == \
+        {n: t for n, t in plain.items() if n != "token_embd.weight"}
+    assert "output.weight" not in tensors
+    source = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    head_f16 = models.load_model(models.Source("gguf", str(tmp_path), path.name))
+    q8 = exported[arch, "q8_0"]
+    head_q8 = models.load_model(models.Source("gguf", str(q8.parent), q8.name))
+    emb = lambda m: m.get_input_embeddings().weight  # noqa: E731
+    assert torch.allclose(emb(head_f16), emb(source).half().float())
+    assert (logits(head_f16) - logits(source)).abs().max() < (logits(head_q8) - logits(source)).abs().max()
+    problems = recipe_problems({"method": "gguf-q8_0", "output_tensor_type": "q4_0"}) + \
+        recipe_problems({"method": "openvino-int8", "output_tensor_type": "f16"})
+    assert any("output_tensor_type" in p and "'f16', 'q8_0'" in p for p in problems), problems
+    assert any("output_tensor_type: does not apply to openvino-int8" in p for p in problems), problems
+
+
+def recipe_problems(candidate: dict) -> list[str]:
+    """What recipe validation says of one quantize candidate: type errors, then the candidate's own checks."""
+    from pipeline.config import parse
+    from pipeline.quant_backends import Candidate
+
+    errors: list[str] = []
+    parse(Candidate, candidate, "quantize.candidates[0]", errors)
+    return errors
+
+
 def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_recipe, tokenizer, capsys):
     candidates = [{"method": "gguf-f16"}, {"method": "gguf-q8_0"}, {"method": "gguf-q4_0"}]
     path = make_recipe(tiny_models["llama"], finetune={"enabled": False}, distill={"enabled": False},
