@@ -236,11 +236,12 @@ def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
     """Whether the input was trained (finetune.qat) for the grid the chosen candidate rounds to; warns if not."""
     if not trained:
         return None
-    shipped = backends.grid(cand)
-    matches = shipped == {key: trained.get(key) for key in ("bits", "group_size", "symmetric")}
-    if cand.bits == 4 and not matches:
-        from pipeline.qat import describe
+    from pipeline.qat import QatSettings, describe
 
+    shipped = backends.grid(cand)
+    # the record keeps the training schedule beside the grid; compare the grid's own keys
+    matches = shipped == {key: trained.get(key) for key in QatSettings().grid}
+    if cand.bits == 4 and not matches:
         log.warning("quantize: the input was trained for %s (finetune.qat) but %s rounds to %s; set the candidate's "
                     "group_size/sym (or finetune.qat) so the grids agree", describe(trained), cand.label,
                     describe(shipped) if shipped else "a float code book")
