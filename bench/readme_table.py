@@ -172,6 +172,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize": [("quantize", _quantize)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
+    "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
     "compress": [("compress", _compress)],
 }
 
