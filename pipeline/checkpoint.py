@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import dist, errors
+from pipeline import dist, errors, interrupts
 from pipeline.config import StageError
 
 log = logging.getLogger("pipeline")
@@ -68,7 +68,10 @@ def staging(final: Path):
     try:
         tmp.mkdir()
         yield tmp
+        interrupts.raise_pending()  # a Ctrl-C some library swallowed still leaves no folder
     except BaseException as err:
+        if any(isinstance(e, KeyboardInterrupt) for e in errors.chain(err)):
+            interrupts.delivered()
         written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         expected = _expected_bytes.pop(tmp, None)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
 import traceback
 
+from pipeline import interrupts
 from pipeline.config import RecipeError
 from pipeline.models import ModelSourceError
 
@@ -97,37 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import runner
 
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    with interruptible():
+    with interrupts.interruptible():
         try:
             runner.run(recipe, stages, force=args.force, until=args.until, wait=args.wait)
-        except KeyboardInterrupt as err:
-            print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: finished stages are kept; the "
-                  "unfinished one left no folder behind; run the same command again to continue", file=sys.stderr)
-            return EXIT_TERM if isinstance(err, Terminated) else EXIT_INTERRUPT
+            signum = interrupts.pending()
+        except KeyboardInterrupt as err:  # a signal, or a KeyboardInterrupt raised without one
+            interrupts.delivered()
+            signum = interrupts.pending() or (signal.SIGTERM if isinstance(err, interrupts.Terminated) else signal.SIGINT)
         except Exception as err:  # noqa: BLE001 -- every failure ends in one message, not a traceback
-            return report(err, args.debug)
-    return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that stage folders are cleaned up as for Ctrl-C."""
-
-
-@contextlib.contextmanager
-def interruptible():
-    """While a run runs, SIGTERM (`kill`, a scheduler's timeout) unwinds it like Ctrl-C."""
-    def on_term(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave signals as they are
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            if interrupts.pending() is None:  # else a library turned the interrupt into its own error
+                return report(err, args.debug)
+            interrupts.delivered()
+            signum = interrupts.pending()
+    if signum is None:
+        return 0
+    print(f"{'terminated' if signum == signal.SIGTERM else 'interrupted'}: finished stages are kept; the "
+          "unfinished one left no folder behind; run the same command again to continue", file=sys.stderr)
+    return EXIT_TERM if signum == signal.SIGTERM else EXIT_INTERRUPT
 
 
 def report(err: BaseException, debug: bool = False) -> int:

@@ -5,6 +5,8 @@ import json
 import time
 from pathlib import Path
 
+from pipeline import interrupts
+
 COLUMNS = [  # (key, header, format)
     ("name", "model", "{}"),
     ("params", "params", "{:,}"),
@@ -20,6 +22,7 @@ COLUMNS = [  # (key, header, format)
 
 
 def write(run_dir: Path, recipe: str, rows: list[dict]) -> None:
+    interrupts.raise_pending()  # an interrupted evaluation writes no report, even if a library swallowed the signal
     base = next((r for r in rows if r["name"] == "base"), None)
     for row in rows:
         if base:

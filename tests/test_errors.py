@@ -387,6 +387,50 @@ def _half_saved(sig):
     return hook
 
 
+def _swallowed(sig, where, after):
+    """save_model where a library swallows the signal (a bare `except`, or a weakref callback, whose exceptions
+    Python prints and drops), then goes on; `after` records how far the stage got."""
+    import weakref
+
+    from pipeline.checkpoint import save_model
+
+    def hook(folder, *args, **kwargs):
+        if where == "except":
+            try:
+                _kill_self(sig)()
+            except KeyboardInterrupt:
+                pass
+        else:
+            class Bar:
+                pass
+            bar = Bar()
+            ref = weakref.ref(bar, lambda _: _kill_self(sig)())  # noqa: F841 -- the callback runs on `del`
+            del bar
+        after.append("swallowed")
+        time.sleep(5)  # the signal is raised again here
+        after.append("slept")
+        save_model(folder, *args, **kwargs)
+    return hook
+
+
+@pytest.mark.parametrize("where", ["except", "weakref"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_swallowed_signal_still_stops_the_run(where, sig, code, tiny_models, make_recipe, tmp_path, monkeypatch,
+                                               capsys):
+    import pipeline.stages.load as load
+
+    hook = sys.unraisablehook
+    after = []
+    monkeypatch.setattr(load, "save_model", _swallowed(sig, where, after))
+    recipe = make_recipe(tiny_models["gpt2"])
+    err = fails(["run", recipe, "--stages", "load"], capsys, code=code)
+    assert after == ["swallowed"] and "run the same command" in err  # `fails`: and no "Exception ignored" traceback
+    assert sys.unraisablehook is hook
+    no_folder(tmp_path / "runs" / "tiny", "load")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # stage -> (module attribute replaced by a hook that signals the process while the stage writes or works)
 INTERRUPT_POINTS = {
     "load": ("pipeline.stages.load", "save_model", _half_saved),
