@@ -13,7 +13,8 @@ and on the start of WikiText-2 test (general English none of the models trained 
 Variants: `uniform` keeps evenly spaced teacher layers (every other one at 60%: DistilGPT2's initialisation,
 the distill stage's layer-subset student); `depth` drops the layers of lowest block influence; `width` shrinks
 the MLP by activation importance; `mix` shrinks depth and MLP width together (the prune stage's
-`target_params` rule). Writes bench/results/compress.json and compress.png.
+`target_params` rule); `hidden-mlp` shrinks the hidden (embedding) channels and the MLP together (Minitron's
+width axes). Writes bench/results/compress.json and compress.png.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ VARIANTS = {
     "width-80": ("prune", {"target_params": 0.8, "axes": ["mlp"]}),
     "mix-60": ("prune", {"target_params": 0.6, "axes": ["depth", "mlp"]}),
     "mix-80": ("prune", {"target_params": 0.8, "axes": ["depth", "mlp"]}),
+    # Minitron's width axes: MLP channels and hidden (embedding) channels together
+    "hidden-mlp-60": ("prune", {"target_params": 0.6, "axes": ["hidden", "mlp"]}),
+    "hidden-mlp-80": ("prune", {"target_params": 0.8, "axes": ["hidden", "mlp"]}),
 }
 SMOKE_OVERRIDES = ["data.block_size=32", "data.max_train_blocks=16", "distill.max_steps=2", "distill.batch_size=2",
                    "prune.calibration_blocks=4", "prune.round_to=8"]

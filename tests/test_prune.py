@@ -144,6 +144,8 @@ def _recipe(tmp_path, model, **prune_cfg):
     ("llama", {"intermediate_size": 512, "hidden_size": 65}, ["prune.intermediate_size", "prune.hidden_size"]),
     ("llama", {"num_attention_heads": 3}, ["prune.num_attention_heads: 3 breaks the KV grouping", "2, 4"]),
     ("gpt2", {"hidden_size": 50}, ["prune.hidden_size", "num_attention_heads x head size"]),
+    ("llama", {"hidden_size": 42}, ["prune.hidden_size", "not a multiple of the number of attention heads (4)",
+                                    "hidden_size: 40"]),
     ("llama", {"target_params": 1.5}, ["prune.target_params: 1.5 must be a fraction"]),
     ("llama", {}, ["prune.target_params: say how small"]),
     ("llama", {"target_params": 0.8, "intermediate_size": 64}, ["set either target_params or explicit sizes"]),
@@ -153,6 +155,26 @@ def test_impossible_targets_fail_at_validation(arch, settings, needles, tiny_mod
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, needle
+
+
+def test_target_params_gives_a_llama_hidden_size_its_config_accepts(tokenizer, make_recipe, tmp_path):
+    """SmolLM2's case in small: 3 heads, and round_to 32 would allow only the full width (lcm 96)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "odd-heads"
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=96, intermediate_size=192, num_attention_heads=3,
+                                 num_key_value_heads=1, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = make_recipe(folder, finetune={"enabled": False}, distill={"enabled": False},
+                         quantize={"enabled": False}, evaluate={"enabled": False},
+                         prune={"enabled": True, "target_params": 0.8, "axes": ["hidden", "mlp"], "round_to": 32,
+                                "calibration_blocks": 4})
+    assert main(["run", str(recipe), "--until", "prune"]) == 0
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny" / "prune")
+    assert pruned.config.hidden_size in (48, 72) and pruned.config.hidden_size % 3 == 0  # multiples of lcm(8, 3)
+    assert pruned.config.intermediate_size % 32 == 0 and pruned.config.intermediate_size < 192
+    out = pruned.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
 
 
 def test_unsupported_architecture_fails_at_validation(tokenizer, tmp_path, capsys):

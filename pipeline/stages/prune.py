@@ -9,6 +9,7 @@ model (smaller config, smaller weights); `distill` then heals it against the mod
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -105,7 +106,22 @@ def targets(cfg: PruneConfig, config) -> dict:
         if problems:
             raise StageError(problems[0])
         target["num_key_value_heads"] = heads // (s["num_attention_heads"] // s["num_key_value_heads"])
+    _check_config(config, target)
     return target
+
+
+def _check_config(config, target: dict) -> None:
+    """The config class's own rules (Llama's: hidden size a multiple of the heads), now and not at save time."""
+    new = surgery.config_for(config, target)
+    try:
+        new.validate()
+    except Exception as err:  # noqa: BLE001 -- huggingface_hub's strict-dataclass error wraps the config's ValueError
+        reason = str(getattr(err, "__cause__", None) or err).strip().splitlines()[-1].strip()
+        heads = new.num_attention_heads
+        hint = (f"; with {heads} heads use e.g. hidden_size: {max(heads, new.hidden_size // heads * heads)}"
+                if new.hidden_size % heads else "")
+        raise StageError(f"prune.hidden_size/num_attention_heads: {config.model_type} cannot have these sizes: "
+                         f"{reason}{hint}") from None
 
 
 def _grouping(heads: int, s: dict) -> list[str]:
@@ -139,10 +155,26 @@ def _shrunk(cfg: PruneConfig, config, r: float) -> dict:
         if "heads" in cfg.axes:
             groups = max(1, round(s["num_key_value_heads"] * r))
             per_group = s["num_attention_heads"] // s["num_key_value_heads"]
+            if config.model_type == "llama" and "hidden" not in cfg.axes:  # hidden_size stays: the heads divide it
+                groups = max(g for g in range(1, groups + 1) if s["hidden_size"] % (g * per_group) == 0)
             target.update(num_key_value_heads=groups, num_attention_heads=groups * per_group)
         if "hidden" in cfg.axes:
-            target["hidden_size"] = min(s["hidden_size"], width(s["hidden_size"]))
+            target["hidden_size"] = min(s["hidden_size"], _hidden_width(cfg, config, s, r, target))
     return target
+
+
+def _hidden_width(cfg: PruneConfig, config, s: dict, r: float, target: dict) -> int:
+    """A multiple of round_to; for Llama, whose config (transformers 5) needs hidden_size to be a multiple of the
+    query heads, of lcm(round_to, heads), or of lcm(8, heads) where that leaves fewer than 8 sizes (SmolLM2: 9
+    heads, 576 wide)."""
+    step = cfg.round_to
+    if config.model_type == "llama":
+        heads = target.get("num_attention_heads", s["num_attention_heads"])
+        step = math.lcm(cfg.round_to, heads)
+        if s["hidden_size"] // step < 8:
+            step = math.lcm(8, heads)
+    n = s["hidden_size"]
+    return max(step, round(n * r / step) * step) if n > step else n
 
 
 def _from_fraction(cfg: PruneConfig, config) -> dict:
@@ -164,6 +196,7 @@ def _from_fraction(cfg: PruneConfig, config) -> dict:
     if surgery.count_params(surgery.config_for(config, target)) > budget:
         raise StageError(f"prune.target_params: {cfg.target_params} cannot be reached by shrinking {cfg.axes}; "
                          "add axes (mlp, heads, hidden, depth) or raise target_params")
+    _check_config(config, target)
     return target
 
 
