@@ -15,7 +15,7 @@ import sys
 import threading
 
 RESEND_S = 1.0
-_pending: int | None = None  # the signal asked for and not yet delivered
+_pending: int | None = None  # the signal received in this run; kept after delivery (the exit code)
 _delivered = threading.Event()
 _lock = threading.Lock()  # a resend is either sent before `delivered` returns or not at all
 

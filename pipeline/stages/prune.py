@@ -116,7 +116,7 @@ def _check_config(config, target: dict) -> None:
     try:
         new.validate()
     except Exception as err:  # noqa: BLE001 -- huggingface_hub's strict-dataclass error wraps the config's ValueError
-        reason = str(getattr(err, "__cause__", None) or err).strip().splitlines()[-1].strip()
+        reason = str(err.__cause__ or err).strip().splitlines()[-1].strip()
         heads = new.num_attention_heads
         hint = (f"; with {heads} heads use e.g. hidden_size: {max(heads, new.hidden_size // heads * heads)}"
                 if new.hidden_size % heads else "")
@@ -140,8 +140,8 @@ def _shrunk(cfg: PruneConfig, config, r: float) -> dict:
     s = surgery.sizes(config)
     target = {}
 
-    def width(n):
-        return max(cfg.round_to, round(n * r / cfg.round_to) * cfg.round_to) if n > cfg.round_to else n
+    def width(n, step=cfg.round_to):
+        return max(step, round(n * r / step) * step) if n > step else n
 
     if "depth" in cfg.axes:
         target["num_hidden_layers"] = max(1, round(s["num_hidden_layers"] * r))
@@ -159,22 +159,20 @@ def _shrunk(cfg: PruneConfig, config, r: float) -> dict:
                 groups = max(g for g in range(1, groups + 1) if s["hidden_size"] % (g * per_group) == 0)
             target.update(num_key_value_heads=groups, num_attention_heads=groups * per_group)
         if "hidden" in cfg.axes:
-            target["hidden_size"] = min(s["hidden_size"], _hidden_width(cfg, config, s, r, target))
+            step = _hidden_step(cfg, config, s, target)
+            target["hidden_size"] = min(s["hidden_size"], width(s["hidden_size"], step))
     return target
 
 
-def _hidden_width(cfg: PruneConfig, config, s: dict, r: float, target: dict) -> int:
-    """A multiple of round_to; for Llama, whose config (transformers 5) needs hidden_size to be a multiple of the
-    query heads, of lcm(round_to, heads), or of lcm(8, heads) where that leaves fewer than 8 sizes (SmolLM2: 9
-    heads, 576 wide)."""
-    step = cfg.round_to
-    if config.model_type == "llama":
-        heads = target.get("num_attention_heads", s["num_attention_heads"])
-        step = math.lcm(cfg.round_to, heads)
-        if s["hidden_size"] // step < 8:
-            step = math.lcm(8, heads)
-    n = s["hidden_size"]
-    return max(step, round(n * r / step) * step) if n > step else n
+def _hidden_step(cfg: PruneConfig, config, s: dict, target: dict) -> int:
+    """Hidden widths are multiples of round_to; for Llama, whose config (transformers 5) needs hidden_size to be a
+    multiple of the query heads, of lcm(round_to, heads), or of lcm(8, heads) where that leaves fewer than 8
+    sizes (SmolLM2: 9 heads, 576 wide)."""
+    if config.model_type != "llama":
+        return cfg.round_to
+    heads = target.get("num_attention_heads", s["num_attention_heads"])
+    step = math.lcm(cfg.round_to, heads)
+    return step if s["hidden_size"] // step >= 8 else math.lcm(8, heads)
 
 
 def _from_fraction(cfg: PruneConfig, config) -> dict:
