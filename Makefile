@@ -73,3 +73,5 @@ bench:
 bench-all: bench
 	$(PY) bench/distill.py
 	$(PY) bench/quantize.py
+	$(PY) bench/compress.py
+	$(PY) bench/gguf_grid.py

@@ -166,6 +166,16 @@ def _compress(r: dict) -> list[str]:
     return rows
 
 
+def _gguf_grid(r: dict) -> list[str]:
+    src = r["settings"].get("source") or {}
+    types = ", ".join(f"{n} {t}" for t, n in sorted(src.get("types", {}).items(), key=lambda kv: -kv[1]))
+    rows = [f"Source: `{src.get('file', r['settings']['base'])}` ({types} tensors); the fine-tune moved the "
+            f"{r['settings']['matrices']} layer matrices by {r['finetune_change']:.2%} of their norm.", "",
+            "| type | rounding error ‖Q(w) − w‖ / ‖w‖ | share of the fine-tune's change kept |", "|---|---|---|"]
+    rows += [f"| {t.upper()} | {v['error']:.2%} | {v['kept']:.0%} |" for t, v in r["types"].items()]
+    return rows + ["", _machine(r["machine"])]
+
+
 BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate),
              ("e2e", _e2e)],
@@ -174,6 +184,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
     "compress": [("compress", _compress)],
+    "gguf-grid": [("gguf-grid", _gguf_grid)],
 }
 
 

@@ -103,3 +103,14 @@ def test_compress_bench_schema_on_a_tiny_teacher(tmp_path):
             assert v["zero_shot"][text] > 1
     assert set(result["variants"]["width-80"]["zero_shot_by_refit"]) == {"refit", "no_refit"}
     assert (tmp_path / "compress.png").is_file()
+
+
+def test_gguf_grid_bench_sees_a_fine_tune_snap_back_to_its_grid(tmp_path):
+    # Base weights on a Q4_1 grid, nudged by far less than a step: Q4_1 rounds the nudge away, Q8_0 keeps it.
+    args = bench_module("gguf_grid").parse_args(["--types", "q8_0,q4_1"])
+    assert args.types == "q8_0,q4_1" and not args.smoke
+    result = _smoke("gguf_grid", tmp_path, "--types", "q8_0,q5_0,q4_1")
+    kept = {t: v["kept"] for t, v in result["types"].items()}
+    assert kept["q4_1"] < 0.3 and kept["q8_0"] > 0.9 and kept["q5_0"] > 0.5, kept
+    assert result["types"]["q8_0"]["error"] < result["types"]["q5_0"]["error"]
+    assert result["settings"]["matrices"] > 0 and 0 < result["finetune_change"] < 0.05
