@@ -105,7 +105,9 @@ def main(argv=None) -> None:
     val_ids = data.eval_stream(data.prepare(base.data, tokenizer, base.seed)["validation"])[: args.max_tokens]
     wiki_text = Path(args.wikitext).read_text()
     t_params = models.count_params(teacher)
-    result = {"settings": {"teacher": str(teacher_folder), "recipe": "recipes/quickstart.yaml", "overrides": overrides,
+    shown = teacher_folder.resolve()  # relative to the repository when inside it, as the README cites it
+    shown = shown.relative_to(common.ROOT) if shown.is_relative_to(common.ROOT) else shown
+    result = {"settings": {"teacher": str(shown), "recipe": "recipes/quickstart.yaml", "overrides": overrides,
                            "refit": args.refit, "context": args.context, "stride": args.stride,
                            "validation_tokens": len(val_ids), "wikitext_tokens": args.wiki_tokens,
                            "kd": {k: getattr(base.distill, k) for k in ("max_steps", "batch_size", "learning_rate",
@@ -183,17 +185,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    # One colour per kind of cut and a legend, not a label per point: variants of one size sit close together.
+    kinds = list(dict.fromkeys(name.rsplit("-", 1)[0] for name in result["variants"]))
+    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
     for ax, text in zip(axes, ("validation", "wikitext-2-test")):
         for name, v in result["variants"].items():
-            ax.scatter(v["params_ratio"], v["ratio"][text], s=60, edgecolors="black")
-            ax.annotate(name, (v["params_ratio"], v["ratio"][text]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+            ax.scatter(v["params_ratio"], v["ratio"][text], s=60, edgecolors="black",
+                       color=colours[name.rsplit("-", 1)[0]], label=name.rsplit("-", 1)[0])
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("parameters / teacher's")
         ax.set_ylabel("student ppl / teacher ppl after KD")
         ax.set_yscale("log")
         ax.set_title(f"{text}")
         ax.grid(True, alpha=0.3)
+    handles = {h.get_label(): h for h in axes[0].collections}  # one entry per kind
+    axes[0].legend(handles.values(), handles.keys(), fontsize=8, title="cut", title_fontsize=8)
     fig.suptitle("Compressed SmolLM2-135M students after the quick start's KD budget (lower is better)")
     fig.tight_layout()
     fig.savefig(path)
