@@ -28,6 +28,22 @@ def run_stage(recipe: str, stage: str, overrides: list[str]) -> dict:
     return {"seconds": proc["wall_seconds"], "peak_rss_mb": round(proc["peak_rss_mb"], 1)}
 
 
+def report_summary(path: Path) -> dict:
+    """What the run's report says of each model: the quality the timed run bought."""
+    import json
+
+    if not path.is_file():
+        return {}
+    out = {}
+    for row in json.loads(path.read_text())["models"]:
+        out[row["name"]] = {
+            "params": row.get("params"), "disk_mb": row.get("disk_mb"), "perplexity": round(row["perplexity"], 3),
+            "repetition_4gram": row.get("repetition_4gram"),
+            "tasks": {t: v.get("acc") for t, v in (row.get("tasks") or {}).items() if "acc" in v},
+        }
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out_dir = Path(tempfile.mkdtemp(prefix="e2e-"))
@@ -38,9 +54,11 @@ def main(argv=None) -> dict:
                       "distill.max_steps=2", "evaluate.max_tokens=256", "evaluate.repeats=1",
                       "evaluate.new_tokens=2", "evaluate.generation.max_new_tokens=2"]
     # The recipe decides the chain (prune, for one, is on in the quick start and off by default).
-    chain = runner.enabled_stages(recipes.load(args.recipe, overrides))
+    run = recipes.load(args.recipe, overrides)
+    chain = runner.enabled_stages(run)
     stages = {stage: run_stage(args.recipe, stage, overrides) for stage in chain}
     result = {
+        "report": report_summary(run.run_dir / "report.json"),
         "settings": {"recipe": Path(args.recipe).name, "overrides": args.overrides, "smoke": args.smoke,
                      "note": "each stage in its own process with --force, as `make all` on a fresh machine"},
         "stages": stages,

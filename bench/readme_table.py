@@ -88,6 +88,19 @@ def _e2e(r: dict) -> list[str]:
             "its own process.", "", "| stage | wall s | peak RSS MB |", "|---|---|---|"]
     rows += [f"| {name} | {x['seconds']:.1f} | {x['peak_rss_mb']:.0f} |" for name, x in r["stages"].items()]
     rows.append(f"| **total** | **{r['total_seconds']:.1f}** | {r['max_peak_rss_mb']:.0f} (max) |")
+    report = r.get("report") or {}
+    if report:
+        ref = report.get("finetune", {}).get("perplexity")
+        tasks = list(dict.fromkeys(t for m in report.values() for t in m["tasks"]))
+        rows += ["", "What that run's report says (validation split; repeated 4-grams of the greedy samples):", "",
+                 f"| model | params | disk MB | perplexity | × finetune | repeated 4-grams | {' | '.join(tasks)} |",
+                 "|---" * (6 + len(tasks)) + "|"]
+        for name, m in report.items():
+            times = f"{m['perplexity'] / ref:.2f}×" if ref else "–"
+            rep = f"{m['repetition_4gram']:.0%}" if m.get("repetition_4gram") is not None else "–"
+            acc = " | ".join(f"{m['tasks'][t]:.3f}" if t in m["tasks"] else "–" for t in tasks)
+            rows.append(f"| {name} | {m['params'] / 1e6:.1f}M | {m['disk_mb']:.1f} | {m['perplexity']:.3f} | {times} | "
+                        f"{rep} | {acc} |")
     return rows + ["", _machine(r["machine"])]
 
 

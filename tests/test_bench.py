@@ -42,6 +42,10 @@ def test_e2e_bench_smoke(tmp_path):
     result = _smoke("e2e", tmp_path)
     assert list(result["stages"]) == ["load", "finetune", "prune", "distill", "quantize", "evaluate"]
     assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 100 for s in result["stages"].values())
+    report = result["report"]  # the run's own report, so the README can say what the time bought
+    assert list(report) == ["base", "finetune", "prune", "distill", "quantize"]
+    assert all(m["perplexity"] > 1 and m["params"] > 0 for m in report.values())
+    assert report["prune"]["params"] < report["finetune"]["params"]
 
 
 def test_finetune_bench_args():
