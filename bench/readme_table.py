@@ -158,6 +158,14 @@ def _gguf_targets(r: dict) -> list[str]:
             f"+0.5% target); best 4/5-bit type: {t['best_4_5_bit']}. Generation tokens/s, same rounds: {gen}."]
 
 
+def _compress_command(r: dict) -> str:
+    """The bench command line that wrote `r` (the overrides the script sets itself left out)."""
+    own = ("output_dir=", "quantize.enabled=", "evaluate.enabled=")
+    parts = ["python bench/compress.py", "--variants " + ",".join(r["variants"])]
+    parts += [f'--override "{o}"' for o in r["settings"]["overrides"] if not o.startswith(own)]
+    return " ".join(parts)
+
+
 def _compress(r: dict) -> list[str]:
     s, t = r["settings"], r["teacher"]
     texts = list(t["ppl"])
@@ -175,7 +183,8 @@ def _compress(r: dict) -> list[str]:
              f"learning rate {kd['learning_rate']}, {kd['alpha_kd']} × KD (T={kd['temperature']}) + {kd['alpha_ce']} × CE), "
              f"the quick start's distill settings. Perplexity: context {s['context']}, stride {s['stride']}, "
              f"{s['validation_tokens']:,} validation tokens, the first {s['wikitext_tokens']:,} tokens of WikiText-2 "
-             f"test. Pruned variants: refit {s['refit']}.*", "", _machine(r["machine"])]
+             f"test. Pruned variants: refit {s['refit']}.*", "", f"Reproduce: `{_compress_command(r)}`", "",
+             _machine(r["machine"])]
     return rows
 
 
