@@ -12,9 +12,6 @@ from pathlib import Path
 
 import common
 
-METHODS = ["full", "lora"]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--methods", default="full,lora", help="comma-separated: full, lora")

@@ -113,7 +113,7 @@ def _quantize(r: dict) -> list[str]:
     if r.get("also"):  # the same candidates on a second model (the QAT fine-tune)
         rows = [f"Plain fine-tune (`{r['fp32']['input']}`):", ""] + rows
         rows += ["", f"QAT fine-tune (`{r['also']['fp32']['input']}`), same candidates:", ""] + _quantize_rows(r["also"])
-    s, texts = r["settings"], list(r["fp32"]["ppl"])
+    s = r["settings"]
     tokens = ", ".join(f"{n:,} {t} tokens" for t, n in s["texts"].items())
     rows += ["", f"*Perplexity: context {s['context']}, stride {s['stride']}, {tokens}. Speed: prefill of "
              f"{s['prefill_tokens']} tokens, greedy generation of {s['new_tokens']} new tokens for each of "

@@ -83,7 +83,7 @@ def tokenize(dsd, tokenizer, cfg):
         tokenizer.chat_template = cfg.chat_template  # saved with the model, so inference formats alike
     if not tokenizer.chat_template:
         raise StageError(
-            f"data.chat_template: the tokenizer of this model has no chat template; set data.chat_template to a "
+            "data.chat_template: the tokenizer of this model has no chat template; set data.chat_template to a "
             "Jinja template, e.g. \"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\""
         )
     if not tokenizer.is_fast:

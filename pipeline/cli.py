@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from pipeline import interrupts
+from pipeline.stages import ORDER
 from pipeline.config import RecipeError
 from pipeline.models import ModelSourceError
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[common],
-                         help="run a recipe's stages: load, finetune, distill, quantize, evaluate")
+                         help=f"run a recipe's stages: {', '.join(ORDER)}")
     run.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. finetune.max_steps=10")
     run.add_argument("--stages", help="comma-separated subset of stages to run (e.g. quantize,evaluate)")

@@ -53,14 +53,21 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _coerce(value, arg, key, trial)
-            if not trial:
+        options = [a for a in args if a is not type(None)]
+        trials: list[list[str]] = []
+        for arg in options:
+            trials.append([])
+            out = _coerce(value, arg, key, trials[-1])
+            if not trials[-1]:
                 return out
-        errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        # A mapping meant for the one section type among the options: its own problems say more than the union
+        sections = [t for a, t in zip(options, trials) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:
+            errors.extend(sections[0])
+        elif len(options) == 1:
+            errors.extend(trials[0])
+        else:
+            errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return None
     if origin is Literal:
         allowed = get_args(tp)
@@ -69,7 +76,8 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            hint = f"; write a list, e.g. [{value}]" if isinstance(value, (str, int, float)) else ""
+            errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
             return []
         (item,) = get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]", errors) for i, v in enumerate(value)]

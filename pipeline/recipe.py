@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
@@ -61,6 +62,8 @@ class Recipe:
             if set_keys:
                 problems.append(f"distill.{set_keys[0]}: with prune enabled the student is the pruned model; "
                                 f"remove distill.{', distill.'.join(set_keys)} or set prune.enabled: false")
+        if self.prune.check() or not set(self.prune.axes) <= set(get_args(prune.Axis)):
+            return problems  # the section's own problems are reported; sizes from bad settings would only add noise
         folder = self.prune.input if self.prune.input != "auto" else None
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         if config is not None:
@@ -96,6 +99,9 @@ def parse_override(text: str) -> tuple[str, object]:
         raise RecipeError([f"override '{text}': write it as section.key=value, e.g. finetune.max_steps=10"],
                           "command line")
     key, raw = text.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise RecipeError([f"override '{text}': '{key}' is not a key; write it as section.key=value, e.g. "
+                           "finetune.max_steps=10"], "command line")
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:  # not YAML, e.g. push.repo={user}/my-{stage}: take the text as it is

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from pipeline import models, recipe, runner
+from pipeline import models
 from pipeline.cli import main
 from pipeline.config import StageError
 from pipeline.stages import distill

@@ -1,9 +1,7 @@
 """GGUF export: tiny GPT-2 and Llama written as GGUF, read back by transformers (`gguf_file=`) and by
 `gguf.GGUFReader`; the gguf-* quantize candidates through the gate, evaluate and generate."""
 import json
-import sys
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, TokenType
@@ -245,8 +243,6 @@ def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_r
 
 
 def test_quantize_bench_lists_gguf_candidates():
-    from pathlib import Path
-
     bench_quantize = bench_module("quantize")
 
     assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.PRESETS)

@@ -64,3 +64,25 @@ def test_unknown_stage_is_a_clear_error(tiny_models, make_recipe, capsys):
 def test_missing_recipe_file(capsys):
     assert main(["validate", "recipes/nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, needle", [
+    # a nested data section names its own bad key, not "expected DataConfig or null" with the whole mapping
+    ("distill.data.mix=[{source: stdlib, weight: -1}]", "distill.data.mix[0].weight: -1.0 must be positive"),
+    ("prune.data={sourc: stdlib}", "prune.data.sourc: unknown key (did you mean 'source'?)"),
+    ("prune.axes=mlp", "write a list, e.g. [mlp]"),
+    ("=3", "'' is not a key"),
+    ("prune..axes=[mlp]", "'prune..axes' is not a key"),
+])
+def test_bad_override_names_the_key_and_the_fix(tiny_models, make_recipe, capsys, override, needle):
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert "1 problem(s)" in err, err  # one mistake, one message
+
+
+def test_bad_prune_axes_do_not_also_report_an_unreachable_target(tiny_models, make_recipe, capsys):
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), "prune.enabled=true", "prune.target_params=0.8",
+                 "prune.axes=[mlp, width]"]) == 2
+    err = capsys.readouterr().err
+    assert "prune.axes[1]: 'width' is not allowed" in err and "cannot be reached" not in err

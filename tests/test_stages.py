@@ -1,5 +1,4 @@
 """Each stage on tiny real models: real training, real quantization, real numbers."""
-import json
 import math
 
 import pytest

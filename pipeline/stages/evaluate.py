@@ -210,22 +210,6 @@ def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
     return result
 
 
-def lm_eval(model, tokenizer, tasks: list[str]) -> dict:
-    """lm-eval harness scores when it is installed and its data reachable; otherwise say why and go on."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        log.warning("evaluate: lm_eval_tasks set but lm-eval is not installed (pip install lm-eval); skipping")
-        return {"skipped": "lm-eval not installed"}
-    try:
-        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=tasks)
-    except Exception as err:  # no network for task data, unknown task, ...: the rest of the report still matters
-        log.warning("evaluate: lm-eval tasks %s could not run (%s); skipping", tasks, err)
-        return {"skipped": str(err)[:300]}
-    return results.get("results", {})
-
-
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
     plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
