@@ -102,6 +102,10 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                          f"{speed['new_tokens']} new tokens for {speed['prompts']} prompt(s); median of "
                          f"{speed['repeats']} runs after a warm-up. Peak memory: what loading and "
                          "scoring the model added (process RSS rise on CPU, allocator peak on CUDA).")
+    for row in rows:
+        summary = (row.get("quantization") or {}).get("summary")
+        if summary:
+            lines += ["", f"## Quantization (`{row['name']}`)", "", summary.strip()]
     sampled = [r for r in rows if r.get("samples")]
     if sampled:
         lines += ["", f"## Samples ({sampled[0]['decoding']})", ""]

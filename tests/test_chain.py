@@ -49,6 +49,11 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
     assert all(f"| {name} |" in md for name in STAGE_FOLDERS)
     ratio = rows["distill"]["perplexity"] / rows["finetune"]["perplexity"]
     assert f"the student `distill` has {ratio:.2f}x the perplexity of its teacher `finetune`" in md
+    # which quantization won and what every candidate scored, from the quantize stage's own record
+    chosen = json.loads((run_dir / "quantize" / "pipeline.json").read_text())["chosen"]
+    assert rows["quantize"]["quantization"]["chosen"] == chosen
+    section = md.split("## Quantization (`quantize`)")[1].split("## Samples")[0]
+    assert f"**{chosen}**" in section and f"| {chosen} |" in section and "| input | unquantized |" in section
 
 
 def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, tmp_path, caplog):

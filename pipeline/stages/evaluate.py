@@ -221,6 +221,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = read_record(folder).get("parent")
+        if name == "quantize":  # which candidate won and what the others scored: the stage's own summary
+            record = read_record(folder)
+            row["quantization"] = {"chosen": record.get("chosen"), "summary": record.get("summary")}
         if name == "distill":  # so the report can set the student against its teacher
             record = read_record(folder)
             row["teacher"] = (record.get("teacher") or {}).get("folder") or record.get("parent")
