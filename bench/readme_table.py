@@ -1,7 +1,8 @@
-"""The README's benchmark tables, generated from bench/results/*.json so the two cannot drift apart.
+"""The benchmark tables of README.md and docs/*.md, generated from bench/results/*.json so the two
+cannot drift apart. Each block lives between its marker lines in exactly one of those files.
 
-    python bench/readme_table.py           # rewrite the block between the markers in README.md
-    python bench/readme_table.py --check   # exit 1 if README.md does not match the results (a test runs this)
+    python bench/readme_table.py           # rewrite every block between its markers
+    python bench/readme_table.py --check   # exit 1 if a file does not match the results (a test runs this)
 """
 from __future__ import annotations
 
@@ -89,6 +90,19 @@ def _e2e(r: dict) -> list[str]:
     rows += [f"| {name} | {x['seconds']:.1f} | {x['peak_rss_mb']:.0f} |" for name, x in r["stages"].items()]
     rows.append(f"| **total** | **{r['total_seconds']:.1f}** | {r['max_peak_rss_mb']:.0f} (max) |")
     report = r.get("report") or {}
+    minutes = {k: v["seconds"] / 60 for k, v in r["stages"].items()}
+    training = sum(minutes.get(k, 0) for k in ("finetune", "distill"))
+    rows.insert(0, f"`make all` took **{r['total_seconds'] / 60:.0f} minutes** on this machine, "
+                   f"{training:.1f} of them training (fine-tuning and distillation).")
+    student, teacher = report.get("distill"), report.get("finetune")
+    if student and teacher:
+        rows[0] += (f" Its student, at {student['params'] / teacher['params']:.0%} of the fine-tuned model's parameters, "
+                    f"has {student['perplexity'] / teacher['perplexity']:.2f}× its perplexity")
+        if student.get("repetition_4gram") is not None and teacher.get("repetition_4gram") is not None:
+            rows[0] += (f"; {student['repetition_4gram']:.0%} of the student's sample 4-grams repeat, against "
+                        f"{teacher['repetition_4gram']:.0%} of the teacher's")
+        rows[0] += "."
+    rows.insert(1, "")
     if report:
         ref = report.get("finetune", {}).get("perplexity")
         tasks = list(dict.fromkeys(t for m in report.values() for t in m["tasks"]))
@@ -199,8 +213,8 @@ def _gguf_grid(r: dict) -> list[str]:
 
 
 BLOCKS = {  # README block: the results it shows, in order
-    "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate),
-             ("e2e", _e2e)],
+    "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate)],
+    "e2e": [("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
@@ -226,29 +240,36 @@ def current(readme: str, name: str) -> str | None:
     return readme[readme.index(start):readme.index(end) + len(end)]
 
 
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is out of date")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is out of date")
+    p.add_argument("--files", type=Path, nargs="*", default=None, help="documents to fill (default: README.md, docs/*.md)")
     args = p.parse_args(argv)
-    text = args.readme.read_text()
-    stale = []
+    texts = {path: path.read_text() for path in (args.files or documents())}
+    stale: dict[Path, list[str]] = {}
     for name in BLOCKS:
-        old, new = current(text, name), block(name)
-        if old is None:
-            print(f"{args.readme}: no '{name}' benchmark block; add the marker lines:\n" + "\n".join(markers(name)),
-                  file=sys.stderr)
+        homes = [path for path, text in texts.items() if current(text, name) is not None]
+        if len(homes) != 1:
+            where = ", ".join(str(h.relative_to(ROOT)) for h in homes) or "none of " + ", ".join(p.name for p in texts)
+            print(f"benchmark block '{name}' must be in exactly one document, found in {where}; its marker lines:\n"
+                  + "\n".join(markers(name)), file=sys.stderr)
             return 1
+        old, new = current(texts[homes[0]], name), block(name)
         if old != new:
-            stale.append(name)
-            text = text.replace(old, new)
+            stale.setdefault(homes[0], []).append(name)
+            texts[homes[0]] = texts[homes[0]].replace(old, new)
     if args.check:
-        if stale:
-            print(f"{args.readme}: benchmark tables {stale} differ from bench/results; run python bench/readme_table.py",
+        for path, names in stale.items():
+            print(f"{path}: benchmark tables {names} differ from bench/results; run python bench/readme_table.py",
                   file=sys.stderr)
         return 1 if stale else 0
-    args.readme.write_text(text)
-    print(f"{args.readme}: updated {stale or 'nothing'}")
+    for path, names in stale.items():
+        path.write_text(texts[path])
+    print("updated " + ("; ".join(f"{p.relative_to(ROOT)} {n}" for p, n in stale.items()) or "nothing"))
     return 0
 
 
