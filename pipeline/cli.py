@@ -149,14 +149,14 @@ def _generate(args) -> int:
     except Exception as err:  # noqa: BLE001
         return report(err, args.debug)
     for prompt in args.prompt:
-        if args.chat:
-            try:
+        try:
+            if args.chat:
                 print(generate(model, tokenizer, prompt, cfg, chat=True).strip())
-            except ValueError as err:  # no chat template
-                print(f"error: --chat: {err}", file=sys.stderr)
-                return EXIT_USAGE
-        else:
-            print(prompt + generate(model, tokenizer, prompt, cfg))
+            else:
+                print(prompt + generate(model, tokenizer, prompt, cfg))
+        except ValueError as err:  # no chat template; an empty prompt and no BOS token
+            print(f"error: {'--chat: ' if args.chat else ''}{err}", file=sys.stderr)
+            return EXIT_USAGE
     return 0
 
 

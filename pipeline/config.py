@@ -64,8 +64,6 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         sections = [t for a, t in zip(options, trials) if dataclasses.is_dataclass(a)]
         if isinstance(value, dict) and len(sections) == 1:
             errors.extend(sections[0])
-        elif len(options) == 1:
-            errors.extend(trials[0])
         else:
             errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return None

@@ -58,7 +58,11 @@ def generate(model, tokenizer, prompt: str | list[dict], cfg: GenerationConfig, 
         enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     else:
         enc = tokenizer(prompt, return_tensors="pt")
-    enc = enc.to(model_device(model))
+    if enc["input_ids"].shape[1] == 0:  # an empty prompt: start from BOS, as `generate` without inputs does
+        if tokenizer.bos_token_id is None:
+            raise ValueError("the prompt is empty and this tokenizer has no BOS token to start from; give a prompt")
+        enc = {"input_ids": torch.tensor([[tokenizer.bos_token_id]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    enc = {k: v.to(model_device(model)) for k, v in enc.items()}
     if cfg.strategy == "sample":
         torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

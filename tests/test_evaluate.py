@@ -1,4 +1,5 @@
 """Evaluation: batched perplexity equals the reference loop, scored-token counts, report files, generation."""
+import copy
 import json
 import math
 import struct
@@ -153,3 +154,17 @@ def test_peak_memory_sees_a_large_allocation():
         block = torch.ones(64, 2**20)  # 256 MB
         del block
     assert 200 < mem.peak_mb < 400  # the baseline the process already held is not counted
+
+
+def test_generate_from_an_empty_prompt_starts_at_bos(tiny_models, tokenizer, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    cfg = GenerationConfig(max_new_tokens=6)
+    bos = torch.tensor([[tokenizer.bos_token_id]])
+    ref = model.generate(input_ids=bos, attention_mask=torch.ones_like(bos), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    assert generate(model, tokenizer, "", cfg) == tokenizer.decode(ref[0, 1:], skip_special_tokens=True)
+    assert main(["generate", str(tiny_models["llama"]), "", "--max-new-tokens", "6"]) == 0
+    no_bos = copy.deepcopy(tokenizer)  # the fixture is shared
+    no_bos.bos_token = None  # nothing to start from: a clear error, not a reshape failure inside the model
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, no_bos, "", cfg)

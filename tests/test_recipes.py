@@ -73,6 +73,7 @@ def test_missing_recipe_file(capsys):
     ("prune.axes=mlp", "write a list, e.g. [mlp]"),
     ("=3", "'' is not a key"),
     ("prune..axes=[mlp]", "'prune..axes' is not a key"),
+    ("evaluate.prompts=['The list', ' ']", "evaluate.prompts[1]: ' ' is empty"),
 ])
 def test_bad_override_names_the_key_and_the_fix(tiny_models, make_recipe, capsys, override, needle):
     assert main(["validate", str(make_recipe(tiny_models["llama"])), override]) == 2

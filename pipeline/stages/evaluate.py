@@ -74,6 +74,8 @@ class EvaluateConfig:
             problems.append(f"max_answers: {self.max_answers} must be at least 1, or null for all")
         if (self.speed or self.samples) and not self.prompts:
             problems.append("prompts: give at least one prompt, or set speed and samples to false")
+        problems += [f"prompts[{i}]: {p!r} is empty; give some text for the samples and the speed measurement "
+                     "to continue" for i, p in enumerate(self.prompts) if isinstance(p, str) and not p.strip()]
         return problems
 
 
