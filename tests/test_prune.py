@@ -1,4 +1,4 @@
-"""Pruning: every width and depth cut on tiny GPT-2 and tiny Llama (GQA), importance, targets, the stage."""
+"""Pruning: every width and depth cut on tiny GPT-2, Llama (GQA), Qwen2 and Mistral; importance, targets, the stage."""
 import json
 
 import pytest
@@ -21,6 +21,11 @@ CUTS = [
     ("llama", {"num_attention_heads": 2, "num_key_value_heads": 1}),
     ("llama", {"num_hidden_layers": 3, "intermediate_size": 64, "hidden_size": 48, "num_attention_heads": 2,
                "num_key_value_heads": 1}),
+    # the rest of the Llama family: Qwen2 (q/k/v biases), Mistral (untied head, sliding window)
+    *[(arch, cut) for arch in ("qwen2", "mistral") for cut in (
+        {"num_attention_heads": 2, "num_key_value_heads": 1}, {"hidden_size": 40},
+        {"num_hidden_layers": 3, "intermediate_size": 64, "hidden_size": 48, "num_attention_heads": 2,
+         "num_key_value_heads": 1})],
 ]
 
 
@@ -41,7 +46,7 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
     assert sum(p.numel() for p in reloaded.parameters()) == surgery.count_params(reloaded.config)
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in teacher.parameters())
     layer = surgery.decoder_stack(reloaded)[1][0]
-    if arch == "llama":
+    if arch != "gpt2":
         s = got
         assert layer.mlp.up_proj.weight.shape == (s["intermediate_size"], s["hidden_size"])
         assert layer.self_attn.q_proj.weight.shape == (s["num_attention_heads"] * s["head_dim"], s["hidden_size"])
@@ -57,7 +62,7 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
     assert torch.equal(cached, uncached) and cached.shape[1] == 12
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral"])
 def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     imp = surgery.measure(teacher, IDS, grams=True)
@@ -65,15 +70,17 @@ def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     assert torch.equal(tiny.logits(same, IDS), tiny.logits(teacher, IDS))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 def test_importance_finds_what_was_zeroed(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     with torch.no_grad():
         stack = surgery.decoder_stack(teacher)[1]
         for layer in stack:  # MLP channels 5 and 9 never fire; residual channel 7 is silenced by every norm
-            if arch == "llama":
+            if arch != "gpt2":
                 layer.mlp.up_proj.weight[[5, 9]] = 0
                 layer.self_attn.v_proj.weight[:16] = 0  # KV group 0 outputs nothing
+                if layer.self_attn.v_proj.bias is not None:  # Qwen2
+                    layer.self_attn.v_proj.bias[:16] = 0
             else:
                 layer.mlp.c_fc.weight[:, [5, 9]] = 0
                 layer.mlp.c_fc.bias[[5, 9]] = -1e4  # GELU(-1e4) = 0
@@ -93,7 +100,7 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
     assert imp.hidden[7] == 0
     s = surgery.sizes(teacher.config)
     target = {"num_hidden_layers": 3, "intermediate_size": s["intermediate_size"] - 2}
-    target.update({"num_attention_heads": 2, "num_key_value_heads": 1} if arch == "llama"
+    target.update({"num_attention_heads": 2, "num_key_value_heads": 1} if arch != "gpt2"
                   else {"num_attention_heads": 3, "hidden_size": 48})
     cut = surgery.plan(teacher, imp, target)
     assert cut.layers == [0, 1, 3]
@@ -103,7 +110,7 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
     assert 7 not in cut.hidden
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
 def test_refit_brings_the_cut_closer_to_the_teacher(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     calib = torch.randint(1, 500, (48, 32), generator=torch.Generator().manual_seed(1))  # 1,536 tokens

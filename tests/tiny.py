@@ -33,10 +33,18 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         cfg = GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_positions=256, vocab_size=len(tokenizer),
                          bos_token_id=eos, eos_token_id=eos)
         return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tokenizer),
-                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+    shape = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tokenizer),
+                 bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+    if arch == "qwen2":  # biases on q/k/v, which a head cut must slice too
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**shape))
+    if arch == "mistral":  # untied head
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralForCausalLM(MistralConfig(**{**shape, "tie_word_embeddings": False, "sliding_window": 16}))
+    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def save_tiny(folder: Path, arch: str, tokenizer, layers: int = 4) -> Path:
