@@ -83,10 +83,20 @@ class Recipe:
             return []
         folder = self.quantize.input if self.quantize.input != "auto" else None
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
+        what = "this model"
+        if config is not None and folder is None and self.prune.enabled and self.prune.input == "auto":
+            # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit GGUF
+            from pipeline import surgery
+            from pipeline.stages import prune
+
+            try:
+                config, what = surgery.config_for(config, prune.targets(self.prune, config)), "the pruned model"
+            except (StageError, ValueError, TypeError):
+                return []  # the prune section's own problems are reported by _check_prune
         problem = gguf_export.unsupported(config) if config is not None else None
         if problem is None:
             return []
-        return [f"quantize.candidates[{i}].method: {method} cannot write this model: {problem}. Remove the gguf-* "
+        return [f"quantize.candidates[{i}].method: {method} cannot write {what}: {problem}. Remove the gguf-* "
                 "candidates or use bnb-*/openvino-* ones" for i, method in methods.items()]
 
     @property

@@ -138,6 +138,42 @@ def test_special_tokens_chat_template_and_pre_tokenizer_lineage(tokenizer, tmp_p
     assert gguf_export.pre_tokenizer(models.load_folder(base)[1]) == "gpt-2"  # what the structure alone says
 
 
+def test_a_prune_that_makes_the_model_unwritable_fails_at_validation(tiny_models, make_recipe, capsys):
+    """GPT-2 with a pruned MLP (n_inner != 4 x n_embd) cannot go through GGUF: said before any training."""
+    gguf = {"candidates": [{"method": "gguf-q8_0"}]}
+    path = make_recipe(tiny_models["gpt2"], prune={"enabled": True, "intermediate_size": 128}, quantize=gguf)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "quantize.candidates[0].method: gguf-q8_0 cannot write the pruned model" in err and "n_inner=128" in err
+    # cutting layers keeps the MLP width: fine; and quantize given a folder of its own is judged by that folder
+    assert main(["validate", str(path), "prune.intermediate_size=null", "prune.num_hidden_layers=2"]) == 0
+    assert main(["validate", str(path), f"quantize.input={tiny_models['gpt2']}"]) == 0
+
+
+def test_quantize_whose_candidates_all_fail_says_so_not_to_raise_the_budget(tiny_models, make_recipe, capsys):
+    path = make_recipe(tiny_models["gpt2"], finetune={"enabled": False}, distill={"enabled": False},
+                       evaluate={"enabled": False}, quantize={"candidates": [{"method": "gguf-q8_0"}]})
+    # the base folder of a GPT-2 whose MLP is not 4 x n_embd: validation cannot see it, the stage must say why
+    assert main(["run", str(path), "--stages", "load"]) == 0
+    base = path.parent / "runs" / "tiny" / "base"
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "n_inner": 128}))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / "model.safetensors")
+    for name in list(weights):
+        if name.endswith("mlp.c_fc.weight"):
+            weights[name] = weights[name][:, :128].contiguous()
+        elif name.endswith("mlp.c_fc.bias"):
+            weights[name] = weights[name][:128].contiguous()
+        elif name.endswith("mlp.c_proj.weight"):
+            weights[name] = weights[name][:128].contiguous()
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    assert main(["run", str(path), "--stages", "quantize"]) == 2
+    err = capsys.readouterr().err
+    assert "no candidate could be made" in err and "n_inner=128" in err and "max_ppl_increase" not in err
+
+
 def test_unsupported_architecture_fails_at_validation(tmp_path, tokenizer, make_recipe, capsys):
     from transformers import OPTConfig, OPTForCausalLM
 

@@ -199,6 +199,12 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         scores = table(reference, rows, winner)
         log.info("quantize: candidates (budget +%s%% perplexity, prefer %s):\n%s", cfg.max_ppl_increase, cfg.prefer,
                  scores)
+        if winner is None and not any(r["status"] == "over budget" for r in rows):
+            raise StageError(  # nothing was even scored: the budget is not what to change
+                f"quantize: no candidate could be made (every one is unavailable or failed; the status column "
+                f"says why):\n{scores}\nFix what it names, or add a candidate this model and machine support "
+                "(bnb-int8 or openvino-int8)."
+            )
         if winner is None:
             raise StageError(
                 f"quantize: no candidate stayed within max_ppl_increase={cfg.max_ppl_increase}% of the input's "
