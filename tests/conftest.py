@@ -12,6 +12,20 @@ import tiny  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def terminal_signals():
+    """Tests run as from a terminal, where Ctrl-C interrupts: a shell's background job (`make test &`, nohup)
+    starts with SIGINT ignored, which the pipeline rightly leaves ignored, and the interrupt tests would fail."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny.build_tokenizer()

@@ -431,6 +431,31 @@ def test_a_swallowed_signal_still_stops_the_run(where, sig, code, tiny_models, m
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_sigint_ignored_by_whoever_started_the_run_stays_ignored(tiny_models, make_recipe, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Under `nohup` or as a background job SIGINT is ignored: the run must not start catching it, while
+    SIGTERM still stops it."""
+    import pipeline.stages.load as load
+    from pipeline.checkpoint import save_model
+
+    def hook(folder, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the stage goes on
+        time.sleep(0.2)
+        save_model(folder, *args, **kwargs)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(load, "save_model", hook)
+        recipe = make_recipe(tiny_models["gpt2"])
+        assert main(["run", str(recipe), "--stages", "load"]) == 0
+        assert (tmp_path / "runs" / "tiny" / "base" / "model.safetensors").is_file()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        monkeypatch.setattr(load, "save_model", _kill_self(signal.SIGTERM))
+        fails(["run", recipe, "--stages", "load", "--force"], capsys, code=143)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # stage -> (module attribute replaced by a hook that signals the process while the stage writes or works)
 INTERRUPT_POINTS = {
     "load": ("pipeline.stages.load", "save_model", _half_saved),
