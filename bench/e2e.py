@@ -41,6 +41,9 @@ def report_summary(path: Path) -> dict:
             "repetition_4gram": row.get("repetition_4gram"),
             "tasks": {t: v.get("acc") for t, v in (row.get("tasks") or {}).items() if "acc" in v},
         }
+        chosen = (row.get("quantization") or {}).get("chosen")
+        if chosen:  # which quantization the run shipped
+            out[row["name"]]["chosen"] = chosen
     return out
 
 

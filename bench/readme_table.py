@@ -113,7 +113,8 @@ def _e2e(r: dict) -> list[str]:
             times = f"{m['perplexity'] / ref:.2f}×" if ref else "–"
             rep = f"{m['repetition_4gram']:.0%}" if m.get("repetition_4gram") is not None else "–"
             acc = " | ".join(f"{m['tasks'][t]:.3f}" if t in m["tasks"] else "–" for t in tasks)
-            rows.append(f"| {name} | {m['params'] / 1e6:.1f}M | {m['disk_mb']:.1f} | {m['perplexity']:.3f} | {times} | "
+            shown = f"{name} ({m['chosen']})" if m.get("chosen") else name
+            rows.append(f"| {shown} | {m['params'] / 1e6:.1f}M | {m['disk_mb']:.1f} | {m['perplexity']:.3f} | {times} | "
                         f"{rep} | {acc} |")
     return rows + ["", _machine(r["machine"])]
 

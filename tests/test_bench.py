@@ -46,6 +46,7 @@ def test_e2e_bench_smoke(tmp_path):
     assert list(report) == ["base", "finetune", "prune", "distill", "quantize"]
     assert all(m["perplexity"] > 1 and m["params"] > 0 for m in report.values())
     assert report["prune"]["params"] < report["finetune"]["params"]
+    assert report["quantize"]["chosen"]  # the candidate the run shipped, named in the README's table
 
 
 def test_finetune_bench_args():
