@@ -44,6 +44,8 @@ VARIANTS = {
 }
 # What compress.json holds; the hidden-mlp pair runs when named (`--variants hidden-mlp-80`).
 DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("hidden-mlp")]
+# Set by the script for every variant (besides output_dir): the README's reproduce line leaves them out
+OWN_OVERRIDES = ("quantize.enabled=false", "evaluate.enabled=false")
 SMOKE_OVERRIDES = ["data.block_size=32", "data.max_train_blocks=16", "distill.max_steps=2", "distill.batch_size=2",
                    "prune.calibration_blocks=4", "prune.round_to=8"]
 
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     work = Path(args.work)
-    overrides = [f"output_dir={work}", "quantize.enabled=false", "evaluate.enabled=false", *args.override]
+    overrides = [f"output_dir={work}", *OWN_OVERRIDES, *args.override]
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:  # a tiny Llama, "fine-tuned" for two steps by the pipeline itself
         overrides += SMOKE_OVERRIDES

@@ -90,19 +90,18 @@ def _e2e(r: dict) -> list[str]:
     rows += [f"| {name} | {x['seconds']:.1f} | {x['peak_rss_mb']:.0f} |" for name, x in r["stages"].items()]
     rows.append(f"| **total** | **{r['total_seconds']:.1f}** | {r['max_peak_rss_mb']:.0f} (max) |")
     report = r.get("report") or {}
-    minutes = {k: v["seconds"] / 60 for k, v in r["stages"].items()}
-    training = sum(minutes.get(k, 0) for k in ("finetune", "distill"))
-    rows.insert(0, f"`make all` took **{r['total_seconds'] / 60:.0f} minutes** on this machine, "
-                   f"{training:.1f} of them training (fine-tuning and distillation).")
+    training = sum(r["stages"][k]["seconds"] for k in ("finetune", "distill") if k in r["stages"]) / 60
+    summary = (f"`make all` took **{r['total_seconds'] / 60:.0f} minutes** on this machine, {training:.1f} of them "
+               "training (fine-tuning and distillation).")
     student, teacher = report.get("distill"), report.get("finetune")
     if student and teacher:
-        rows[0] += (f" Its student, at {student['params'] / teacher['params']:.0%} of the fine-tuned model's parameters, "
-                    f"has {student['perplexity'] / teacher['perplexity']:.2f}× its perplexity")
+        summary += (f" Its student, at {student['params'] / teacher['params']:.0%} of the fine-tuned model's "
+                    f"parameters, has {student['perplexity'] / teacher['perplexity']:.2f}× its perplexity")
         if student.get("repetition_4gram") is not None and teacher.get("repetition_4gram") is not None:
-            rows[0] += (f"; {student['repetition_4gram']:.0%} of the student's sample 4-grams repeat, against "
+            summary += (f"; {student['repetition_4gram']:.0%} of the student's sample 4-grams repeat, against "
                         f"{teacher['repetition_4gram']:.0%} of the teacher's")
-        rows[0] += "."
-    rows.insert(1, "")
+        summary += "."
+    rows = [summary, "", *rows]
     if report:
         ref = report.get("finetune", {}).get("perplexity")
         tasks = list(dict.fromkeys(t for m in report.values() for t in m["tasks"]))
@@ -175,9 +174,11 @@ def _gguf_targets(r: dict) -> list[str]:
 
 def _compress_command(r: dict) -> str:
     """The bench command line that wrote `r` (the overrides the script sets itself left out)."""
-    own = ("output_dir=", "quantize.enabled=", "evaluate.enabled=")
+    from compress import OWN_OVERRIDES
+
     parts = ["python bench/compress.py", "--variants " + ",".join(r["variants"])]
-    parts += [f'--override "{o}"' for o in r["settings"]["overrides"] if not o.startswith(own)]
+    parts += [f'--override "{o}"' for o in r["settings"]["overrides"]
+              if o not in OWN_OVERRIDES and not o.startswith("output_dir=")]
     return " ".join(parts)
 
 

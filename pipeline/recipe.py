@@ -52,6 +52,13 @@ class Recipe:
                 problems.append(f"{stage}.input: '{value}' is not a model folder; use auto or a stage output folder")
         return problems
 
+    def _prune_sizable(self) -> bool:
+        """Whether the prune section is valid enough to turn into sizes: when it is not, its own problems are
+        reported, and sizes computed from bad settings would only add noise."""
+        from pipeline.stages import prune
+
+        return not self.prune.check() and set(self.prune.axes) <= set(get_args(prune.Axis))
+
     def _check_prune(self, source) -> list[str]:
         """Prune targets against the model's config, when it can be read without loading the model."""
         from pipeline.stages import prune
@@ -62,8 +69,8 @@ class Recipe:
             if set_keys:
                 problems.append(f"distill.{set_keys[0]}: with prune enabled the student is the pruned model; "
                                 f"remove distill.{', distill.'.join(set_keys)} or set prune.enabled: false")
-        if self.prune.check() or not set(self.prune.axes) <= set(get_args(prune.Axis)):
-            return problems  # the section's own problems are reported; sizes from bad settings would only add noise
+        if not self._prune_sizable():
+            return problems
         folder = self.prune.input if self.prune.input != "auto" else None
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         if config is not None:
@@ -89,10 +96,12 @@ class Recipe:
             from pipeline import surgery
             from pipeline.stages import prune
 
+            if not self._prune_sizable():
+                return []
             try:
                 config, what = surgery.config_for(config, prune.targets(self.prune, config)), "the pruned model"
-            except (StageError, ValueError, TypeError):
-                return []  # the prune section's own problems are reported by _check_prune
+            except StageError:
+                return []  # sizes this model cannot have: _check_prune reports them
         problem = gguf_export.unsupported(config) if config is not None else None
         if problem is None:
             return []

@@ -217,17 +217,16 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
     for name in cfg.models:
         folder = ctx.run_dir / name
-        if read_record(folder) is None:
+        record = read_record(folder)  # what the stage wrote; evaluate_folder adds only its scores to it
+        if record is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
-            row["pruned_from"] = read_record(folder).get("parent")
+            row["pruned_from"] = record.get("parent")
         if name == "quantize":  # which candidate won and what the others scored: the stage's own summary
-            record = read_record(folder)
             row["quantization"] = {"chosen": record.get("chosen"), "summary": record.get("summary")}
         if name == "distill":  # so the report can set the student against its teacher
-            record = read_record(folder)
             row["teacher"] = (record.get("teacher") or {}).get("folder") or record.get("parent")
         rows.append(row)
     report.write(ctx.run_dir, ctx.recipe, rows)
