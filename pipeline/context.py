@@ -23,6 +23,7 @@ class Context:
     force: bool = False  # re-run stages even when their inputs and config are unchanged
     trust_remote_code: bool = False
     inputs: dict[str, Path] = field(default_factory=dict)  # stage name -> folder it reads
+    model_folders: tuple[str, ...] = ()  # the run's model folders in pipeline order (from the stage table)
 
 
 @dataclass

@@ -11,49 +11,18 @@ import contextlib
 import logging
 import os
 import shutil
-import string
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable
 
 from pipeline.checkpoint import model_card, read_record
 from pipeline.config import StageError
-
-if TYPE_CHECKING:
-    from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe
+from pipeline.stages import BY_FOLDER, BY_NAME, MODEL_FOLDERS, enabled
 
 log = logging.getLogger("pipeline")
-STAGES = ("base", "finetune", "prune", "distill", "quantize")  # stage folders that hold a model
-StageName = Literal["base", "finetune", "prune", "distill", "quantize"]
-# Hub `base_model_relation` of each stage to the stage it was made from (distillation and pruning change the
-# weights of the parent, so they count as a fine-tune: the Hub has no closer relation).
-RELATION = {"finetune": "finetune", "prune": "finetune", "distill": "finetune", "quantize": "quantized"}
-FOLDERS = {"load": "base"}  # runner stage name -> the folder it writes, where they differ
 EXIT_SETUP, EXIT_RETRY = 2, 1  # fix the token/recipe first | network or server trouble: run it again
-
-
-@dataclass
-class PushConfig:
-    push_to_hub: bool = False  # `run` pushes each stage folder as soon as it finishes
-    repo: str = "{user}/{recipe}-{stage}"  # repo id template: {user}, {recipe} and {stage} are filled in
-    user: str | None = None  # namespace (your user or an org); null = the token's user (whoami)
-    private: bool = True  # visibility of repos this creates; an existing repo keeps its own
-    stages: list[StageName] = field(default_factory=lambda: list(STAGES))  # folders `push` uploads
-
-    def check(self) -> list[str]:
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(self.repo) if f is not None}
-        except ValueError as err:
-            return [f"repo: '{self.repo}' is not a valid template ({err})"]
-        problems = []
-        if names - {"user", "recipe", "stage"}:
-            problems.append(f"repo: unknown placeholder(s) {sorted(names - {'user', 'recipe', 'stage'})} in "
-                            f"'{self.repo}'; use {{user}}, {{recipe}} and {{stage}}")
-        if "stage" not in names:
-            problems.append(f"repo: '{self.repo}' has no {{stage}}, so every stage would overwrite the same repo; "
-                            "use e.g. {user}/{recipe}-{stage}")
-        return problems
 
 
 class PushError(StageError):
@@ -85,13 +54,13 @@ class Upload:
 def choose(recipe: Recipe, stages: list[str] | None) -> list[str]:
     """Stage folders to push, in pipeline order: the ones asked for, or the recipe's enabled `push.stages`."""
     if stages:
-        asked = [FOLDERS.get(s, s) for s in stages]
-        unknown = [s for s in asked if s not in STAGES]
+        asked = [BY_NAME[s].folder if s in BY_NAME and BY_NAME[s].folder else s for s in stages]
+        unknown = [s for s in asked if s not in MODEL_FOLDERS]
         if unknown:
-            raise PushError(f"push: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+            raise PushError(f"push: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(MODEL_FOLDERS)}")
     else:
-        asked = [s for s in recipe.push.stages if s == "base" or getattr(recipe, s).enabled]
-    return [s for s in STAGES if s in asked]
+        asked = [s for s in recipe.push.stages or MODEL_FOLDERS if enabled(BY_FOLDER[s], recipe)]
+    return [s for s in MODEL_FOLDERS if s in asked]
 
 
 def repo_id(recipe: Recipe, stage: str, user: str) -> str:
@@ -110,7 +79,7 @@ def repo_id(recipe: Recipe, stage: str, user: str) -> str:
 def parent_stage(record: dict, run_dir: Path) -> str | None:
     """The stage folder of this run that `record`'s stage was made from, if any."""
     parent = Path(str(record.get("parent") or ""))
-    return next((s for s in STAGES if parent.parts[-2:] == (run_dir.name, s)), None)
+    return next((s for s in MODEL_FOLDERS if parent.parts[-2:] == (run_dir.name, s)), None)
 
 
 def require_finished(recipe: Recipe, stages: list[str]) -> None:
@@ -130,7 +99,7 @@ def plan(recipe: Recipe, stages: list[str], user: str, on_hub: Callable[[str], b
         parent = parent_stage(record, recipe.run_dir)
         parent_repo = repo_id(recipe, parent, user) if parent else None
         if parent_repo and (parent in stages or on_hub(parent_repo)):
-            base_model, relation = parent_repo, RELATION.get(stage)
+            base_model, relation = parent_repo, BY_FOLDER[stage].relation
         else:  # the parent is not published: point at the upstream model, as the local card does
             base_model, relation = record.get("base_model"), None
         repo = repo_id(recipe, stage, user)
@@ -206,7 +175,7 @@ class Publisher:
                             "https://huggingface.co/settings/tokens and set HF_TOKEN or run `hf auth login`.")
         self.user = recipe.push.user or me["name"]
         namespaces = {me["name"], *(o["name"] for o in me.get("orgs", []) if o.get("name"))}
-        for stage in STAGES:  # a repo elsewhere would fail half-way through the push: refuse up front
+        for stage in MODEL_FOLDERS:  # a repo elsewhere would fail half-way through the push: refuse up front
             repo = repo_id(recipe, stage, self.user)
             if repo.split("/")[0] not in namespaces:
                 raise PushError(f"push: {repo} is in the namespace '{repo.split('/')[0]}', which the token's user "
@@ -234,10 +203,10 @@ class Publisher:
     def after_stage(self, stage: str) -> None:
         """`push_to_hub: true`: push what a runner stage just wrote (evaluate refreshes the cards' metrics)."""
         if stage == "evaluate":
-            names = [s for s in self.recipe.evaluate.models if read_record(self.recipe.run_dir / s)]
+            names = [s for s in self.recipe.evaluate.models or MODEL_FOLDERS if read_record(self.recipe.run_dir / s)]
         else:
-            names = [FOLDERS.get(stage, stage)]
-        names = [s for s in names if s in self.recipe.push.stages]
+            names = [BY_NAME[stage].folder]
+        names = [s for s in names if s in (self.recipe.push.stages or MODEL_FOLDERS)]
         if not names:
             return
         try:

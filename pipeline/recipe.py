@@ -1,38 +1,53 @@
 """Recipes: YAML files validated against the typed stage configs before any model is loaded."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import string
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import get_args
 
 import yaml
 
-from pipeline import models
-from pipeline.models import Source
+from pipeline import gguf_export, models, surgery
 from pipeline.config import RecipeError, StageError, parse, set_dotted
 from pipeline.data import DataConfig
-from pipeline.push import PushConfig
-from pipeline.stages.distill import DistillConfig
-from pipeline.stages.evaluate import EvaluateConfig
-from pipeline.stages.finetune import FinetuneConfig
-from pipeline.stages.prune import PruneConfig
-from pipeline.stages.quantize import QuantizeConfig
+from pipeline.models import Source
+from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, prune
 
 
 @dataclass
-class Recipe:
+class PushConfig:
+    push_to_hub: bool = False  # `run` pushes each stage folder as soon as it finishes
+    repo: str = "{user}/{recipe}-{stage}"  # repo id template: {user}, {recipe} and {stage} are filled in
+    user: str | None = None  # namespace (your user or an org); null = the token's user (whoami)
+    private: bool = True  # visibility of repos this creates; an existing repo keeps its own
+    stages: list[str] | None = None  # folders `push` uploads, e.g. [finetune, quantize] (null = every stage folder)
+
+    def check(self) -> list[str]:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.repo) if f is not None}
+        except ValueError as err:
+            return [f"repo: '{self.repo}' is not a valid template ({err})"]
+        problems = []
+        if names - {"user", "recipe", "stage"}:
+            problems.append(f"repo: unknown placeholder(s) {sorted(names - {'user', 'recipe', 'stage'})} in "
+                            f"'{self.repo}'; use {{user}}, {{recipe}} and {{stage}}")
+        if "stage" not in names:
+            problems.append(f"repo: '{self.repo}' has no {{stage}}, so every stage would overwrite the same repo; "
+                            "use e.g. {user}/{recipe}-{stage}")
+        return problems
+
+
+@dataclass
+class RecipeSettings:
+    """The recipe's top-level keys; `Recipe` adds a section per stage of the stage table, then `push`."""
+
     model: str  # Hub id, model folder, .gguf file, or an offline alias (smollm2-135m)
     name: str | None = None  # run folder name: runs/<name>/ (default: the recipe file's name)
     output_dir: str = "runs"
     seed: int = 42
     trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
     data: DataConfig = field(default_factory=DataConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)  # off unless enabled: importance-based pruning
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    push: PushConfig = field(default_factory=PushConfig)  # publishing to the Hugging Face Hub
 
     def check(self) -> list[str]:
         problems = []
@@ -45,24 +60,24 @@ class Recipe:
         if self.prune.enabled:
             problems += self._check_prune(source)
         problems += self._check_gguf(source)
-        for stage in ("finetune", "prune", "distill", "quantize"):
-            value = getattr(self, stage).input
-            adapter = stage == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
+        for stage in CHAINED:
+            value = getattr(self, stage.name).input
+            adapter = stage.name == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
             if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
-                problems.append(f"{stage}.input: '{value}' is not a model folder; use auto or a stage output folder")
+                problems.append(f"{stage.name}.input: '{value}' is not a model folder; use auto or a stage output "
+                                "folder")
+        for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
+            problems += [f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}"
+                         for i, name in enumerate(names or []) if name not in MODEL_FOLDERS]
         return problems
 
     def _prune_sizable(self) -> bool:
         """Whether the prune section is valid enough to turn into sizes: when it is not, its own problems are
         reported, and sizes computed from bad settings would only add noise."""
-        from pipeline.stages import prune
-
         return not self.prune.check() and set(self.prune.axes) <= set(get_args(prune.Axis))
 
     def _check_prune(self, source) -> list[str]:
         """Prune targets against the model's config, when it can be read without loading the model."""
-        from pipeline.stages import prune
-
         problems = []
         if self.distill.enabled and self.distill.input == "auto":
             set_keys = [k for k in ("every", "keep", "layers", "config") if getattr(self.distill, k) is not None]
@@ -82,8 +97,6 @@ class Recipe:
 
     def _check_gguf(self, source) -> list[str]:
         """gguf-* candidates against the model's architecture, when its config can be read now."""
-        from pipeline import gguf_export
-
         methods = {i: c.method for i, c in enumerate(self.quantize.candidates)
                    if isinstance(c.method, str) and c.method.startswith("gguf-")}
         if not self.quantize.enabled or not methods:
@@ -93,9 +106,6 @@ class Recipe:
         what = "this model"
         if config is not None and folder is None and self.prune.enabled and self.prune.input == "auto":
             # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit GGUF
-            from pipeline import surgery
-            from pipeline.stages import prune
-
             if not self._prune_sizable():
                 return []
             try:
@@ -111,6 +121,15 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+Recipe = make_dataclass(
+    "Recipe",
+    [(s.name, s.config, field(default_factory=s.config)) for s in SECTIONS]
+    + [("push", PushConfig, field(default_factory=PushConfig))],  # publishing to the Hugging Face Hub
+    bases=(RecipeSettings,))
+Recipe.__module__ = __name__  # (make_dataclass takes `module=` only from Python 3.12)
+Recipe.__doc__ = "A parsed recipe: the top-level keys, a section per stage of the stage table, and push."
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -142,7 +161,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     raw.setdefault("name", path.stem)
-    for stage in ("prune", "distill"):
+    for stage in [s.name for s in SECTIONS if "data" in {f.name for f in fields(s.config)}]:
         section = raw.get(stage)
         if isinstance(section, dict) and isinstance(section.get("data"), dict) and isinstance(raw.get("data", {}), dict):
             # <stage>.data says what differs from the recipe's data; every key it leaves out is the recipe's

@@ -8,29 +8,28 @@ from pathlib import Path
 from pipeline import dist
 from pipeline.checkpoint import run_lock
 from pipeline.context import Context, StageError
+from pipeline.push import Publisher
 from pipeline.recipe import Recipe
-from pipeline.stages import ORDER, distill, evaluate, finetune, load, prune, quantize
+from pipeline.stages import BY_NAME, CHAINED, MODEL_FOLDERS, ORDER, STAGES, enabled, settings
 
 log = logging.getLogger("pipeline")
-MODEL_STAGES = ("finetune", "prune", "distill", "quantize")
-TRAINING_STAGES = ("finetune", "distill")  # the stages every rank of a multi-process run takes part in
 
 
 def context(recipe: Recipe, force: bool = False) -> Context:
     """Resolve which folder each stage reads: `input: auto` means the last enabled stage before it."""
     ctx = Context(recipe=recipe.name, run_dir=recipe.run_dir, seed=recipe.seed, data=recipe.data,
-                  force=force, trust_remote_code=recipe.trust_remote_code)
-    previous = ctx.run_dir / "base"
-    for stage in MODEL_STAGES:
-        cfg = getattr(recipe, stage)
-        ctx.inputs[stage] = previous if cfg.input == "auto" else Path(cfg.input)
+                  force=force, trust_remote_code=recipe.trust_remote_code, model_folders=MODEL_FOLDERS)
+    previous = ctx.run_dir / STAGES[0].folder
+    for stage in CHAINED:
+        cfg = getattr(recipe, stage.name)
+        ctx.inputs[stage.name] = previous if cfg.input == "auto" else Path(cfg.input)
         if cfg.enabled:
-            previous = ctx.run_dir / stage
+            previous = ctx.run_dir / stage.folder
     return ctx
 
 
 def enabled_stages(recipe: Recipe) -> list[str]:
-    return ["load"] + [s for s in ORDER[1:] if getattr(recipe, s).enabled]
+    return [s.name for s in STAGES if enabled(s, recipe)]
 
 
 def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
@@ -55,27 +54,22 @@ def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | Non
     ctx = context(recipe, force)
     publisher = None
     if recipe.push.push_to_hub:  # check the token and namespace before hours of training, not after
-        from pipeline.push import Publisher
-
         publisher = Publisher(recipe)
-    modules = {"finetune": finetune, "prune": prune, "distill": distill, "quantize": quantize, "evaluate": evaluate}
     outputs: dict[str, Path] = {}
     for stage in ORDER:
         if stage not in chosen:
             continue
+        row = BY_NAME[stage]
         # Under `accelerate launch` every rank trains; rank 0 alone loads, quantizes and evaluates. All ranks
         # meet before and after each training stage, so nobody reads a folder rank 0 is still writing.
-        together = stage in TRAINING_STAGES
+        together = row.trains
         if not together and not dist.is_main():
             continue
         if together:
             dist.barrier()
         started = time.time()
         log.info("=== %s ===", stage)
-        if stage == "load":
-            outputs[stage] = load.run(load.LoadConfig(model=recipe.model), ctx)
-        else:
-            outputs[stage] = modules[stage].run(getattr(recipe, stage), ctx)
+        outputs[stage] = row.run(settings(row, recipe), ctx)
         if together:
             dist.barrier()
         log.info("%s: done in %.1fs → %s", stage, time.time() - started, outputs[stage])

@@ -19,7 +19,7 @@ SECTIONS = {
     "distill": (distill.DistillConfig, ["Stage: distill", "Stage: finetune"]),  # + the shared training keys
     "quantize": (quantize.QuantizeConfig, ["Stage: quantize"]),
     "evaluate": (evaluate.EvaluateConfig, ["Stage: evaluate"]),
-    "push": (push.PushConfig, ["Stage: push"]),
+    "push": (Recipe.__dataclass_fields__["push"].type, ["Stage: push"]),
 }
 IN_WORDS = {("(top level)", "name")}  # defaults the docs describe rather than state (the recipe's file name)
 SECTION_KEYS = {"data", "finetune", "prune", "distill", "quantize", "evaluate", "push"}

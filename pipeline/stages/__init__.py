@@ -1,3 +1,52 @@
-"""One module per stage; each has a config dataclass and `run(cfg, ctx) -> Path`."""
+"""The stage table: one row per stage, in pipeline order. Each stage is a module of this package with a
+typed config dataclass and `run(cfg, ctx) -> Path`; the runner, the recipe schema and its checks, push and
+evaluate take their lists of stages and folders from this table, so adding a stage is its module plus a row."""
+from __future__ import annotations
 
-ORDER = ("load", "finetune", "prune", "distill", "quantize", "evaluate")
+from dataclasses import dataclass
+from typing import Callable
+
+from pipeline.stages import distill, evaluate, finetune, load, prune, quantize
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # as on the command line (--stages, --until) and as the recipe section
+    config: type  # the settings dataclass that `run` takes
+    run: Callable  # run(cfg, ctx) -> Path
+    folder: str | None  # the model folder it writes under runs/<recipe>/ (None: it writes no model)
+    section: bool = True  # a recipe section of its own (load's one setting is the recipe's top-level `model`)
+    trains: bool = False  # every rank of a multi-process run takes part (the others run on rank 0 alone)
+    relation: str | None = None  # Hub `base_model_relation` to the stage folder it was made from
+
+    @property
+    def chained(self) -> bool:
+        """Reads the previous enabled stage's model folder (`<stage>.input: auto`) and writes its own."""
+        return self.section and self.folder is not None
+
+
+# Pruning and distillation change the parent's weights, so they count as a fine-tune: the Hub has no closer
+# relation.
+STAGES = (
+    Stage("load", load.LoadConfig, load.run, "base", section=False),
+    Stage("finetune", finetune.FinetuneConfig, finetune.run, "finetune", trains=True, relation="finetune"),
+    Stage("prune", prune.PruneConfig, prune.run, "prune", relation="finetune"),
+    Stage("distill", distill.DistillConfig, distill.run, "distill", trains=True, relation="finetune"),
+    Stage("quantize", quantize.QuantizeConfig, quantize.run, "quantize", relation="quantized"),
+    Stage("evaluate", evaluate.EvaluateConfig, evaluate.run, None),
+)
+ORDER = tuple(s.name for s in STAGES)
+BY_NAME = {s.name: s for s in STAGES}
+SECTIONS = tuple(s for s in STAGES if s.section)  # the recipe's stage sections, in pipeline order
+CHAINED = tuple(s for s in STAGES if s.chained)  # stages with an `input` key
+MODEL_FOLDERS = tuple(s.folder for s in STAGES if s.folder)  # base, finetune, ...: what evaluate and push read
+BY_FOLDER = {s.folder: s for s in STAGES if s.folder}
+
+
+def settings(stage: Stage, recipe):
+    """The config `stage.run` takes from a parsed recipe."""
+    return getattr(recipe, stage.name) if stage.section else stage.config(model=recipe.model)
+
+
+def enabled(stage: Stage, recipe) -> bool:
+    return not stage.section or getattr(recipe, stage.name).enabled

@@ -6,7 +6,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pipeline import answers, data, errors, models, report, tasks
 from pipeline.config import StageError
@@ -16,14 +15,13 @@ from pipeline.generate import GenerationConfig, describe, generate
 from pipeline.metrics import PeakMemory, model_device, perplexity, repetition, speed, word_perplexity
 
 log = logging.getLogger("pipeline")
-ModelName = Literal["base", "finetune", "prune", "distill", "quantize"]
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension is"]
 
 
 @dataclass
 class EvaluateConfig:
     enabled: bool = True
-    models: list[ModelName] = field(default_factory=lambda: ["base", "finetune", "prune", "distill", "quantize"])
+    models: list[str] | None = None  # model folders to compare, e.g. [base, quantize] (null = every stage folder)
     context: int = 256  # tokens of each perplexity window
     stride: int = 128  # step between windows; every token is scored once
     max_tokens: int | None = 8192  # score at most this many tokens per text (null = all)
@@ -215,7 +213,7 @@ def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
     plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
-    for name in cfg.models:
+    for name in cfg.models or ctx.model_folders:
         folder = ctx.run_dir / name
         record = read_record(folder)  # what the stage wrote; evaluate_folder adds only its scores to it
         if record is None:
