@@ -87,7 +87,7 @@ def scores(model, tokenizer, val_ids: list[int], wiki_text: str, args) -> dict:
 def main(argv=None) -> None:
     import torch
 
-    from pipeline import data, models, recipe, runner
+    from pipeline import data, formats, models, recipe, runner
     from pipeline.stages import distill
 
     args = parse_args(argv)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         qs = recipe.load(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={ROOT / 'runs'}"])
         teacher_folder = runner.run(qs, until="finetune")["finetune"]
     base = recipe.load(ROOT / "recipes" / "quickstart.yaml", overrides)
-    teacher, tokenizer = models.load_folder(teacher_folder, dtype=torch.float32)
+    teacher, tokenizer = formats.load_folder(teacher_folder, dtype=torch.float32)
     val_ids = data.eval_stream(data.prepare(base.data, tokenizer, base.seed)["validation"])[: args.max_tokens]
     wiki_text = Path(args.wikitext).read_text()
     t_params = models.count_params(teacher)
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
                                 [*common_overrides, "prune.enabled=true", f"prune.input={teacher_folder}",
                                  "prune.target_params=null", f"prune.refit={refit}", *keys])
                 pruned = runner.run(r, ["prune"], force=True)["prune"]
-                model, _ = models.load_folder(pruned, dtype=torch.float32)
+                model, _ = formats.load_folder(pruned, dtype=torch.float32)
                 zero["refit" if refit else "no_refit"] = scores(model, tokenizer, val_ids, wiki_text, args)
                 del model
             # distill the refitted cut when both were scored (the last prune run is the plain one)
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
             print(name, result["variants"][name], flush=True)
             common.save("compress", result, Path(args.out))
             continue
-        student, _ = models.load_folder(out, dtype=torch.float32)
+        student, _ = formats.load_folder(out, dtype=torch.float32)
         after = scores(student, tokenizer, val_ids, wiki_text, args)
         params = models.count_params(student)
         main_zero = zero.get("refit") or zero.get("no_refit")

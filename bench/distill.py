@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
 
         torch.set_num_threads(args.threads)
     from pipeline import data, models
-    from pipeline.checkpoint import versions
+    from pipeline.records import versions
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     info = machine()

@@ -27,12 +27,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from pipeline import data, models
+    from pipeline import data, formats
     from pipeline.metrics import guide_perplexity, perplexity
 
     tmp = Path(tempfile.mkdtemp())
     folder = common.tiny_folder(tmp) if args.smoke else common.smollm2_folder()
-    model, tokenizer = models.load_folder(folder)
+    model, tokenizer = formats.load_folder(folder)
     model.eval()
     ids = data.eval_stream(data.prepare(data.DataConfig(), tokenizer, 42)["validation"])[: args.tokens]
     ours_s, guide_s = [], []

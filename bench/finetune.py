@@ -68,9 +68,10 @@ def main(argv=None) -> dict:
     out_dir = Path(tempfile.mkdtemp(prefix="bench-ft-"))
     model = common.tiny_folder(out_dir) if args.smoke else common.smollm2_folder()
     if args.smoke:  # tiny model folders have no pipeline.json; the finetune stage reads one from its input
-        from pipeline.checkpoint import write_record
+        from pipeline.folders import write_record
+        from pipeline.records import StageRecord
 
-        write_record(model, {"stage": "base", "recipe": "smoke", "fingerprint": "smoke", "parent": "tests/tiny.py"})
+        write_record(model, StageRecord(stage="base", recipe="smoke", fingerprint="smoke", parent="tests/tiny.py"))
     methods = [m.strip() for m in args.methods.split(",")]
     results = {}
     for method in methods:

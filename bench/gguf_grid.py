@@ -49,14 +49,15 @@ def roundtrip(w, qtype: str):
 
 
 def source_types(folder: Path) -> dict | None:
-    """Tensor types of the GGUF file the base folder was made from (its record's parent), if it was one."""
+    """Tensor types of the GGUF file the folder's lineage was loaded from, if it was one."""
     import collections
-    import json
 
     import gguf
 
-    parent = json.loads((folder / "pipeline.json").read_text()).get("parent", "") if (folder / "pipeline.json").is_file() else ""
-    if not str(parent).endswith(".gguf") or not Path(parent).is_file():
+    from pipeline.records import origin
+
+    parent = origin(folder) or ""
+    if not parent.endswith(".gguf") or not Path(parent).is_file():
         return None
     reader = gguf.GGUFReader(parent)
     return {"file": Path(parent).name, "types": dict(collections.Counter(t.tensor_type.name for t in reader.tensors))}

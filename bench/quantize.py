@@ -69,13 +69,13 @@ def parse_args(argv=None):
 
 
 def load(folder: Path, threads: int | None):
-    from pipeline import models
+    from pipeline import formats
 
-    if models.is_openvino(folder) and threads:
+    if formats.openvino.holds(folder) and threads:
         from optimum.intel import OVModelForCausalLM
 
         return OVModelForCausalLM.from_pretrained(folder, ov_config={"INFERENCE_NUM_THREADS": str(threads)})
-    return models.load_folder(folder, device_map="cpu")[0]
+    return formats.load_folder(folder, device_map="cpu")[0]
 
 
 def ppl(model, texts: dict, args) -> dict:
@@ -91,7 +91,7 @@ def speeds(folders: dict, tokenizer, args) -> dict:
     llama.cpp itself (`NAME@llama.cpp`), so all clients share the same rounds and machine load."""
     import statistics
 
-    from pipeline import llamacpp, models
+    from pipeline import formats, llamacpp
     from pipeline.metrics import speed
 
     prefill = llamacpp.prefill_ids(tokenizer, PROMPTS, args.prefill_tokens)
@@ -100,7 +100,7 @@ def speeds(folders: dict, tokenizer, args) -> dict:
     for name, folder in folders.items():
         model = load(folder, args.threads)
         timers[name] = lambda m=model: speed(m, tokenizer, PROMPTS, args.prefill_tokens, args.new_tokens, 1)
-        gguf = models.gguf_file(folder)
+        gguf = formats.gguf.file_of(folder)
         if gguf is not None and llamacpp.available():
             llm = llamacpp.load(gguf, max(args.context, len(prefill), max(map(len, prompts)) + args.new_tokens),
                                 args.threads)
@@ -121,11 +121,11 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
     """fp32 row and every named candidate of one model folder (perplexity, size, convert time; speed later)."""
     import torch
 
-    from pipeline import data, llamacpp, models
+    from pipeline import data, formats, llamacpp
     from pipeline import quant_backends as qb
 
     started = time.perf_counter()
-    fp32 = {"input": str(folder), "disk_mb": round(models.disk_size(folder) / 2**20, 2),
+    fp32 = {"input": str(folder), "disk_mb": round(formats.disk_size(folder) / 2**20, 2),
             "ppl": ppl(load(folder, args.threads), texts, args), "eval_seconds": round(time.perf_counter() - started, 1)}
     report(f"{work.name} fp32", fp32)
     # One calibration per model folder: its float export, collected inputs and nncf statistics are shared.
@@ -146,12 +146,12 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
             tokenizer.save_pretrained(out)
             del model
             row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
-                   "disk_mb": round(models.disk_size(out) / 2**20, 2)}
+                   "disk_mb": round(formats.disk_size(out) / 2**20, 2)}
             started = time.perf_counter()
             row["ppl"] = ppl(load(out, args.threads), texts, args)
             row["eval_seconds"] = round(time.perf_counter() - started, 1)
-            if models.gguf_file(out) is not None and llamacpp.available():  # the file in llama.cpp itself
-                row["llamacpp"] = llamacpp_row(models.gguf_file(out), texts, args)
+            if formats.gguf.file_of(out) is not None and llamacpp.available():  # the file in llama.cpp itself
+                row["llamacpp"] = llamacpp_row(formats.gguf.file_of(out), texts, args)
             folders[name] = out
         except Exception as err:  # noqa: BLE001 -- one broken method must not lose the others' numbers
             row = {"error": f"{type(err).__name__}: {err}"[:400]}

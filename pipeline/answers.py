@@ -11,7 +11,9 @@ import logging
 import re
 from pathlib import Path
 
+from pipeline.chat import conversation
 from pipeline.eval_metrics import LOCAL
+from pipeline.generate import GenerationConfig, generate
 
 log = logging.getLogger("pipeline")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -57,8 +59,6 @@ def load_metrics(names: list[str]) -> dict:
 
 def held_out(dsd, data_cfg, limit: int | None) -> list[tuple[list[dict], str]]:
     """(conversation up to its last assistant turn, that turn's text) for the validation conversations."""
-    from pipeline.chat import conversation
-
     out = []
     for row in dsd["validation"]:
         messages = conversation(row, data_cfg)
@@ -70,8 +70,6 @@ def held_out(dsd, data_cfg, limit: int | None) -> list[tuple[list[dict], str]]:
 
 def score(model, tokenizer, prompts: list[tuple[list[dict], str]], metrics: dict, max_new_tokens: int) -> dict:
     """{"scores": {metric: value or {"skipped": reason}}, "answers": [{prompt, reference, answer}], ...}."""
-    from pipeline.generate import GenerationConfig, generate
-
     greedy = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens)
     answers = [generate(model, tokenizer, messages, greedy).strip() for messages, _ in prompts]
     references = [ref.strip() for _, ref in prompts]

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import StageError
+from pipeline.columns import cap_train, require_text_column
+from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
 IGNORE = -100  # label value the loss skips (transformers' convention)
 
 
 def check_columns(dsd, cfg):
-    from pipeline.data import require_text_column
-
     for name, split in dsd.items():
         cols = split.column_names
         if cfg.messages_column in cols:
@@ -110,8 +109,6 @@ def tokenize(dsd, tokenizer, cfg):
 def examples(tokenized, block_size: int, max_examples: int | None, source: str = "the data"):
     """One training example per conversation, cut to `block_size` tokens; examples whose response was cut
     off entirely are dropped (they would have no loss at all)."""
-    from pipeline.data import cap_train
-
     def cut(row):  # response_at: where the first assistant token is; -1: the conversation has none
         first = next((i for i, t in enumerate(row["labels"]) if t != IGNORE), -1)
         return {"input_ids": row["input_ids"][:block_size], "labels": row["labels"][:block_size],

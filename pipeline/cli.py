@@ -135,7 +135,8 @@ def report(err: BaseException, debug: bool = False) -> int:
 def _generate(args) -> int:
     from pipeline.config import parse
     from pipeline.generate import GenerationConfig, generate
-    from pipeline.models import load_folder, pick_device
+    from pipeline.formats import load_folder
+    from pipeline.models import pick_device
 
     errors: list[str] = []
     settings = {k: getattr(args, k) for k in ("strategy", "max_new_tokens", "num_beams", "temperature", "top_k",

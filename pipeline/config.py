@@ -22,10 +22,6 @@ class RecipeError(Exception):
         return "\n".join(lines)
 
 
-class StageError(Exception):
-    """A problem the user can fix (bad input folder, impossible setting); reported without a traceback."""
-
-
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

@@ -7,9 +7,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.checkpoint import CorruptRecord, fingerprint, read_record
-from pipeline.config import StageError
 from pipeline.data import DataConfig
+from pipeline.errors import StageError
+from pipeline.records import (
+    CorruptRecord,
+    StageRecord,
+    fingerprint,
+    read_record,
+    read_stage,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -33,30 +39,24 @@ class StageRun:
     stage: str
     out: Path
     fingerprint: str
-    parent: dict
+    parent: StageRecord
     config: dict
     started: float = field(default_factory=time.time)
 
-    def record(self, ctx: Context, **extra) -> dict:
-        return {
-            "stage": self.stage,
-            "recipe": ctx.recipe,
-            "fingerprint": self.fingerprint,
-            "parent": str(ctx.inputs.get(self.stage, "")),
-            "base_model": self.parent.get("base_model"),
-            "dataset": ctx.data.label,
-            "config": self.config,
-            "seconds": round(time.time() - self.started, 1),
-            **extra,
-        }
+    def record(self, ctx: Context, *, metrics: dict, summary: str, tags: list[str], chosen: str | None = None,
+               teacher: dict | None = None, qat: dict | None = None, **details) -> StageRecord:
+        """The record of the folder this stage writes; `details` are its own keys (importance, candidates, ...)."""
+        return StageRecord(stage=self.stage, recipe=ctx.recipe, fingerprint=self.fingerprint,
+                           parent=str(ctx.inputs.get(self.stage, "")), base_model=self.parent.base_model,
+                           dataset=ctx.data.label, config=self.config, seconds=round(time.time() - self.started, 1),
+                           metrics=metrics, summary=summary, tags=tags, chosen=chosen, teacher=teacher, qat=qat,
+                           details=details)
 
 
 def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | None:
     """Prepare a stage; None means its output is already current and the stage is skipped."""
     folder = ctx.inputs[stage]
-    parent = read_record(folder)
-    if parent is None and (Path(folder) / "adapter_config.json").is_file():  # a stage's adapter/ subfolder
-        parent = read_record(Path(folder).parent)
+    parent = read_stage(folder)  # a finetune's adapter/ subfolder: the finetune folder's record
     if parent is None:
         raise StageError(
             f"{stage}: input folder '{folder}' is missing or incomplete (no pipeline.json). "
@@ -64,7 +64,7 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
         )
     out = out or ctx.run_dir / stage
     config = dataclasses.asdict(cfg)
-    fp = fingerprint(stage, result_settings(cfg), parent.get("fingerprint"), dataclasses.asdict(ctx.data), ctx.seed)
+    fp = fingerprint(stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
     if up_to_date(ctx, stage, out, fp):
         return None
     log.info("%s: reading %s, writing %s", stage, folder, out)
@@ -84,7 +84,7 @@ def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:
     except CorruptRecord as err:  # the stage's own output: writing it again is the fix
         log.warning("%s: %s; running the stage again", stage, err)
         current = None
-    if ctx.force or current is None or current.get("fingerprint") != fp:
+    if ctx.force or current is None or current.fingerprint != fp:
         return False
     log.info("%s: %s is up to date (same input and config), skipping; use --force to re-run", stage, out)
     return True

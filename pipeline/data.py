@@ -2,7 +2,6 @@
 Chat data (`format: chat`) is rendered with a chat template and tokenized by `pipeline.chat`."""
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -12,13 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from pipeline import errors
-from pipeline.config import StageError
+from pipeline import chat, errors
+from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, require_text_column
+from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
-
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
 
 @dataclass
 class MixSource:
@@ -73,22 +70,6 @@ class DataConfig:
         if local_files(self.source) is None:
             return self.source
         return Path(self.source).name or self.source
-
-
-def local_files(source: str) -> list[Path] | None:
-    """The data files a local `source` names: a file, a folder (its data files) or a glob pattern
-    (data/*.jsonl); None when `source` is the stdlib corpus or a Hub dataset name."""
-    if source == "stdlib":
-        return None
-    path = Path(source).expanduser()
-    if any(c in source for c in "*?["):
-        return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_FORMATS
-                      and not p.name.startswith("."))
-    if path.suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")) or path.exists():
-        return [path]
-    return None
 
 
 def local_problems(source: str, files: list[Path]) -> list[str]:
@@ -202,40 +183,8 @@ def require_documents(n: int, cfg: DataConfig) -> None:
         )
 
 
-def _is_text(feature) -> bool:
-    return getattr(feature, "dtype", None) in ("string", "large_string")
-
-
-def describe(feature) -> str:
-    dtype = getattr(feature, "dtype", None)
-    return f"{dtype} values" if dtype else f"values of type {type(feature).__name__} ({feature})"
-
-
-def require_text_column(split, column: str, key: str, cfg: DataConfig) -> None:
-    if column not in split.column_names:
-        raise StageError(f"data.{key}: column '{column}' not in '{cfg.source}'; its columns are: "
-                         f"{', '.join(split.column_names)}. Set data.{key} to one of them")
-    if not _is_text(split.features[column]):
-        texts = [c for c in split.column_names if _is_text(split.features[c])]
-        # mixed types in a JSON column: the line where its type changes is the one to fix
-        files = [f for f in local_files(cfg.source) or [] if f.suffix in (".json", ".jsonl") and f.is_file()]
-        where = next((f" ('{f}' {problem})" for f in files if (problem := errors.file_problem(f))), "")
-        raise StageError(f"data.{key}: column '{column}' of '{cfg.source}' holds {describe(split.features[column])}, "
-                         f"not text{where}; fix the data, or set data.{key} to a text column"
-                         + (f" ({', '.join(texts)})" if texts else " (this data has none)"))
-    values = split.data.column(column)  # the table under the split: row numbers are the file's
-    if values.null_count:
-        import pyarrow.compute as pc
-
-        first = pc.index(pc.is_null(values), True).as_py()
-        raise StageError(f"data.{key}: {values.null_count} of {len(values)} rows of '{cfg.source}' have no "
-                         f"'{column}' (the first is row {first + 1}); give every row one, or remove those rows")
-
-
 def _checked(dsd, cfg: DataConfig):
     if cfg.format == "chat":
-        from pipeline import chat
-
         return chat.check_columns(dsd, cfg)
     for split in dsd.values():
         require_text_column(split, cfg.text_column, "text_column", cfg)
@@ -252,8 +201,6 @@ def tokenize(dsd, tokenizer, cfg: DataConfig):
     """Tokenize documents, appending EOS so packed documents stay separated (cached by `datasets`).
     Chat data gets `labels` too: the token ids of the assistant's turns, -100 elsewhere."""
     if cfg.format == "chat":
-        from pipeline import chat
-
         return chat.tokenize(dsd, tokenizer, cfg)
     eos = tokenizer.eos_token_id
     column = cfg.text_column
@@ -326,17 +273,6 @@ def require_rows(sets, splits, stage: str, cfg: DataConfig, unit: str = "blocks"
             raise StageError(f"{stage}: the {name} split of '{cfg.source}' has no complete {unit} of "
                              f"data.block_size {cfg.block_size} tokens; use more data, a smaller data.block_size"
                              + (" or a larger data.validation_percent" if name == "validation" else ""))
-
-
-def cap_train(dsd, limit: int | None):
-    """At most `limit` rows of the train split (a DatasetDict) or of a single Dataset."""
-    if limit is None:
-        return dsd
-    if hasattr(dsd, "keys"):
-        if len(dsd["train"]) > limit:
-            dsd["train"] = dsd["train"].select(range(limit))
-        return dsd
-    return dsd.select(range(limit)) if len(dsd) > limit else dsd
 
 
 def eval_stream(tokenized_validation) -> list[int]:

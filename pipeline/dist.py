@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.models import pick_device
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -26,8 +28,6 @@ def is_main() -> bool:
 
 def uses_cpu() -> bool:
     """True when training runs on the CPU; DDP then needs gloo, which accelerate picks only when told."""
-    from pipeline.models import pick_device
-
     return pick_device().type == "cpu"
 
 

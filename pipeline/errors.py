@@ -11,10 +11,12 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.config import StageError
-
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class StageError(Exception):
+    """A problem the user can fix (bad input folder, impossible setting); reported without a traceback."""
 
 
 def chain(err: BaseException):
@@ -55,16 +57,6 @@ def disk_full(folder: Path, written: int, needed: int | None = None) -> StageErr
 def not_writable(path, err: OSError, key: str = "output_dir") -> StageError:
     return StageError(f"{key}: cannot write '{path}' ({err.strerror or err}); set {key} to a folder you can "
                       f"create and write, e.g. {key}=runs (as a command-line override)")
-
-
-def offline_hint(name: str) -> str:
-    from pipeline.models import ALIASES
-
-    local = name.split("/")[-1]
-    return (f"the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE is set), so the Hub id '{name}' "
-            f"cannot be downloaded. Download it where there is network (`hf download {name} --local-dir "
-            f"models/{local}`), copy the folder here and set model: models/{local}; or use a .gguf file or the "
-            f"offline alias {', '.join(ALIASES)}")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

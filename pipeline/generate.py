@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from pipeline.metrics import model_device
+
 
 @dataclass
 class GenerationConfig:
@@ -51,8 +53,6 @@ def chat_prompt(tokenizer, prompt: str | list[dict]) -> str:
 def generate(model, tokenizer, prompt: str | list[dict], cfg: GenerationConfig, chat: bool = False) -> str:
     """The continuation of `prompt` (prompt text not included); with `chat`, the assistant's answer to it
     (a user message, or a list of {role, content} messages) under the tokenizer's chat template."""
-    from pipeline.metrics import model_device
-
     if chat or not isinstance(prompt, str):
         # the template writes its own special tokens (BOS, turn markers); the tokenizer must not add more
         enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)

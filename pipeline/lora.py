@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from pipeline import dist, models
-from pipeline.config import StageError
+from pipeline.errors import StageError
 
 LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Every projection of every block, as QLoRA does; peft's own defaults adapt only the attention.

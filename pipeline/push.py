@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.checkpoint import model_card, read_record
-from pipeline.config import StageError
+from pipeline.cards import model_card
+from pipeline.errors import StageError
 from pipeline.recipe import Recipe
+from pipeline.records import StageRecord, read_record
 from pipeline.stages import BY_FOLDER, BY_NAME, MODEL_FOLDERS, enabled
 
 log = logging.getLogger("pipeline")
@@ -43,7 +44,7 @@ class Upload:
     base_model: str | None
     card: str  # README.md as it will be on the Hub
     files: list[tuple[str, int]]  # (path in repo, bytes), README.md included
-    record: dict
+    record: StageRecord
     parent: str | None  # the stage of this run it was made from
 
     @property
@@ -76,9 +77,9 @@ def repo_id(recipe: Recipe, stage: str, user: str) -> str:
     return repo
 
 
-def parent_stage(record: dict, run_dir: Path) -> str | None:
+def parent_stage(record: StageRecord, run_dir: Path) -> str | None:
     """The stage folder of this run that `record`'s stage was made from, if any."""
-    parent = Path(str(record.get("parent") or ""))
+    parent = Path(record.parent)
     return next((s for s in MODEL_FOLDERS if parent.parts[-2:] == (run_dir.name, s)), None)
 
 
@@ -101,7 +102,7 @@ def plan(recipe: Recipe, stages: list[str], user: str, on_hub: Callable[[str], b
         if parent_repo and (parent in stages or on_hub(parent_repo)):
             base_model, relation = parent_repo, BY_FOLDER[stage].relation
         else:  # the parent is not published: point at the upstream model, as the local card does
-            base_model, relation = record.get("base_model"), None
+            base_model, relation = record.base_model, None
         repo = repo_id(recipe, stage, user)
         card = str(model_card(record, folder, repo_id=repo, base_model=base_model, relation=relation))
         files = [(p, n) for p, n in folder_files(folder) if p != "README.md"]
@@ -238,7 +239,7 @@ class Publisher:
                     repo_id=up.repo_id,
                     commit_message=f"llm-pipeline: recipe {self.recipe.name}, stage {up.stage}",
                     commit_description=f"Stage `{up.stage}` of the recipe `{self.recipe.name}` "
-                    f"(fingerprint {up.record.get('fingerprint')}), made from {up.base_model or 'its source'}.",
+                    f"(fingerprint {up.record.fingerprint}), made from {up.base_model or 'its source'}.",
                 )
 
 
@@ -278,11 +279,11 @@ def dry_run(recipe: Recipe, stages: list[str] | None = None) -> str:
                      f"base_model: {up.base_model or 'none'})")
         if up.parent and up.parent not in names:
             lines.append(f"  (assumes {up.base_model} is already on the Hub; a real push checks, and otherwise "
-                         f"uses {up.record.get('base_model') or 'no base model'})")
+                         f"uses {up.record.base_model or 'no base model'})")
         width = max(len(p) for p, _ in up.files)
         lines += [f"  {p:<{width}}  {human(n):>9}" for p, n in up.files]
         lines.append(f"  {'total':<{width}}  {human(up.size):>9}")
-        if not up.record.get("evaluation"):
+        if not up.record.evaluation:
             lines.append("  note: not evaluated yet; run the evaluate stage to put perplexity in the card")
         lines += ["", f"--- {up.repo_id}: README.md ---", up.card.rstrip(), "--- end ---", ""]
     return "\n".join(lines)

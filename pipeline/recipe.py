@@ -8,9 +8,10 @@ from typing import get_args
 
 import yaml
 
-from pipeline import gguf_export, models, surgery
-from pipeline.config import RecipeError, StageError, parse, set_dotted
+from pipeline import models, quant_backends, surgery
+from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
+from pipeline.errors import StageError
 from pipeline.models import Source
 from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, prune
 
@@ -59,7 +60,7 @@ class RecipeSettings:
                 problems.append(f"model: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
-        problems += self._check_gguf(source)
+        problems += self._check_formats(source)
         for stage in CHAINED:
             value = getattr(self, stage.name).input
             adapter = stage.name == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
@@ -95,28 +96,33 @@ class RecipeSettings:
                 problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
         return problems
 
-    def _check_gguf(self, source) -> list[str]:
-        """gguf-* candidates against the model's architecture, when its config can be read now."""
-        methods = {i: c.method for i, c in enumerate(self.quantize.candidates)
-                   if isinstance(c.method, str) and c.method.startswith("gguf-")}
-        if not self.quantize.enabled or not methods:
+    def _check_formats(self, source) -> list[str]:
+        """Each candidate against the model it will quantize, when that model's config can be read now: the
+        format refuses architectures and shapes its writer (or its readers) cannot handle."""
+        chosen = {i: c for i, c in enumerate(self.quantize.candidates) if c.method in quant_backends.BITS}
+        if not self.quantize.enabled or not chosen:
             return []
         folder = self.quantize.input if self.quantize.input != "auto" else None
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         what = "this model"
         if config is not None and folder is None and self.prune.enabled and self.prune.input == "auto":
-            # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit GGUF
+            # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit the format
             if not self._prune_sizable():
                 return []
             try:
                 config, what = surgery.config_for(config, prune.targets(self.prune, config)), "the pruned model"
             except StageError:
                 return []  # sizes this model cannot have: _check_prune reports them
-        problem = gguf_export.unsupported(config) if config is not None else None
-        if problem is None:
+        if config is None:
             return []
-        return [f"quantize.candidates[{i}].method: {method} cannot write {what}: {problem}. Remove the gguf-* "
-                "candidates or use bnb-*/openvino-* ones" for i, method in methods.items()]
+        problems = []
+        for i, cand in chosen.items():
+            problem = cand.format.unsupported(config)
+            if problem is not None:
+                others = sorted({m.split("-")[0] + "-*" for m in quant_backends.BITS} - {cand.method.split("-")[0] + "-*"})
+                problems.append(f"quantize.candidates[{i}].method: {cand.method} cannot write {what}: {problem}. "
+                                f"Remove the {cand.method.split('-')[0]}-* candidates or use {'/'.join(others)} ones")
+        return problems
 
     @property
     def run_dir(self) -> Path:

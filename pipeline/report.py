@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from pipeline import interrupts
+from pipeline.tasks import OFFLINE_TASK, main_metric
 
 COLUMNS = [  # (key, header, format)
     ("name", "model", "{}"),
@@ -37,8 +38,6 @@ def write(run_dir: Path, recipe: str, rows: list[dict]) -> None:
 
 def task_columns(rows: list[dict]) -> list[tuple[str, str]]:
     """(task, metric) for every lm-eval task any model has: its main metric (acc when it has one)."""
-    from pipeline.tasks import main_metric
-
     out: dict[str, str | None] = {}
     for row in rows:
         for task, scores in (row.get("tasks") or {}).items():
@@ -149,8 +148,6 @@ def answer_notes(rows: list[dict], answer_cols: list[str]) -> list[str]:
 
 def task_notes(rows: list[dict], task_cols: list[tuple[str, str]]) -> list[str]:
     """What the task columns mean, and why any task was skipped (never silently dropped)."""
-    from pipeline.tasks import OFFLINE_TASK
-
     if not task_cols:
         return []
     lines = [""]

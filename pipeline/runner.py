@@ -6,11 +6,20 @@ import time
 from pathlib import Path
 
 from pipeline import dist
-from pipeline.checkpoint import run_lock
-from pipeline.context import Context, StageError
+from pipeline.context import Context
+from pipeline.errors import StageError
 from pipeline.push import Publisher
 from pipeline.recipe import Recipe
-from pipeline.stages import BY_NAME, CHAINED, MODEL_FOLDERS, ORDER, STAGES, enabled, settings
+from pipeline.runlock import run_lock
+from pipeline.stages import (
+    BY_NAME,
+    CHAINED,
+    MODEL_FOLDERS,
+    ORDER,
+    STAGES,
+    enabled,
+    settings,
+)
 
 log = logging.getLogger("pipeline")
 

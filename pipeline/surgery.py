@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.config import StageError
+from pipeline.errors import StageError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 WIDTH_FAMILIES = {"gpt2": "GPT-2", **{t: t.capitalize() for t in LLAMA_FAMILY}}

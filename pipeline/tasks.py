@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import answers, data, formats
+
 log = logging.getLogger("pipeline")
 OFFLINE_TASK = "heldout_continuation"
 INSTALL = "pip install 'lm-eval>=0.4.10' (or `make install`, which installs the [tasks] extra)"
@@ -198,32 +200,14 @@ def build_offline_task(passages: list[str], cfg: OfflineTaskConfig, seed: int, f
 def offline_task(data_cfg, cfg: OfflineTaskConfig, seed: int, run_dir: Path) -> Path:
     """The offline task's YAML file for this run (written into run_dir/tasks/): continuation of validation
     passages for text data; for chat data, picking each held-out prompt's answer among other answers."""
-    from pipeline import data
-
     dsd = data.load_splits(data_cfg, seed)
     if data_cfg.format != "chat":
         texts = [t for t in dsd["validation"][data_cfg.text_column] if isinstance(t, str)]
         return build_offline_task(texts, cfg, seed, run_dir / "tasks")
-    from pipeline.answers import held_out
-
     pairs = [(" ".join(m["content"] for m in messages if m.get("role") == "user"), answer)
-             for messages, answer in held_out(dsd, data_cfg, None)]
+             for messages, answer in answers.held_out(dsd, data_cfg, None)]
     return write_task(answer_docs(pairs, cfg, seed), cfg, seed, run_dir / "tasks",
                       "multiple-choice: the held-out answer to each validation prompt among other answers")
-
-
-def _lm(model, tokenizer, folder: Path, batch_size: int):
-    """An lm-eval model over the evaluated model: HFLM around the loaded torch model (full precision,
-    bitsandbytes), lm-eval's OpenVINO model type (`openvino`, OptimumLM) for an OpenVINO folder."""
-    from pipeline.models import is_openvino
-
-    if is_openvino(folder):
-        from lm_eval.models.optimum_lm import OptimumLM
-
-        return OptimumLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size)
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _scores(task_result: dict) -> dict:
@@ -255,7 +239,7 @@ def run_tasks(model, tokenizer, folder: Path, tasks: list[str], include: list[Pa
     include = sorted({*include, *(Path(t).expanduser().resolve().parent for t in tasks if is_task_file(t))})
     # lm-eval's own task index only when a standard task is asked for: indexing it takes seconds
     manager = task_manager(include, defaults=any(not is_task_file(t) for t in tasks if t != OFFLINE_TASK))
-    lm = _lm(model, tokenizer, folder, batch_size)
+    lm = formats.lm_eval_model(model, tokenizer, folder, batch_size)
     out = {}
     for name in names:  # one at a time, so a task whose data is out of reach skips alone
         try:

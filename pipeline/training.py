@@ -17,7 +17,8 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline import dist
-from pipeline.config import StageError
+from pipeline.errors import StageError
+from pipeline.models import native_bf16, pick_device
 
 log = logging.getLogger("pipeline")
 Reporter = Literal["auto", "tensorboard", "none"]
@@ -86,8 +87,6 @@ def precision_flags(precision: str) -> dict:
     """bf16 mixed precision (fp32 master weights, bf16 autocast) where the hardware runs bf16 natively:
     1.5x the fp32 training speed on this project's AMX CPU at the same loss (bench/results/cpu-speed.json)."""
     if precision == "auto":
-        from pipeline.models import pick_device, native_bf16
-
         precision = "bf16" if native_bf16(pick_device()) else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 

@@ -6,7 +6,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import checkpoint
+from pipeline import folders
 from pipeline.cli import main
 
 STAGE_FOLDERS = ["base", "finetune", "prune", "distill", "quantize"]
@@ -76,7 +76,7 @@ def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, 
 def test_interrupted_stage_leaves_nothing_to_consume(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
     path = make_recipe(tiny_models["gpt2"])
     assert main(["run", str(path), "--stages", "load"]) == 0
-    real_save = checkpoint.save_model
+    real_save = folders.save_model
 
     def save_then_die(folder, model, tok, **kwargs):  # weights half written, then the process is interrupted
         real_save(folder, model, tok, **kwargs)

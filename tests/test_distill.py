@@ -8,9 +8,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from pipeline import models
+from pipeline import formats, models
 from pipeline.cli import main
-from pipeline.config import StageError
+from pipeline.errors import StageError
 from pipeline.stages import distill
 from tiny import bench_module, run_stages as _run, logits as _logits, record as _record
 
@@ -76,7 +76,7 @@ def test_layer_maps():
 # --- fresh students from a config ------------------------------------------------------------
 
 def test_fresh_student_overrides_the_teacher_config(tiny_models, tokenizer):
-    teacher, tok = models.load_folder(tiny_models["llama"])
+    teacher, tok = formats.load_folder(tiny_models["llama"])
     cfg = distill.DistillConfig(config={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64})
     student, keep = distill.build_student(cfg, teacher, tok)
     assert keep is None and type(student) is type(teacher)
@@ -91,7 +91,7 @@ def test_fresh_student_overrides_the_teacher_config(tiny_models, tokenizer):
 
 
 def test_fresh_student_of_another_architecture(tiny_models):
-    teacher, tok = models.load_folder(tiny_models["llama"])
+    teacher, tok = formats.load_folder(tiny_models["llama"])
     cfg = distill.DistillConfig(config={"model_type": "gpt2", "n_layer": 3, "n_embd": 32, "n_head": 4})
     student, _ = distill.build_student(cfg, teacher, tok)
     assert type(student).__name__ == "GPT2LMHeadModel"
@@ -103,7 +103,7 @@ def test_fresh_student_of_another_architecture(tiny_models):
 
 
 def test_fresh_student_from_a_config_folder(tiny_models, tmp_path, tokenizer):
-    teacher, tok = models.load_folder(tiny_models["gpt2"])
+    teacher, tok = formats.load_folder(tiny_models["gpt2"])
     # a config-only folder: e.g. a published architecture to copy
     AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).config.save_pretrained(tmp_path / "cfg")
     student, _ = distill.build_student(distill.DistillConfig(config=str(tmp_path / "cfg")), teacher, tok)
@@ -111,7 +111,7 @@ def test_fresh_student_from_a_config_folder(tiny_models, tmp_path, tokenizer):
 
 
 def test_config_mistakes_are_named(tiny_models):
-    teacher, tok = models.load_folder(tiny_models["llama"])
+    teacher, tok = formats.load_folder(tiny_models["llama"])
     build = lambda spec: distill.build_student(distill.DistillConfig(config=spec), teacher, tok)  # noqa: E731
     with pytest.raises(StageError, match=r"num_hiden_layers \(did you mean num_hidden_layers\?\) not a setting"):
         build({"num_hiden_layers": 2})
@@ -132,7 +132,7 @@ def test_vocabulary_and_tokenizer_mismatch_fail_before_training(tiny_models, tmp
     # a config folder whose vocabulary differs from the teacher's
     other = tiny.build_tokenizer(vocab_size=300)
     tiny.save_tiny(tmp_path / "other-vocab", "llama", other, layers=2)
-    teacher, tok = models.load_folder(tiny_models["llama"])
+    teacher, tok = formats.load_folder(tiny_models["llama"])
     with pytest.raises(StageError, match="vocabulary mismatch: the teacher has 512 tokens, the student 300"):
         distill.build_student(distill.DistillConfig(config=str(tmp_path / "other-vocab")), teacher, tok)
     # same size, different tokens: the tokenizer next to the config is compared too
@@ -158,7 +158,7 @@ def test_vocabulary_and_tokenizer_mismatch_fail_before_training(tiny_models, tmp
 
 
 def test_alpha_cos_needs_equal_hidden_sizes(tiny_models):
-    teacher, tok = models.load_folder(tiny_models["llama"])
+    teacher, tok = formats.load_folder(tiny_models["llama"])
     cfg = distill.DistillConfig(config={"hidden_size": 32}, alpha_cos=1.0)
     with pytest.raises(StageError, match=r"alpha_cos.*hidden size \(32\) differs from the teacher's \(64\)"):
         distill.build_student(cfg, teacher, tok)

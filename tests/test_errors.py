@@ -331,7 +331,7 @@ def test_corrupt_pipeline_json_of_an_input(damage, tiny_models, make_recipe, tmp
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pipeline.checkpoint import run_lock
+from pipeline.runlock import run_lock
 with run_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -392,7 +392,7 @@ def _swallowed(sig, where, after):
     Python prints and drops), then goes on; `after` records how far the stage got."""
     import weakref
 
-    from pipeline.checkpoint import save_model
+    from pipeline.folders import save_model
 
     def hook(folder, *args, **kwargs):
         if where == "except":
@@ -436,7 +436,7 @@ def test_a_sigint_ignored_by_whoever_started_the_run_stays_ignored(tiny_models, 
     """Under `nohup` or as a background job SIGINT is ignored: the run must not start catching it, while
     SIGTERM still stops it."""
     import pipeline.stages.load as load
-    from pipeline.checkpoint import save_model
+    from pipeline.folders import save_model
 
     def hook(folder, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # ignored: the stage goes on

@@ -7,8 +7,9 @@ import torch
 from gguf import GGUFReader, TokenType
 from transformers import AutoModelForCausalLM
 
-from pipeline import data, gguf_export, llamacpp, models, push, recipe
+from pipeline import data, formats, llamacpp, models, push, recipe, records
 from pipeline.cli import main
+from pipeline.formats import gguf as gguf_export
 from pipeline.metrics import perplexity
 from tiny import bench_module, record as _record
 
@@ -133,9 +134,10 @@ def test_special_tokens_chat_template_and_pre_tokenizer_lineage(tokenizer, tmp_p
                          evaluate={"enabled": False})
     assert main(["run", str(recipe), "--stages", "load"]) == 0
     base = tmp_path / "runs" / "tiny" / "base"
-    again = gguf_export.write(base, tmp_path / "again-Q8_0.gguf", "q8_0", "again")
+    # the quantize stage passes the source the base was loaded from (records.origin): its name is kept
+    again = gguf_export.write(base, tmp_path / "again-Q8_0.gguf", "q8_0", "again", origin=records.origin(base))
     assert fields(again)["tokenizer.ggml.pre"] == "smollm"
-    assert gguf_export.pre_tokenizer(models.load_folder(base)[1]) == "gpt-2"  # what the structure alone says
+    assert gguf_export.pre_tokenizer(formats.load_folder(base)[1]) == "gpt-2"  # what the structure alone says
 
 
 def test_a_prune_that_makes_the_model_unwritable_fails_at_validation(tiny_models, make_recipe, capsys):
@@ -251,7 +253,7 @@ def test_quantize_gguf_candidates_gate_evaluate_and_generate(tiny_models, make_r
     assert rows["gguf-q4_0"]["perplexity"] == pytest.approx(expected, rel=1e-6)
     assert rows["gguf-f16"]["ppl_increase_pct"] == pytest.approx(0, abs=0.05)
     assert abs(rows["gguf-q4_0"]["ppl_increase_pct"]) > abs(rows["gguf-q8_0"]["ppl_increase_pct"])
-    assert models.disk_size(out) == (out / "tiny-Q4_0.gguf").stat().st_size
+    assert formats.disk_size(out) == (out / "tiny-Q4_0.gguf").stat().st_size
     # evaluate scores the same file; the card is a GGUF card with llama.cpp / Ollama commands
     report = {r["name"]: r for r in json.loads((out.parent / "report.json").read_text())["models"]}
     assert report["quantize"]["perplexity"] == pytest.approx(rows["gguf-q4_0"]["perplexity"], rel=1e-6)

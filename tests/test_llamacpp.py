@@ -4,8 +4,9 @@ same token ids is within 1% of what transformers gives for the same file. Slow: 
 `[llamacpp]` extra (`make install-llamacpp`, a source build of llama.cpp)."""
 import pytest
 
-from pipeline import data, gguf_export, models
+from pipeline import data, models
 from pipeline import llamacpp
+from pipeline.formats import gguf as gguf_export
 from pipeline.metrics import perplexity
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ WINDOW = {"context": 128, "stride": 64}
 @pytest.fixture(scope="module")
 def sources(tiny_models, tmp_path_factory):
     """Model folders to export: the tiny ones, and SmolLM2 as the load stage writes it (from its GGUF)."""
-    from pipeline.checkpoint import save_model
+    from pipeline.folders import save_model
 
     folder = tmp_path_factory.mktemp("smollm2") / "base"
     alias = models.resolve("smollm2-135m")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from pipeline import data, models, recipe
+from pipeline import data, formats, models, recipe
 from pipeline import quant_backends as qb
 from pipeline.cli import main
 from pipeline.metrics import perplexity
@@ -81,7 +81,7 @@ def test_bnb_quantizes_every_projection_and_reloads_identically(arch, method, ti
     for name in projections(fp32):
         assert isinstance(modules[name], layer) and modules[name].weight.dtype == dtype, name
     assert models.count_params(reloaded) == models.count_params(fp32)  # 4-bit counted unpacked
-    ratio = models.disk_size(tmp_path) / models.disk_size(tiny_models[arch])
+    ratio = formats.disk_size(tmp_path) / formats.disk_size(tiny_models[arch])
     assert ratio < (0.5 if method == "bnb-int8" else 0.4)  # embeddings stay fp32 in both
     # a random tiny model's logits are within about ±1; quantization moves them a little, not a lot
     err = (logits(reloaded) - logits(fp32)).abs().max().item()
@@ -98,7 +98,7 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     model = qb.quantize(cand, tiny_models[arch], CPU)
     before = logits(model)
     qb.save(model, tmp_path)
-    reloaded, _ = models.load_folder(tmp_path, device_map="cpu")  # what the evaluate stage does
+    reloaded, _ = formats.load_folder(tmp_path, device_map="cpu")  # what the evaluate stage does
     assert isinstance(reloaded, OVModelForCausalLM)
     assert torch.equal(logits(reloaded), before)
     # every projection's weight is an integer constant of its shape, and none is left in floating point
@@ -112,8 +112,8 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "openvino_model.xml" in files and not any(f.endswith(".safetensors") for f in files)
     weights, graph = ((tmp_path / f"openvino_model.{ext}").stat().st_size for ext in ("bin", "xml"))
-    assert models.disk_size(tmp_path) == weights + graph  # the graph is ~200 KB: most of a tiny model's folder
-    assert weights < 0.3 * models.disk_size(tiny_models[arch])
+    assert formats.disk_size(tmp_path) == weights + graph  # the graph is ~200 KB: most of a tiny model's folder
+    assert weights < 0.3 * formats.disk_size(tiny_models[arch])
     err = (logits(reloaded) - logits(fp32)).abs().max().item()
     assert 0 < err < (0.05 if method == "openvino-int8" else 0.3), err
     # perplexity runs on the OpenVINO model as on torch ones: same windows, batched or not
@@ -148,7 +148,7 @@ def test_gate_picks_by_policy_reports_failures_and_evaluate_reads_the_winner(tin
     assert rec["chosen"] == smallest["name"] and rec["metrics"]["method"] == smallest["method"]
     assert smallest["backend"] == "openvino" and (out / "openvino_model.xml").is_file()  # what evaluate reads below
     assert rec["backend_versions"]["optimum-intel"] and rec["backend_versions"]["openvino"]
-    assert models.disk_size(out) / 2**20 == pytest.approx(smallest["disk_mb"], abs=0.01)
+    assert formats.disk_size(out) / 2**20 == pytest.approx(smallest["disk_mb"], abs=0.01)
     # the other policies, on the same measured rows
     cfg = quantize.QuantizeConfig
     assert quantize.gate(rec["candidates"], ref, cfg(prefer="quality"))["name"] == min(
@@ -198,11 +198,11 @@ def test_lora_adapter_input_is_merged_before_quantizing(tiny_models, make_recipe
     assert main(["run", str(path), f"quantize.input={adapter}", "--stages", "quantize"]) == 0
     # the gate's reference is base + adapter merged in float32: the finetune stage's own merged weights
     r = recipe.load(path)
-    merged, tokenizer = models.load_folder(run_dir / "finetune")
+    merged, tokenizer = formats.load_folder(run_dir / "finetune")
     ids = data.eval_stream(data.prepare(r.data, tokenizer, r.seed)["validation"])
     window = (GATE["context"], GATE["stride"], GATE["max_tokens"])
     expected = perplexity(merged, ids, *window)["perplexity"]
-    base = perplexity(models.load_folder(run_dir / "base")[0], ids, *window)["perplexity"]
+    base = perplexity(formats.load_folder(run_dir / "base")[0], ids, *window)["perplexity"]
     rec = _record(run_dir / "quantize")
     assert rec["reference"]["perplexity"] == pytest.approx(expected, rel=1e-5)
     assert base > 2 * expected  # the adapter learned the sentence: merging it mattered

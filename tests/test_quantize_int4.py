@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline import data, recipe
+from pipeline import data, formats, recipe
 from pipeline import quant_backends as qb
 from pipeline.cli import main
 from tiny import record as _record
@@ -88,7 +88,6 @@ def test_each_data_aware_option_reaches_nncf(tiny_models, tmp_path):
     """Candidate by candidate on tiny Llama: what the IR records equals what the recipe asked for."""
     import datasets  # noqa: F401 (optimum-intel builds the calibration set with it)
 
-    from pipeline import models
 
     source = tiny_models["llama"]
     ids = torch.randint(3, 500, (64, 64), generator=torch.Generator().manual_seed(0))
@@ -107,7 +106,7 @@ def test_each_data_aware_option_reaches_nncf(tiny_models, tmp_path):
         qb.save(model, out)
         info = _rt_info(out)
         assert {k: info[k] for k in expected} == expected, (cand, info)
-        reloaded, _ = models.load_folder(out)
+        reloaded, _ = formats.load_folder(out)
         assert torch.isfinite(reloaded(torch.tensor([[1, 2, 3]])).logits).all()
     assert (tmp_path / "nncf-statistics-4x64").is_dir()  # one statistics cache, shared by the three
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import checkpoint, data, models, recipe, runner
+from pipeline import data, folders, formats
 from pipeline.metrics import guide_perplexity, perplexity
 from tiny import run_stages as _run, logits as _logits, record as _record
 
@@ -41,9 +41,9 @@ def test_perplexity_matches_the_guide(context, stride, tiny_models, tokenizer):
 
 def test_save_model_round_trip_gives_identical_logits(tiny_models, tmp_path):
     for arch, folder in tiny_models.items():
-        model, tok = models.load_folder(folder)
-        checkpoint.save_model(tmp_path / arch, model, tok)
-        again, _ = models.load_folder(tmp_path / arch)
+        model, tok = formats.load_folder(folder)
+        folders.save_model(tmp_path / arch, model, tok)
+        again, _ = formats.load_folder(tmp_path / arch)
         ids = torch.arange(1, 33).unsqueeze(0)
         assert torch.equal(_logits(model, ids), _logits(again, ids))
         assert (tmp_path / arch / "model.safetensors").is_file()

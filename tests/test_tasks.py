@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import answers, data, models, tasks
+from pipeline import answers, data, formats, tasks
 from pipeline.cli import main
 from pipeline.generate import GenerationConfig, generate
 
@@ -47,7 +47,7 @@ def test_offline_task_on_a_tiny_model_and_an_openvino_folder_lands_in_report_and
                        quantize={"candidates": [{"method": "openvino-int8"}]}, evaluate=FAST_EVAL)
     assert main(["run", str(path)]) == 0
     run = _run_dir(tmp_path)
-    assert models.is_openvino(run / "quantize")
+    assert formats.openvino.holds(run / "quantize")
     report = json.loads((run / "report.json").read_text())
     for row in report["models"]:
         scores = row["tasks"][tasks.OFFLINE_TASK]
@@ -71,7 +71,7 @@ def test_offline_task_on_a_tiny_model_and_an_openvino_folder_lands_in_report_and
 
 
 def test_own_task_file_runs_and_unreachable_ones_are_skipped_with_the_reason(tiny_models, tmp_path):
-    model, tok = models.load_folder(tiny_models["gpt2"])
+    model, tok = formats.load_folder(tiny_models["gpt2"])
     rows = [{"q": "The list", "choices": ["is a sequence", "zzzz qqqq"], "label": 0}] * 4
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     own = tmp_path / "mine.yaml"
@@ -142,7 +142,7 @@ def test_chat_recipe_scores_answers_with_evaluate_modules_loaded_by_path_for_eac
     types = {m["type"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     assert {"exact_match", "chrf", "rouge_l", "acc", "perplexity"} <= types
     # the report's samples are answers under the chat template, as `generate --chat` gives them
-    model, tok = models.load_folder(run / "finetune")
+    model, tok = formats.load_folder(run / "finetune")
     sample = report["models"][1]["samples"][0]
     cfg = GenerationConfig(max_new_tokens=4)
     assert sample["output"] == generate(model, tok, "What is a list?", cfg, chat=True)
@@ -151,7 +151,7 @@ def test_chat_recipe_scores_answers_with_evaluate_modules_loaded_by_path_for_eac
 
 
 def test_a_model_that_answers_correctly_scores_exact_match_1(tiny_models):
-    model, tok = models.load_folder(tiny_models["gpt2"])
+    model, tok = formats.load_folder(tiny_models["gpt2"])
     tok.chat_template = CHAT_TEMPLATE
     prompts = [[{"role": "user", "content": q}] for q in ("What does len() return?", "How do I sort a list?")]
     cfg = GenerationConfig(max_new_tokens=6)
@@ -177,7 +177,7 @@ def test_unknown_metric_is_a_recipe_error_and_an_unreachable_one_is_skipped(tiny
 
 
 def test_generate_chat_flag_applies_the_chat_template(tiny_models, tmp_path, capsys):
-    model, tok = models.load_folder(tiny_models["llama"])
+    model, tok = formats.load_folder(tiny_models["llama"])
     assert main(["generate", str(tiny_models["llama"]), "What is a list?", "--chat"]) == 2  # no template
     assert "no chat template" in capsys.readouterr().err
     tok.chat_template = CHAT_TEMPLATE

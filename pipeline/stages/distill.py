@@ -18,11 +18,19 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer
 
-from pipeline import data, models, surgery
-from pipeline.checkpoint import read_record, save_model, staging, write_record
-from pipeline.context import Context, StageError, begin
+from pipeline import data, formats, models, surgery
+from pipeline.context import Context, begin
 from pipeline.data import DataConfig
-from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, training_args
+from pipeline.errors import StageError
+from pipeline.folders import save_model, staging, write_record
+from pipeline.records import read_record
+from pipeline.training import (
+    RUN_ONLY,
+    TrainConfig,
+    clear_checkpoints,
+    fit,
+    training_args,
+)
 
 # Config entries that follow from the width; recomputed when the student's width changes.
 DERIVED_FROM_WIDTH = ("head_dim",)
@@ -288,9 +296,9 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     set_seed(ctx.seed)
     pruned = _pruned_from(ctx.inputs["distill"])
     teacher_folder = Path(cfg.teacher) if cfg.teacher != "auto" else pruned or ctx.inputs["distill"]
-    teacher, tokenizer = models.load_folder(teacher_folder)
+    teacher, tokenizer = formats.load_folder(teacher_folder)
     if pruned is not None:  # the student is the pruned model, healed against the model it was cut from
-        student, _ = models.load_folder(ctx.inputs["distill"])
+        student, _ = formats.load_folder(ctx.inputs["distill"])
         student.requires_grad_(True)
         check_vocab(teacher.config.vocab_size, student.config.vocab_size, tokenizer)
         check_cos(cfg, student.config, teacher.config)
@@ -325,8 +333,8 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     s_params = models.count_params(trainer.model)
     loss = {"alpha_kd": cfg.alpha_kd, "alpha_ce": cfg.alpha_ce, "alpha_cos": cfg.alpha_cos,
             "temperature": cfg.temperature, "kl": cfg.kl, "teacher_precision": str(t_dtype).replace("torch.", "")}
-    teacher_info = {"folder": str(teacher_folder), "base_model": stage.parent.get("base_model"),
-                    "fingerprint": stage.parent.get("fingerprint"), "params": t_params, "layers": t_layers,
+    teacher_info = {"folder": str(teacher_folder), "base_model": stage.parent.base_model,
+                    "fingerprint": stage.parent.fingerprint, "params": t_params, "layers": t_layers,
                     "architecture": type(teacher).__name__}
     with staging(stage.out) as tmp:
         save_model(tmp, trainer.model, tokenizer)
@@ -351,8 +359,8 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
 
 def _pruned_from(folder: Path) -> Path | None:
     """The folder a `prune` stage output was cut from (the teacher for healing it), else None."""
-    record = read_record(folder) or {}
-    return Path(record["parent"]) if record.get("stage") == "prune" and record.get("parent") else None
+    record = read_record(folder)
+    return Path(record.parent) if record is not None and record.stage == "prune" and record.parent else None
 
 
 def _summary(keep, cfg: DistillConfig, teacher: dict, student, loss: dict, pruned, text: DataConfig) -> str:

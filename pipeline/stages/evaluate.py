@@ -7,12 +7,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import answers, data, errors, models, report, tasks
-from pipeline.config import StageError
-from pipeline.checkpoint import fingerprint, read_record, write_record
+from pipeline import answers, data, errors, formats, llamacpp, models, report, tasks
 from pipeline.context import Context
+from pipeline.errors import StageError
+from pipeline.folders import write_record
 from pipeline.generate import GenerationConfig, describe, generate
-from pipeline.metrics import PeakMemory, model_device, perplexity, repetition, speed, word_perplexity
+from pipeline.metrics import (
+    PeakMemory,
+    model_device,
+    perplexity,
+    repetition,
+    speed,
+    word_perplexity,
+)
+from pipeline.records import fingerprint, read_record
 
 log = logging.getLogger("pipeline")
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension is"]
@@ -96,15 +104,15 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
     metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
     # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.get("fingerprint"), task_plan, metrics)
-    cached = record.get("scoreboard", {})
+                          record.fingerprint, task_plan, metrics)
+    cached = record.scoreboard
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
         return cached
     device = models.pick_device()
     started = time.time()
     with PeakMemory(device) as mem:
-        model, tokenizer = models.load_folder(folder, device_map=str(device))
+        model, tokenizer = formats.load_folder(folder, device_map=str(device))
         chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
         if chat and ctx.data.chat_template:
             tokenizer.chat_template = ctx.data.chat_template
@@ -122,8 +130,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         "perplexity": evaluations[0]["perplexity"],
         "evaluations": evaluations,
         # an OpenVINO model has no torch parameters; its stage record knows the count
-        "params": models.count_params(model) or record.get("metrics", {}).get("params"),
-        "disk_mb": round(models.disk_size(folder) / 2**20, 2),
+        "params": models.count_params(model) or record.params,
+        "disk_mb": round(formats.disk_size(folder) / 2**20, 2),
         "peak_mem_mb": round(mem.peak_mb, 1),
         "device": str(model_device(model)),  # OpenVINO runs on the CPU whatever torch could use
     }
@@ -150,15 +158,15 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
                                        cfg.answer_tokens)
         log.info("evaluate: %s answers to %d held-out prompts: %s", folder.name, row["answers"]["prompts"],
                  ", ".join(f"{k} {v}" for k, v in row["answers"]["scores"].items()))
-    gguf = models.gguf_file(folder) if cfg.llamacpp else None
+    gguf = formats.gguf.file_of(folder) if cfg.llamacpp else None
     if gguf is not None:
         row["llamacpp"] = llamacpp_scores(gguf, tokenizer, texts, cfg)
     row.update(seconds=round(time.time() - started, 1), fingerprint=eval_fp)
     # The stage folder's record and card carry their own evaluation, as Hub cards do.
-    record["evaluation"] = evaluations
-    record["tasks"] = row.get("tasks", {})
-    record["answer_scores"] = row.get("answers", {}).get("scores", {})
-    record["scoreboard"] = row
+    record.evaluation = evaluations
+    record.tasks = row.get("tasks", {})
+    record.answer_scores = row.get("answers", {}).get("scores", {})
+    record.scoreboard = row
     write_record(folder, record)
     return row
 
@@ -196,8 +204,6 @@ def plan_answers(cfg: EvaluateConfig, ctx: Context) -> dict | None:
 
 def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
     """llama.cpp's own perplexity (same token ids, same windows) and speed for a GGUF file, when installed."""
-    from pipeline import llamacpp
-
     if not llamacpp.available():
         log.info("evaluate: %s is GGUF; install llama-cpp-python for llama.cpp's own perplexity and speed (%s)",
                  path.name, llamacpp.INSTALL)
@@ -221,11 +227,11 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
             continue
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
         if name == "prune":  # so the report can set the cut against the model it was cut from
-            row["pruned_from"] = record.get("parent")
+            row["pruned_from"] = record.parent
         if name == "quantize":  # which candidate won and what the others scored: the stage's own summary
-            row["quantization"] = {"chosen": record.get("chosen"), "summary": record.get("summary")}
+            row["quantization"] = {"chosen": record.chosen, "summary": record.summary}
         if name == "distill":  # so the report can set the student against its teacher
-            row["teacher"] = (record.get("teacher") or {}).get("folder") or record.get("parent")
+            row["teacher"] = (record.teacher or {}).get("folder") or record.parent
         rows.append(row)
     report.write(ctx.run_dir, ctx.recipe, rows)
     return ctx.run_dir

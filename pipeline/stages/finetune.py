@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import chat, data, dist, lora, models, qat
-from pipeline.checkpoint import save_model, staging, write_record
-from pipeline.context import Context, StageError, StageRun, begin
+from pipeline.context import Context, StageRun, begin
+from pipeline.errors import StageError
+from pipeline.folders import save_model, staging, write_record
 from pipeline.lora import LoraSettings, QLoraSettings
-from pipeline.training import RUN_ONLY, TrainConfig, clear_checkpoints, fit, sharded, training_args
+from pipeline.training import (
+    RUN_ONLY,
+    TrainConfig,
+    clear_checkpoints,
+    fit,
+    sharded,
+    training_args,
+)
 
 ADAPTER_DIR = "adapter"
 log = logging.getLogger("pipeline")
@@ -89,7 +97,7 @@ def _save(cfg: FinetuneConfig, trainer, tokenizer, tmp: Path, stage: StageRun, f
         save_model(tmp, model, tokenizer, state_dict=state)
         return model
     # A Hub PEFT folder names the model it adapts: the Hub id when we adapted the unmodified source model.
-    base_id = stage.parent.get("base_model") if stage.parent.get("stage") == "base" else None
+    base_id = stage.parent.base_model if stage.parent.stage == "base" else None
     model.peft_config["default"].base_model_name_or_path = base_id or str(folder)
     # Only linear layers are adapted; the default ("auto") would look the base up on the Hub to compare vocabularies.
     model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state, save_embedding_layers=False)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import models
-from pipeline.checkpoint import fingerprint, save_model, staging, write_record
 from pipeline.context import Context, up_to_date
+from pipeline.folders import save_model, staging, write_record
+from pipeline.records import StageRecord, fingerprint
 
 log = logging.getLogger("pipeline")
 
@@ -38,16 +39,12 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
     base_model = ALIAS_HUB_IDS.get(cfg.model) or (cfg.model if source.kind == "hub" else None)
     with staging(out) as tmp:
         save_model(tmp, model, tokenizer)
-        write_record(tmp, {
-            "stage": "base",
-            "recipe": ctx.recipe,
-            "fingerprint": fp,
-            "parent": source.label,
-            "base_model": base_model,
-            "config": {"model": cfg.model, "source_kind": source.kind},
-            "metrics": {"params": models.count_params(model)},
-            "summary": f"The unmodified source model `{cfg.model}`, saved as safetensors"
+        write_record(tmp, StageRecord(
+            stage="base", recipe=ctx.recipe, fingerprint=fp, parent=source.label, base_model=base_model,
+            config={"model": cfg.model, "source_kind": source.kind},
+            metrics={"params": models.count_params(model)},
+            summary=f"The unmodified source model `{cfg.model}`, saved as safetensors"
             + (" (dequantized from GGUF)." if source.gguf_file else "."),
-            "seconds": round(time.time() - started, 1),
-        })
+            seconds=round(time.time() - started, 1),
+        ))
     return out

@@ -16,10 +16,11 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, models, surgery
-from pipeline.checkpoint import save_model, staging, write_record
-from pipeline.context import Context, StageError, begin
+from pipeline import data, formats, models, surgery
+from pipeline.context import Context, begin
 from pipeline.data import DataConfig
+from pipeline.errors import StageError
+from pipeline.folders import save_model, staging, write_record
 
 log = logging.getLogger("pipeline")
 Axis = Literal["mlp", "heads", "hidden", "depth"]
@@ -205,7 +206,7 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     if stage is None:
         return ctx.run_dir / "prune"
     set_seed(ctx.seed)
-    model, tokenizer = models.load_folder(ctx.inputs["prune"], dtype=torch.float32)
+    model, tokenizer = formats.load_folder(ctx.inputs["prune"], dtype=torch.float32)
     before = surgery.sizes(model.config)
     target = targets(cfg, model.config)
     text = cfg.data or ctx.data

@@ -18,12 +18,14 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, errors, models
+from pipeline import data, errors, formats, models, qat
 from pipeline import quant_backends as backends
-from pipeline.checkpoint import save_model, staging, write_record
-from pipeline.context import Context, StageError, begin
+from pipeline.context import Context, begin
+from pipeline.errors import StageError
+from pipeline.folders import save_model, staging, write_record
 from pipeline.metrics import perplexity, speed
 from pipeline.quant_backends import Candidate
+from pipeline.records import origin
 from pipeline.stages.evaluate import DEFAULT_PROMPTS, EvaluateConfig
 
 log = logging.getLogger("pipeline")
@@ -96,7 +98,8 @@ def measure(model, tokenizer, ids: list[int], cfg: QuantizeConfig) -> dict:
 
 
 def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: list[int], cfg: QuantizeConfig,
-                  device: torch.device, ctx: Context, calibration: backends.Calibration) -> dict:
+                  device: torch.device, ctx: Context, calibration: backends.Calibration, name: str | None = None,
+                  lineage_origin: str | None = None) -> dict:
     """Convert, save, reload and score one candidate; failures become a row, never an exception."""
     options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
     row = {"name": cand.label, "method": cand.method, "backend": cand.backend, "bits": cand.bits,
@@ -111,11 +114,11 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: l
     log.info("quantize: trying %s: %s", cand.label, row["description"])
     started = time.time()
     try:
-        model = backends.quantize(cand, source, device, ctx.trust_remote_code, calibration)
-        backends.save(model, folder)
+        model = backends.quantize(cand, source, device, ctx.trust_remote_code, calibration, name, lineage_origin)
+        backends.save(model, folder, cand)
         tokenizer.save_pretrained(folder)
         del model
-        model, _ = models.load_folder(folder, device_map=str(device))  # score exactly what is shipped
+        model, _ = formats.load_folder(folder, device_map=str(device))  # score exactly what is shipped
         row.update(measure(model, tokenizer, ids, cfg))
     except Exception as err:  # noqa: BLE001 -- a broken candidate is reported, the others still run
         if errors.is_disk_full(err):  # not the candidate's fault: no other one will fit either
@@ -123,7 +126,7 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: l
         log.warning("quantize: %s failed: %s", cand.label, err)
         message = " ".join(str(err).strip().splitlines()[:2])[:300]
         return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}
-    row.update(disk_mb=round(models.disk_size(folder) / 2**20, 2), seconds=round(time.time() - started, 1))
+    row.update(disk_mb=round(formats.disk_size(folder) / 2**20, 2), seconds=round(time.time() - started, 1))
     return row
 
 
@@ -177,10 +180,13 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
     with tempfile.TemporaryDirectory(prefix=".quantize-candidates-", dir=ctx.run_dir) as work:
         work = Path(work)
         source = full_precision(Path(ctx.inputs["quantize"]), work / "merged", ctx.trust_remote_code)
-        model, tokenizer = models.load_folder(source, device_map=str(device))
+        # what formats name the model by (the GGUF file) and the source its lineage was loaded from (whose GGUF
+        # pre-tokenizer a GGUF export keeps)
+        name, lineage_origin = stage.parent.recipe or Path(ctx.inputs["quantize"]).name, origin(ctx.inputs["quantize"])
+        model, tokenizer = formats.load_folder(source, device_map=str(device))
         ids = data.eval_stream(data.prepare(ctx.data, tokenizer, ctx.seed)["validation"])
         params = models.count_params(model)
-        reference = {"name": "input", "disk_mb": round(models.disk_size(source) / 2**20, 2),
+        reference = {"name": "input", "disk_mb": round(formats.disk_size(source) / 2**20, 2),
                      **measure(model, tokenizer, ids, cfg)}
         del model
         log.info("quantize: input perplexity %.3f on %d tokens", reference["perplexity"], reference["scored_tokens"])
@@ -194,7 +200,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         for i, cand in enumerate(cfg.candidates):
             folders[cand.label] = work / f"candidate-{i}"
             rows.append(try_candidate(cand, source, folders[cand.label], tokenizer, ids, cfg, device, ctx,
-                                      calibration))
+                                      calibration, name, lineage_origin))
         winner = gate(rows, reference, cfg)
         scores = table(reference, rows, winner)
         log.info("quantize: candidates (budget +%s%% perplexity, prefer %s):\n%s", cfg.max_ppl_increase, cfg.prefer,
@@ -212,7 +218,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                 "Raise quantize.max_ppl_increase, or add a gentler candidate (bnb-int8 or openvino-int8)."
             )
         cand = next(c for c in cfg.candidates if c.label == winner["name"])
-        qat_grid = _qat_check(stage.parent.get("qat"), cand)
+        qat_grid = _qat_check(stage.parent.qat, cand)
         with staging(stage.out) as tmp:
             for item in folders[cand.label].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
@@ -242,15 +248,13 @@ def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
     """Whether the input was trained (finetune.qat) for the grid the chosen candidate rounds to; warns if not."""
     if not trained:
         return None
-    from pipeline.qat import QatSettings, describe
-
     shipped = backends.grid(cand)
     # the record keeps the training schedule beside the grid; compare the grid's own keys
-    matches = shipped == {key: trained.get(key) for key in QatSettings().grid}
+    matches = shipped == {key: trained.get(key) for key in qat.QatSettings().grid}
     if cand.bits == 4 and not matches:
         log.warning("quantize: the input was trained for %s (finetune.qat) but %s rounds to %s; set the candidate's "
-                    "group_size/sym (or finetune.qat) so the grids agree", describe(trained), cand.label,
-                    describe(shipped) if shipped else "a float code book")
+                    "group_size/sym (or finetune.qat) so the grids agree", qat.describe(trained), cand.label,
+                    qat.describe(shipped) if shipped else "a float code book")
     return {"trained_for": trained, "shipped": shipped, "matches": matches}
 
 

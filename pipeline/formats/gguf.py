@@ -1,4 +1,6 @@
-"""GGUF export: a transformers model folder as one `.gguf` file that llama.cpp, Ollama and LM Studio run.
+"""The GGUF folder: one `.gguf` file (weights, tokenizer, chat template and hyper-parameters) that llama.cpp,
+Ollama and LM Studio run, with the tokenizer files beside it; transformers reloads it with `gguf_file=`
+(dequantized to float). The `gguf-*` candidates write it from a transformers folder.
 
 Written with the `gguf` package the way llama.cpp's own `convert_hf_to_gguf.py` lays a model out: its
 tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / chat template, and
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from pipeline import models
 
 log = logging.getLogger("pipeline")
 
@@ -80,7 +85,7 @@ def filename(name: str, qtype: str) -> str:
 
 @dataclass
 class GGUFExport:
-    """A pending export, so the quantize stage can treat GGUF like its other backends: `save_pretrained`
+    """A pending export, so the quantize stage can treat GGUF like its other formats: `save_pretrained`
     writes the file into a folder (the stage then adds the tokenizer files beside it)."""
 
     source: Path
@@ -88,12 +93,13 @@ class GGUFExport:
     name: str
     trust_remote_code: bool = False
     output_tensor_type: str | None = None
+    origin: str | None = None
 
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return write(self.source, folder / filename(self.name, self.qtype), self.qtype, self.name,
-                     self.trust_remote_code, self.output_tensor_type)
+                     self.trust_remote_code, self.output_tensor_type, self.origin)
 
 
 def _rope(config) -> dict:
@@ -101,11 +107,11 @@ def _rope(config) -> dict:
     return dict(rope)
 
 
-def pre_tokenizer(tokenizer, source: Path | None = None) -> str:
+def pre_tokenizer(tokenizer, origin: str | None = None) -> str:
     """llama.cpp's pre-tokenizer name for `tokenizer`. The source GGUF's own name wins when the model came
-    from one (e.g. "smollm" for SmolLM2): transformers' GGUF loader rebuilds every llama-arch BPE tokenizer
-    with the plain GPT-2 regex, so its structure no longer tells SmolLM's digit split apart."""
-    inherited = source_pre(source) if source is not None else None
+    from one (`origin`, e.g. "smollm" for SmolLM2): transformers' GGUF loader rebuilds every llama-arch BPE
+    tokenizer with the plain GPT-2 regex, so its structure no longer tells SmolLM's digit split apart."""
+    inherited = source_pre(origin)
     if inherited:
         return inherited
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
@@ -123,22 +129,13 @@ def pre_tokenizer(tokenizer, source: Path | None = None) -> str:
                           f"llama.cpp knows by name here ({known})")
 
 
-def source_pre(folder: Path) -> str | None:
-    """`tokenizer.ggml.pre` of the GGUF file this stage folder's lineage was loaded from, if any."""
+def source_pre(origin: str | None) -> str | None:
+    """`tokenizer.ggml.pre` of `origin`, when that is the GGUF file a model was loaded from."""
     from gguf import GGUFReader
 
-    from pipeline.checkpoint import read_record
-
-    seen = set()
-    record = read_record(folder)
-    while record and record.get("stage") != "base" and record.get("parent") and record["parent"] not in seen:
-        seen.add(record["parent"])
-        parent = Path(record["parent"])
-        record = read_record(parent) or read_record(parent.parent)  # a finetune adapter/ sits in its stage
-    parent = Path(str((record or {}).get("parent") or ""))
-    if not (record and record.get("stage") == "base" and parent.suffix == ".gguf" and parent.is_file()):
+    if not origin or Path(origin).suffix != ".gguf" or not Path(origin).is_file():
         return None
-    field = GGUFReader(parent).fields.get("tokenizer.ggml.pre")
+    field = GGUFReader(origin).fields.get("tokenizer.ggml.pre")
     return str(field.contents()) if field is not None else None
 
 
@@ -204,7 +201,8 @@ def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
 def tensor_type(name: str, w: np.ndarray, qtype: str, tied: bool, output_type: str | None = None):
     """The GGML type of one tensor under file type `qtype` (see the module docstring); `output_type`
     (f16 / q8_0) overrides the output head's, as llama-quantize's --output-tensor-type does."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
 
     if w.ndim < 2 or name == "position_embd.weight":  # norms, biases; llama.cpp keeps position embeddings F32
         return Q.F32
@@ -220,11 +218,11 @@ def tensor_type(name: str, w: np.ndarray, qtype: str, tied: bool, output_type: s
 
 
 def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: bool = False,
-          output_type: str | None = None) -> Path:
+          output_type: str | None = None, origin: str | None = None) -> Path:
     """Write the model folder `source` (weights, config and tokenizer files) as the GGUF file `out`; the
-    output head (or tied embedding) in `output_type` when given."""
+    output head (or tied embedding) in `output_type` when given. `origin`: the source the model's lineage
+    was loaded from (records.origin), whose GGUF pre-tokenizer name the file keeps."""
     import gguf
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = Path(source)
@@ -240,7 +238,7 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tied = not any(n == "output.weight" for n, _ in weights)
     tokens, types = vocab(tokenizer, n_vocab)
-    pre = pre_tokenizer(tokenizer, source)
+    pre = pre_tokenizer(tokenizer, origin)
 
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -342,3 +340,127 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     factors = np.where(wavelen < old_ctx / high, 1.0,
                        np.where(wavelen > old_ctx / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
     return factors.astype(np.float32)
+
+
+# --- the format ------------------------------------------------------------------------------------------
+
+NAME = "gguf"
+BACKEND = "gguf"
+PACKAGES = ["gguf"]
+# GGUF types as llama.cpp names them; bits of the main weight type (Q8_0 stores 8.5 bits a weight, with scales)
+METHODS = {"gguf-f16": 16, "gguf-q8_0": 8, "gguf-q4_0": 4, "gguf-q4_1": 4, "gguf-q5_0": 5, "gguf-q5_1": 5}
+OPTIONS = {"output_tensor_type": tuple(METHODS)}
+
+
+def file_of(folder: str | Path) -> Path | None:
+    """The GGUF file of a GGUF model folder (as the gguf-* candidates write it, or a .gguf path itself);
+    None for other folders. A folder with several .gguf files is ambiguous."""
+    folder = Path(folder)
+    if folder.suffix == ".gguf" and folder.is_file():
+        return folder
+    if (folder / "config.json").is_file() or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) > 1:
+        raise models.ModelSourceError(f"'{folder}' holds {len(files)} GGUF files "
+                                      f"({', '.join(f.name for f in files)}); give the path of the one to load")
+    return files[0] if files else None
+
+
+def holds(folder: Path) -> bool:
+    return file_of(folder) is not None
+
+
+def load(folder: Path, **kwargs):
+    """The file itself, dequantized by transformers' GGUF loader; its tokenizer from the tokenizer files saved
+    beside it when there are some (the exact tokenizer the file was written from), else from the file's own
+    vocabulary."""
+    path = file_of(folder)
+    model = models.load_model(models.Source("gguf", str(path.parent), path.name), **kwargs)
+    has_files = (path.parent / "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(models.Source("folder", str(path.parent)) if has_files else
+                                      models.Source("gguf", str(path.parent), path.name))
+    return model, tokenizer
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return [file_of(folder)]
+
+
+def usage(folder: Path, ref: str) -> str:
+    name = file_of(folder).name
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "# transformers dequantizes the GGUF weights to float32 on load\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{ref}", gguf_file="{name}")\n'
+            + (f'tokenizer = AutoTokenizer.from_pretrained("{ref}")  # the tokenizer files beside it'
+               if (folder / "tokenizer_config.json").is_file() else
+               f'tokenizer = AutoTokenizer.from_pretrained("{ref}", gguf_file="{name}")'))
+
+
+def card_section(folder: Path, repo_id: str | None) -> str:
+    """llama.cpp and Ollama commands: the Hub repo once pushed, the local file before."""
+    path = file_of(folder)
+    tag = path.stem.rsplit("-", 1)[-1]  # <model>-Q8_0.gguf -> Q8_0, the tag Ollama and llama.cpp select by
+    if repo_id:
+        commands = (f"ollama run hf.co/{repo_id}:{tag}\n"
+                    f"llama-cli -hf {repo_id}:{tag} -p \"The Python interpreter\"\n"
+                    f"llama-server -hf {repo_id}:{tag}")
+    else:
+        commands = (f"llama-cli -m {path.name} -p \"The Python interpreter\"\n"
+                    f"llama-server -m {path.name}\n"
+                    f"# pushed to the Hub as <user>/<repo>: ollama run hf.co/<user>/<repo>:{tag}")
+    return f"""
+### llama.cpp, Ollama, LM Studio
+
+`{path.name}` is a GGUF file ({tag}) with its tokenizer, chat template and hyper-parameters inside:
+
+```bash
+{commands}
+```
+"""
+
+
+def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
+    """lm-eval's HFLM around the dequantized torch model."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def unavailable(cand, device: torch.device) -> str | None:
+    """Written in numpy, read back by transformers: any device."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("gguf") else "needs the gguf package: pip install gguf"
+
+
+def check(cand) -> list[str]:
+    return []
+
+
+def convert(cand, job) -> GGUFExport:
+    """The export to write on `save`; the file is named after `job.name` (the recipe that made the input)."""
+    return GGUFExport(Path(job.source), cand.method.removeprefix("gguf-"), job.name, job.trust_remote_code,
+                      cand.output_tensor_type, job.origin)
+
+
+def save(model: GGUFExport, folder: Path) -> None:
+    model.save_pretrained(folder)
+
+
+def describe(cand) -> str:
+    label = TYPES[cand.method.removeprefix("gguf-")][2]
+    if cand.output_tensor_type:
+        head = f"output head / tied embedding {cand.output_tensor_type.upper()}; "
+    elif label in ("F16", "Q8_0"):
+        head = ""
+    else:
+        head = "output head / tied embedding Q8_0, as llama.cpp keeps it at higher precision; "
+    return f"GGUF {label} weights for llama.cpp/Ollama ({head}norms and biases F32)"
+
+
+def grid(cand) -> dict | None:
+    """llama.cpp's 4/5-bit types round blocks of 32 weights (what finetune.qat can train for)."""
+    if cand.method in ("gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1"):
+        return {"bits": int(cand.method[6]), "group_size": 32, "symmetric": cand.method.endswith("_0")}
+    return None

@@ -1,0 +1,69 @@
+"""What the text and chat data paths share: the data files a `data.source` names, and checks on the columns
+and rows of a loaded split."""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from pipeline import errors
+from pipeline.errors import StageError
+
+LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The data files a local `source` names: a file, a folder (its data files) or a glob pattern
+    (data/*.jsonl); None when `source` is the stdlib corpus or a Hub dataset name."""
+    if source == "stdlib":
+        return None
+    path = Path(source).expanduser()
+    if any(c in source for c in "*?["):
+        return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_FORMATS
+                      and not p.name.startswith("."))
+    if path.suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")) or path.exists():
+        return [path]
+    return None
+
+
+def _is_text(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def describe(feature) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return f"{dtype} values" if dtype else f"values of type {type(feature).__name__} ({feature})"
+
+
+def require_text_column(split, column: str, key: str, cfg) -> None:
+    """`column` of a loaded split holds text in every row; else a StageError naming the key, file and row."""
+    if column not in split.column_names:
+        raise StageError(f"data.{key}: column '{column}' not in '{cfg.source}'; its columns are: "
+                         f"{', '.join(split.column_names)}. Set data.{key} to one of them")
+    if not _is_text(split.features[column]):
+        texts = [c for c in split.column_names if _is_text(split.features[c])]
+        # mixed types in a JSON column: the line where its type changes is the one to fix
+        files = [f for f in local_files(cfg.source) or [] if f.suffix in (".json", ".jsonl") and f.is_file()]
+        where = next((f" ('{f}' {problem})" for f in files if (problem := errors.file_problem(f))), "")
+        raise StageError(f"data.{key}: column '{column}' of '{cfg.source}' holds {describe(split.features[column])}, "
+                         f"not text{where}; fix the data, or set data.{key} to a text column"
+                         + (f" ({', '.join(texts)})" if texts else " (this data has none)"))
+    values = split.data.column(column)  # the table under the split: row numbers are the file's
+    if values.null_count:
+        import pyarrow.compute as pc
+
+        first = pc.index(pc.is_null(values), True).as_py()
+        raise StageError(f"data.{key}: {values.null_count} of {len(values)} rows of '{cfg.source}' have no "
+                         f"'{column}' (the first is row {first + 1}); give every row one, or remove those rows")
+
+
+def cap_train(dsd, limit: int | None):
+    """At most `limit` rows of the train split (a DatasetDict) or of a single Dataset."""
+    if limit is None:
+        return dsd
+    if hasattr(dsd, "keys"):
+        if len(dsd["train"]) > limit:
+            dsd["train"] = dsd["train"].select(range(limit))
+        return dsd
+    return dsd.select(range(limit)) if len(dsd) > limit else dsd

@@ -1,0 +1,209 @@
+"""The OpenVINO folder: `openvino_model.xml/.bin` (IR) as optimum-intel's `OVModelForCausalLM.save_pretrained`
+writes it, weights compressed by NNCF; `OVModelForCausalLM.from_pretrained` reloads it and runs it on the CPU
+through OpenVINO. The `openvino-*` candidates export through optimum-intel with NNCF weight compression."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from pipeline import models
+
+NAME = "openvino"
+BACKEND = "openvino"
+PACKAGES = ["optimum-intel", "optimum", "openvino", "nncf"]
+METHODS = {"openvino-int8": 8, "openvino-int4": 4}
+OPTIONS = {
+    "sym": ("openvino-int8", "openvino-int4"),
+    "group_size": ("openvino-int4",),
+    "ratio": ("openvino-int4",),
+    # NNCF's data-aware weight compression; nncf runs none of it for 8-bit weights
+    "awq": ("openvino-int4",),
+    "scale_estimation": ("openvino-int4",),
+    "gptq": ("openvino-int4",),
+    "lora_correction": ("openvino-int4",),
+    "sensitivity_metric": ("openvino-int4",),
+    "backup_precision": ("openvino-int4",),
+    "calibration_samples": ("openvino-int4",),
+    "calibration_tokens": ("openvino-int4",),
+}
+INSTALL = ("pip install openvino nncf optimum==2.3.0 && pip install --no-deps optimum-intel==2.2.0 "
+           "(or `make install`)")
+
+
+def holds(folder: Path) -> bool:
+    return (Path(folder) / "openvino_model.xml").is_file()
+
+
+def load(folder: Path, **kwargs):
+    """`OVModelForCausalLM` and the tokenizer beside it; device_map and the like are torch loading options,
+    OpenVINO picks its own device."""
+    try:
+        from optimum.intel import OVModelForCausalLM
+    except ImportError as err:
+        raise models.ModelSourceError(f"'{folder}' is an OpenVINO model folder; loading it needs optimum-intel: "
+                                      f"{INSTALL}") from err
+    return OVModelForCausalLM.from_pretrained(folder), models.load_tokenizer(models.Source("folder", str(folder)))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The IR: the graph (.xml) and the weights (.bin)."""
+    return [p for p in Path(folder).glob("openvino_*") if p.suffix in (".xml", ".bin")]
+
+
+def usage(folder: Path, ref: str) -> str:
+    return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            "# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed\n"
+            f'model = OVModelForCausalLM.from_pretrained("{ref}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
+
+
+def card_section(folder: Path, repo_id: str | None) -> str:
+    return ""
+
+
+def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
+    """lm-eval's own OpenVINO model type (`openvino`, OptimumLM) over the folder."""
+    from lm_eval.models.optimum_lm import OptimumLM
+
+    return OptimumLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size)
+
+
+# --- quantize candidates (optimum-intel + NNCF) ----------------------------------------------------------
+
+def unavailable(cand, device: torch.device) -> str | None:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+        from optimum.intel import OVModelForCausalLM  # noqa: F401
+    except ImportError:
+        return f"needs optimum-intel with OpenVINO: {INSTALL}"
+    return None
+
+
+def unsupported(config) -> str | None:
+    """Why a model with this config cannot be written in this format, or None if it can."""
+    return None
+
+
+def check(cand) -> list[str]:
+    """The refusals optimum-intel itself knows about, at validation instead of mid-run."""
+    if unavailable(cand, torch.device("cpu")) is not None:
+        return []
+    try:
+        config(cand)
+    except ValueError as err:
+        return [f"optimum-intel refuses these options: {err}"]
+    return []
+
+
+def config(cand, statistics_path: Path | None = None):
+    from optimum.intel import OVWeightQuantizationConfig
+
+    options = {"bits": cand.bits, "sym": bool(cand.sym)}
+    if cand.method == "openvino-int4":
+        # The default group size is adjusted per layer where it does not divide the weight (SmolLM2's 576
+        # channels, say), as optimum-intel's own int4 presets do; a group size the recipe sets is used as given.
+        options.update(group_size=128 if cand.group_size is None else cand.group_size,
+                       group_size_fallback="adjust" if cand.group_size is None else "error",
+                       ratio=1.0 if cand.ratio is None else cand.ratio,
+                       sensitivity_metric=cand.sensitivity_metric, backup_precision=cand.backup_precision,
+                       scale_estimation=cand.scale_estimation, gptq=cand.gptq, lora_correction=cand.lora_correction)
+        if cand.awq:
+            options["quant_method"] = "awq"
+        if cand.data_aware:
+            # The calibration set itself goes to OVQuantizer.quantize; nncf keeps the activation statistics
+            # under statistics_path, so candidates on the same calibration set collect them once.
+            options.update(num_samples=cand.num_samples,
+                           statistics_path=None if statistics_path is None else str(statistics_path))
+    return OVWeightQuantizationConfig(**options)
+
+
+def convert(cand, job):
+    """The input folder exported and compressed (in memory, not compiled, not yet saved). Data-aware
+    candidates share, through `job.calibration`, the float export, the collected inputs and nncf's statistics
+    of candidates that ask for the same calibration set."""
+    from optimum.intel import OVConfig, OVModelForCausalLM, OVQuantizer
+
+    if not cand.data_aware:
+        return _export(job.source, job.trust_remote_code, quantization_config=config(cand))
+    calibration = job.calibration
+    if calibration is None:
+        raise ValueError(f"{cand.label} is data-aware and needs calibration blocks")
+    model = OVModelForCausalLM.from_pretrained(_float_ir(calibration, job.source, job.trust_remote_code),
+                                               compile=False)
+    shape = cand.calibration_shape(calibration.block_size)
+    settings = config(cand, calibration.work / f"nncf-statistics-{shape[0]}x{shape[1]}")
+    quantizer = OVQuantizer.from_pretrained(model)
+    quantizer.quantize(ov_config=OVConfig(quantization_config=settings),
+                       calibration_dataset=_dataset(calibration, model, quantizer, settings, shape))
+    return model
+
+
+def _float_ir(calibration, source: Path, trust_remote_code: bool) -> Path:
+    folder = calibration.work / "openvino-fp32"
+    if not (folder / "openvino_model.xml").exists():
+        _export(source, trust_remote_code, load_in_8bit=False).save_pretrained(folder)
+    return folder
+
+
+def _dataset(calibration, model, quantizer, settings, shape: tuple[int, int]):
+    """The model inputs optimum-intel collects from the calibration blocks, once per shape."""
+    key = ("openvino-inputs", shape)
+    if key not in calibration.cache:
+        import datasets
+        import nncf
+        from nncf.definitions import NNCF_DATASET_RESET_STATE_KEY
+
+        ids = calibration.blocks(*shape)
+        rows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        collected = quantizer.dataset_builder.build_from_dataset(settings, rows)["model"]
+        model.clear_requests()  # collecting compiled the float model; it is recompiled after compression
+        # Each sample is one prefill (generate with max_new_tokens=1), so the flag optimum-intel adds to
+        # ask nncf to reset the KV state before it carries nothing: nncf resets a stateful model before
+        # every inference anyway. Dropped because nncf's GPTQ feeds the samples to stateless subgraphs,
+        # which refuse the flag ("Cannot reset state of a stateless model").
+        samples = [{k: v for k, v in item.items() if k != NNCF_DATASET_RESET_STATE_KEY}
+                   for item in collected.get_data()]
+        calibration.cache[key] = {"model": nncf.Dataset(samples)}
+    return calibration.cache[key]
+
+
+def _export(source: Path, trust_remote_code: bool, **options):
+    """`source` exported to OpenVINO IR by optimum-intel (not compiled), with `options` for the export."""
+    from optimum.intel import OVModelForCausalLM
+
+    with warnings.catch_warnings():  # tracing the torch model warns about every data-dependent branch
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return OVModelForCausalLM.from_pretrained(source, export=True, compile=False,
+                                                  trust_remote_code=trust_remote_code, **options)
+
+
+def save(model, folder: Path) -> None:
+    model.save_pretrained(folder)
+
+
+def describe(cand) -> str:
+    text = f"OpenVINO int{cand.bits} weights via optimum-intel/NNCF ({'symmetric' if cand.sym else 'asymmetric'}"
+    if cand.method == "openvino-int4":
+        ratio = 1.0 if cand.ratio is None else cand.ratio
+        group = "128 (adjusted per layer)" if cand.group_size is None else cand.group_size
+        text += f", group size {group}, {ratio:.0%} of layers in 4-bit"
+        used = [name for name, on in (("AWQ", cand.awq), ("scale estimation", cand.scale_estimation),
+                                      ("GPTQ", cand.gptq), ("LoRA correction", cand.lora_correction)) if on]
+        if ratio < 1:  # nncf's default ranking depends on whether it has calibration data
+            default = "max_activation_variance" if cand.data_aware else "weight_quantization_error"
+            text += f" ranked by {cand.sensitivity_metric or default}"
+        if cand.data_aware:
+            text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {cand.num_samples} calibration "
+                     f"sequences of {cand.calibration_tokens or 'data.block_size'} tokens from the training split")
+    return text + ")"
+
+
+def grid(cand) -> dict | None:
+    """The integer grid int4 rounds the block weights to (what finetune.qat can train for); None for int8."""
+    if cand.method == "openvino-int4":
+        return {"bits": 4, "group_size": 128 if cand.group_size is None else cand.group_size,
+                "symmetric": bool(cand.sym)}
+    return None

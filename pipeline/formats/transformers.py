@@ -1,0 +1,129 @@
+"""The transformers folder: safetensors weights, config.json and the tokenizer, as `save_pretrained` writes
+them; `AutoModelForCausalLM.from_pretrained` reloads it. The `bnb-*` candidates write this format too, with
+bitsandbytes weights and the `quantization_config` in config.json; a LoRA adapter folder is one as well
+(`AutoPeftModelForCausalLM`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline import models
+
+NAME = "transformers"
+BACKEND = "bitsandbytes"  # the quantization library of this format's candidates
+PACKAGES = ["bitsandbytes"]
+METHODS = {"bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4}  # candidate method -> bits of the main weight type
+OPTIONS = {  # candidate option -> the methods it applies to
+    "threshold": ("bnb-int8",),
+    "double_quant": ("bnb-nf4", "bnb-fp4"),
+    "compute_dtype": ("bnb-nf4", "bnb-fp4"),
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def holds(folder: Path) -> bool:
+    return (Path(folder) / "config.json").is_file()
+
+
+def load(folder: Path, **kwargs):
+    source = models.Source("folder", str(folder))
+    return models.load_model(source, **kwargs), models.load_tokenizer(source)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """What a user loads to run it; a LoRA `adapter/` beside merged weights is not counted."""
+    return [p for p in Path(folder).glob("*") if p.suffix in WEIGHT_SUFFIXES]
+
+
+def usage(folder: Path, ref: str) -> str:
+    """A loading snippet for the folder, naming `ref` as the model."""
+    if (folder / "adapter_config.json").is_file():
+        return ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{ref}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
+    try:
+        quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError):
+        quant = {}
+    note = ""
+    if quant.get("quant_method") == "bitsandbytes":
+        note = "# needs `pip install bitsandbytes`; the quantization config is read from config.json\n"
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n" + note
+            + f'model = AutoModelForCausalLM.from_pretrained("{ref}"'
+            + (', device_map="auto")\n' if note else ")\n")
+            + f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
+
+
+def card_section(folder: Path, repo_id: str | None) -> str:
+    return ""
+
+
+def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
+    """lm-eval's HFLM around the loaded torch model (full precision or bitsandbytes)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+# --- quantize candidates (bitsandbytes) ------------------------------------------------------------------
+
+def unavailable(cand, device: torch.device) -> str | None:
+    if device.type == "mps":
+        return "bitsandbytes does not run on Apple MPS; use an openvino-* candidate, or run on CPU/CUDA"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "needs bitsandbytes: pip install bitsandbytes"
+    return None
+
+
+def unsupported(config) -> str | None:
+    """Why a model with this config cannot be written in this format, or None if it can."""
+    return None
+
+
+def check(cand) -> list[str]:
+    return []
+
+
+def bnb_config(cand):
+    from transformers import BitsAndBytesConfig
+
+    if cand.method == "bnb-int8":
+        threshold = 6.0 if cand.threshold is None else cand.threshold
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cand.method.removeprefix("bnb-"),
+        bnb_4bit_use_double_quant=True if cand.double_quant is None else cand.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, cand.compute_dtype or "float32"),
+    )
+
+
+def convert(cand, job):
+    """The input folder loaded with bitsandbytes quantizing its weights (in memory, not yet saved); `job` is
+    the quantize stage's `quant_backends.Job`."""
+    return models.load_model(models.Source("folder", str(job.source)), trust_remote_code=job.trust_remote_code,
+                             quantization_config=bnb_config(cand), device_map=str(job.device))
+
+
+def save(model, folder: Path) -> None:
+    """Safetensors + config.json with quantization_config. Save before running the model: on CPUs with
+    AVX512-BF16, bitsandbytes repacks 4-bit weights on the first forward pass (scales rounded to bf16) and
+    saving unpacks them again, which is not exact."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def describe(cand) -> str:
+    if cand.method == "bnb-int8":
+        return f"bitsandbytes LLM.int8 weights (outlier threshold {bnb_config(cand).llm_int8_threshold})"
+    q = bnb_config(cand)
+    return (f"bitsandbytes 4-bit {q.bnb_4bit_quant_type.upper()} weights (double quant "
+            f"{'on' if q.bnb_4bit_use_double_quant else 'off'}, compute {cand.compute_dtype or 'float32'})")
+
+
+def grid(cand) -> dict | None:
+    """NF4/FP4 are float code books, not integer grids (nothing finetune.qat can train for)."""
+    return None
