@@ -25,6 +25,7 @@ import io
 import re
 import textwrap
 import tokenize
+import typing
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,9 +37,9 @@ from pipeline.recipe import Recipe
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 WRITE = "python -m pipeline keys --write"
 DITTO = "ditto"
-# Settings groups with a table of their own (where the docs explain them); the section's table gives them one
-# row. Every other group is listed key by key in its section's table (lora.r, lora.alpha, ...).
-OWN_TABLES = ("finetune.qat",)
+# Settings groups, and lists of them, with a table of their own (where the docs explain them); the section's table
+# gives them one row. Every other group is listed key by key in its section's table (lora.r, lora.alpha, ...).
+OWN_TABLES = ("finetune.qat", "quantize.candidates")
 TOP = "top"  # the recipe's top-level keys
 
 
@@ -133,6 +134,15 @@ def _field(cls: type, name: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
+def _group_class(cls: type, name: str) -> type:
+    """The settings class of field `name` of `cls`: its default's class, or the item class of a list of them."""
+    value = default_of(_field(cls, name))
+    if dataclasses.is_dataclass(value):
+        return type(value)
+    (item,) = typing.get_args(typing.get_type_hints(cls)[name])  # list[Candidate]
+    return item
+
+
 def sections() -> dict[str, type]:
     """{table name: config class}: the top level, each recipe section in recipe order (data, finetune, ...,
     push), each followed by its settings groups that have a table of their own (finetune.qat)."""
@@ -144,8 +154,16 @@ def sections() -> dict[str, type]:
             for name in OWN_TABLES:
                 section, _, group = name.partition(".")
                 if section == f.name:
-                    out[name] = type(default_of(_field(type(value), group)))
+                    out[name] = _group_class(type(value), group)
     return out
+
+
+def title(name: str) -> str:
+    """How a recipe names the keys of table `name`: `finetune.qat`, `quantize.candidates[]` (each item's keys)."""
+    section, _, group = name.partition(".")
+    if name == TOP or not group:
+        return name
+    return name + ("[]" if isinstance(default_of(_field(sections()[section], group)), list) else "")
 
 
 def _shared() -> dict[str, tuple[type, str]]:
@@ -215,7 +233,7 @@ def _extend(out: list[Row], new: list[Row], section: str) -> None:
 
 def table(name: str) -> str:
     """Section `name`'s keys as a Markdown table: key, default, meaning."""
-    head = "key" if name == TOP or "." not in name else f"`{name}` key"
+    head = "key" if name == TOP or "." not in name else f"`{title(name)}` key"
     lines = [f"| {head} | default | meaning |", "| --- | --- | --- |"]
     for row in rows(name):
         keys = " / ".join(f"`{k}`" for k in row.keys)
@@ -236,8 +254,7 @@ def markdown(section: str | None = None) -> str:
     """What `python -m pipeline keys [SECTION]` prints: the tables of `select(section)`, each under its name."""
     parts = []
     for name in select(section):
-        title = "top-level keys" if name == TOP else f"`{name}` keys"
-        part = f"## {title}\n\n{table(name)}"
+        part = f"## {'top-level keys' if name == TOP else f'`{title(name)}` keys'}\n\n{table(name)}"
         if name in _shared():
             base, owner = _shared()[name]
             keys = [f.name for f in dataclasses.fields(base)]
