@@ -92,19 +92,17 @@ def test_descriptions_come_from_the_comments():
     assert keys.describe(finetune.FinetuneConfig, "save_steps") == keys.describe(TrainConfig, "save_steps")  # inherited
 
 
-def test_a_table_merges_ditto_rows_and_shows_the_doc_default(monkeypatch):
-    monkeypatch.setattr(keys, "sections", lambda: {keys.TOP: Recipe, "described": Described})
-    assert keys.table("described").splitlines()[2:] == [
+def test_a_table_merges_ditto_rows_and_shows_the_doc_default():
+    assert keys.table(Described).splitlines()[2:] == [
         "| `plain` | 1 | a trailing comment |",
         "| `above` | `x` | a comment above, continued at the end |",
         "| `noted` / `ditto` | 5e-5 / null | what it is |",
         "| `later` | the first letter | words |"]
 
 
-def test_a_key_without_a_description_fails(monkeypatch):
-    monkeypatch.setattr(keys, "sections", lambda: {keys.TOP: Recipe, "undescribed": Undescribed})
+def test_a_key_without_a_description_fails():
     with pytest.raises(ValueError, match="Undescribed.silent has no description"):
-        keys.table("undescribed")
+        keys.table(Undescribed)
 
 
 def test_the_cli_prints_a_section(capsys):
