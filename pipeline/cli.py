@@ -1,5 +1,6 @@
 """Command line: `python -m pipeline run RECIPE.yaml [section.key=value ...] [--stages a,b] [--force]`,
-`python -m pipeline push RECIPE.yaml [section.key=value ...] [--stages a,b] [--dry-run]`."""
+`python -m pipeline push RECIPE.yaml [section.key=value ...] [--stages a,b] [--dry-run]`,
+`python -m pipeline keys [SECTION] [--write]`."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. push.private=false")
     push.add_argument("--stages", help="comma-separated stage folders to push (default: push.stages)")
     push.add_argument("--dry-run", action="store_true", help="print repos, files, sizes and cards; send nothing")
+    keys = sub.add_parser("keys", parents=[common], help="print the recipe keys of a section (or of all) with their "
+                          "defaults and meanings, as Markdown")
+    keys.add_argument("section", nargs="?", help="e.g. quantize, finetune.qat or top (default: every section)")
+    keys.add_argument("--write", action="store_true", help="rewrite the generated key tables in docs/reference.md")
     return parser
 
 
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     if args.command == "generate":
         return _generate(args)
+    if args.command == "keys":
+        return _keys(args)
     from pipeline import recipe as recipes
 
     try:
@@ -158,6 +165,25 @@ def _generate(args) -> int:
         except ValueError as err:  # no chat template; an empty prompt and no BOS token
             print(f"error: {'--chat: ' if args.chat else ''}{err}", file=sys.stderr)
             return EXIT_USAGE
+    return 0
+
+
+def _keys(args) -> int:
+    from pipeline import keys
+
+    names = keys.select(args.section)
+    if not names:
+        print(f"error: keys: no section '{args.section}'; use one of: {', '.join(keys.sections())}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if not args.write:
+            print(keys.markdown(args.section))
+            return 0
+        changed = keys.write(names=names)
+    except (OSError, ValueError) as err:  # no docs/reference.md or no block for a table; an undescribed key
+        print(f"error: keys: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{keys.DOC}: {'rewrote ' + ', '.join(changed) if changed else 'key tables up to date'}")
     return 0
 
 

@@ -34,20 +34,29 @@ class MixSource:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # "stdlib", a Hub dataset name, or local .txt/.jsonl/.csv/.parquet data: a file, folder or glob
-    config: str | None = None  # Hub dataset configuration, e.g. wikitext-2-raw-v1
+    # `stdlib` (offline corpus), a Hub dataset (`wikitext`), or local `.txt`/`.jsonl`/`.csv`/`.parquet` data: a file,
+    # a folder of them, or a glob (`data/*.jsonl`)
+    source: str = "stdlib"
+    config: str | None = None  # Hub dataset configuration, e.g. `wikitext-2-raw-v1`
     split: str = "train"  # split to train on
-    validation_split: str | None = None  # use this split for validation instead of carving one out
-    validation_percent: float = 10.0  # % of documents held out for validation when no split is named
-    text_column: str = "text"
-    block_size: int = 256  # tokens per packed training block (chat: longest example, longer ones are cut)
-    max_train_blocks: int | None = None  # cap on training blocks (chat: examples), for quick runs
-    format: Literal["text", "chat"] = "text"  # chat: conversations, loss on the assistant's tokens only
-    messages_column: str = "messages"  # chat: list of {role, content} ...
-    prompt_column: str = "prompt"  # ... or a prompt and a response column
-    response_column: str = "response"
-    chat_template: str | None = None  # chat: Jinja template; null = the tokenizer's own
-    mix: list[MixSource] = field(default_factory=list)  # more text sources sampled into the training blocks
+    validation_split: str | None = None  # use this split for validation instead of holding out documents
+    validation_percent: float = 10.0  # % of documents held out (deterministic, seeded) when no validation split is set
+    text_column: str = "text"  # column holding the text
+    # tokens per packed training block (documents are joined with EOS and cut, as `run_clm.py` does; chat: the
+    # longest example, longer ones are cut)
+    block_size: int = 256
+    max_train_blocks: int | None = None  # cap on training blocks (chat: conversations), for quick runs
+    # `text`, or `chat`: conversations rendered with a chat template, loss on the assistant's tokens only
+    format: Literal["text", "chat"] = "text"
+    messages_column: str = "messages"  # chat: column holding a list of `{role, content}` turns ...
+    prompt_column: str = "prompt"  # ... or a prompt column ...
+    response_column: str = "response"  # ... and a response column (one user turn, one assistant turn)
+    # chat: a Jinja template; null = the tokenizer's own (an error names this key if it has none)
+    chat_template: str | None = None
+    # more text sources sampled into the training blocks: `[{source, weight, config, split, text_column}]`; each
+    # source's blocks are drawn with probability weight / total (the main source weighs 1) until one runs out;
+    # validation stays the main source's
+    mix: list[MixSource] = field(default_factory=list)
 
     def check(self) -> list[str]:
         problems = []

@@ -11,12 +11,12 @@ from pipeline.metrics import model_device
 
 @dataclass
 class GenerationConfig:
-    strategy: Literal["greedy", "beam", "sample"] = "greedy"
-    max_new_tokens: int = 40
-    num_beams: int = 4  # beam search only
-    temperature: float = 0.8  # sampling only
-    top_k: int = 50  # sampling only (0 = off)
-    top_p: float = 0.95  # sampling only (1.0 = off)
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"  # decoding of the samples: `greedy`, `beam`, `sample`
+    max_new_tokens: int = 40  # tokens generated per prompt
+    num_beams: int = 4  # beam search only: beams kept
+    temperature: float = 0.8  # sampling only: below 1 sharpens the distribution, above 1 flattens it
+    top_k: int = 50  # sampling only: draw from the k most likely tokens (0 = off)
+    top_p: float = 0.95  # sampling only: draw from the most likely tokens holding this probability mass (1.0 = off)
     seed: int = 0  # sampling only: same seed, same sample
 
     def check(self) -> list[str]:

@@ -21,10 +21,12 @@ DEFAULT_TARGETS = {
 
 @dataclass
 class LoraSettings:
-    r: int = 8  # adapter rank
-    alpha: float = 16.0  # the update is scaled by alpha / r
+    r: int = 8  # adapter rank (`lora` and `qlora`)
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / r
     dropout: float = 0.05  # dropout on the adapter's input
-    target_modules: list[str] | None = None  # module names to adapt; null = per-architecture default, else all-linear
+    # layer names to adapt; null = GPT-2 `c_attn, c_proj, c_fc`, Llama/Mistral/Qwen2/Gemma `q/k/v/o/gate/up/down_proj`,
+    # other architectures `[all-linear]`
+    target_modules: list[str] | None = None
 
     def check(self) -> list[str]:
         problems = []
@@ -41,9 +43,10 @@ class LoraSettings:
 
 @dataclass
 class QLoraSettings:
-    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type of the frozen base weights
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit type of the frozen base: `nf4` or `fp4` (bitsandbytes)
     double_quant: bool = True  # quantize the quantization constants too (~0.4 bit per weight saved)
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPUs, fp32 on CPU
+    # matmul dtype of the 4-bit layers: `auto` (bf16/fp16 on GPUs, fp32 on CPU), `fp32`, `bf16`, `fp16`
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 def bitsandbytes_missing() -> bool:

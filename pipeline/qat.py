@@ -11,12 +11,14 @@ QAT_INSTALL = "pip install torchao  (or: pip install -e '.[qat]')"
 
 @dataclass
 class QatSettings:
-    enabled: bool = False  # train with fake-quantized weights (full fine-tuning only)
-    bits: int = 4  # integer bits of the grid (4: the int4 candidates)
-    group_size: int = 64  # weights sharing one scale; -1 = one per output channel. Match the candidate's
-    symmetric: bool = False  # false = with zero points, like openvino-int4's default (sym: false)
-    # torchtune's key: train in plain float for the first N steps, then on the grid. Fake quantization
-    # from step 0 costs a jump in loss the short fine-tunes here never win back.
+    enabled: bool = False  # train on the grid (needs `method: full`)
+    bits: int = 4  # integer bits of the grid
+    # weights sharing one scale; -1 = per channel; must divide every block layer's input width. Set the
+    # candidate's `group_size` to the same value
+    group_size: int = 64
+    symmetric: bool = False  # false = with zero points, as `openvino-int4`'s default `sym: false`
+    # torchtune's key: plain float training for the first N steps, on the grid from step N on
+    # why: fake quantization from step 0 costs a jump in loss the short fine-tunes here never win back
     fake_quant_after_n_steps: int = 0
 
     def check(self) -> list[str]:

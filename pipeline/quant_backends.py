@@ -28,25 +28,37 @@ CALIBRATION_SAMPLES = 128  # optimum-intel's default number of calibration seque
 
 @dataclass
 class Candidate:
-    method: Method
-    name: str | None = None  # label in tables and pipeline.json (default: the method); lets one method run twice
-    threshold: float | None = None  # bnb-int8: LLM.int8 outlier threshold (default 6.0)
-    double_quant: bool | None = None  # bnb-nf4/fp4: also quantize the quantization scales (default true)
-    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # bnb-nf4/fp4: matmul dtype (float32)
-    sym: bool | None = None  # openvino: symmetric weights, no zero points (default false)
-    group_size: int | None = None  # openvino-int4: weights sharing one scale; -1 = per channel (default 128, adjusted)
-    ratio: float | None = None  # openvino-int4: fraction of layers in 4-bit, the rest 8-bit (default 1.0)
-    # openvino-int4, data-aware (calibration blocks from the recipe's training split, never the gate's split):
-    awq: bool | None = None  # activation-aware scaling of salient channels before rounding
-    scale_estimation: bool | None = None  # fit each group's scale to minimise the layer's output error
-    gptq: bool | None = None  # GPTQ: round column by column, correcting the rest with second-order information
-    lora_correction: bool | None = None  # low-rank float correction of the rounding error (adds latency)
-    sensitivity_metric: SensitivityMetric | None = None  # with ratio < 1: which layers keep the backup precision
-    backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None  # layers not in 4-bit (int8_asym)
-    calibration_samples: int | None = None  # calibration sequences (default 128 when data-aware)
-    calibration_tokens: int | None = None  # tokens per calibration sequence (default data.block_size)
-    # gguf-*: the type of the output head, or of the tied embedding that serves as it (llama-quantize's
-    # --output-tensor-type); default: the file's type for f16/q8_0, q8_0 for the 4/5-bit types
+    method: Method  # the quantization method (the table above)
+    name: str | None = None  # label in tables and `pipeline.json` (null = the method); lets one method run twice
+    threshold: float | None = None  # `bnb-int8`: LLM.int8 outlier threshold (null = 6.0)
+    double_quant: bool | None = None  # `bnb-nf4`/`bnb-fp4`: quantize the scales too (null = true)
+    # `bnb-nf4`/`bnb-fp4`: matmul dtype, `float32` (null), `bfloat16` or `float16`
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    sym: bool | None = None  # `openvino-int8`/`openvino-int4`: symmetric weights, no zero points (null = false)
+    # `openvino-int4`: weights sharing one scale; -1 = one scale per channel; null = 128, lowered per layer where it
+    # does not divide the weight (a value you set is used as given and fails the candidate where it does not fit)
+    group_size: int | None = None
+    # `openvino-int4`: fraction of layers in 4-bit, the rest in `backup_precision`, chosen by `sensitivity_metric`
+    # (null = 1.0)
+    ratio: float | None = None
+    # `openvino-int4`, data-aware (NNCF, below): activation-aware scaling of salient channels before rounding
+    awq: bool | None = None
+    scale_estimation: bool | None = None  # `openvino-int4`, data-aware: fit each group's scale to the layer's output
+    gptq: bool | None = None  # `openvino-int4`, data-aware: round column by column, correcting the rest
+    # `openvino-int4`, data-aware: a low-rank float correction of the rounding error (more accurate, slower to
+    # generate with)
+    lora_correction: bool | None = None
+    # `openvino-int4` with `ratio` < 1: how layers are ranked for `backup_precision` (NNCF's `SensitivityMetric`;
+    # all but `weight_quantization_error` rank on calibration activations)
+    sensitivity_metric: SensitivityMetric | None = None
+    # `openvino-int4`: the layers not in 4-bit: `int8_asym` (null), `int8_sym`, or `none` = float
+    backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None
+    # `openvino-int4`, data-aware: calibration blocks, drawn (seeded) from the recipe's training split, never from
+    # the split the gate scores (null = 128)
+    calibration_samples: int | None = None
+    calibration_tokens: int | None = None  # `openvino-int4`, data-aware: tokens per block (null = `data.block_size`)
+    # `gguf-*`: the output head's type, or the tied embedding's that serves as it (llama-quantize's
+    # `--output-tensor-type`); null = the file's type for f16/q8_0, q8_0 for the 4/5-bit types
     output_tensor_type: Literal["f16", "q8_0"] | None = None
 
     def check(self) -> list[str]:

@@ -18,11 +18,13 @@ from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, prune
 
 @dataclass
 class PushConfig:
-    push_to_hub: bool = False  # `run` pushes each stage folder as soon as it finishes
-    repo: str = "{user}/{recipe}-{stage}"  # repo id template: {user}, {recipe} and {stage} are filled in
-    user: str | None = None  # namespace (your user or an org); null = the token's user (whoami)
-    private: bool = True  # visibility of repos this creates; an existing repo keeps its own
-    stages: list[str] | None = None  # folders `push` uploads, e.g. [finetune, quantize] (null = every stage folder)
+    push_to_hub: bool = False  # `run` also pushes each stage folder as soon as it finishes
+    # repo id per stage folder; `{user}`, `{recipe}` (the run name) and `{stage}` are filled in
+    repo: str = "{user}/{recipe}-{stage}"
+    user: str | None = None  # namespace (your user or an org); null = the token's user, from `whoami`
+    private: bool = True  # visibility of repos the push creates (an existing repo keeps its own)
+    # which of `base`, `finetune`, `prune`, `distill`, `quantize` `push` uploads (null = every stage folder)
+    stages: list[str] | None = None
 
     def check(self) -> list[str]:
         try:
@@ -43,12 +45,12 @@ class PushConfig:
 class RecipeSettings:
     """The recipe's top-level keys; `Recipe` adds a section per stage of the stage table, then `push`."""
 
-    model: str  # Hub id, model folder, .gguf file, or an offline alias (smollm2-135m)
-    name: str | None = None  # run folder name: runs/<name>/ (default: the recipe file's name)
-    output_dir: str = "runs"
-    seed: int = 42
+    model: str  # Hub id (`gpt2`), a model folder, a `.gguf` file, or the offline alias `smollm2-135m`
+    name: str | None = field(default=None, metadata={"doc_default": "file name"})  # run folder: `<output_dir>/<name>/`
+    output_dir: str = "runs"  # where run folders go
+    seed: int = 42  # data split, initialisation and data order
     trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # what to train and evaluate on
 
     def check(self) -> list[str]:
         problems = []

@@ -31,7 +31,8 @@ INSTALL = "pip install 'lm-eval>=0.4.10' (or `make install`, which installs the 
 
 @dataclass
 class OfflineTaskConfig:
-    enabled: bool = True  # score every model on multiple-choice continuation of held-out passages
+    # score every model on `heldout_continuation` (below): multiple-choice continuation of held-out passages
+    enabled: bool = True
     docs: int = 100  # questions, at most (each from a different stretch of the validation text)
     context_words: int = 24  # words of the passage the model is given
     continuation_words: int = 6  # words of each choice: the true next words, or those of another passage

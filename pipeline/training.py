@@ -30,25 +30,32 @@ MARKER = "pipeline-checkpoint.json"  # written into each finished checkpoint-N f
 
 @dataclass
 class TrainConfig:
-    max_steps: int = -1  # optimizer steps; -1 trains for `epochs` instead
-    epochs: float = 1.0  # passes over the training blocks when max_steps is -1
+    max_steps: int = -1  # optimizer steps; -1 trains for `epochs`
+    epochs: float = 1.0  # passes over the training blocks
     batch_size: int = 4  # blocks per device per step
     grad_accum: int = 1  # gradient accumulation steps
-    learning_rate: float = 5e-5
+    learning_rate: float = 5e-5  # peak learning rate
+    # `linear`, `cosine`, `constant`, `constant_with_warmup`, `cosine_with_restarts`, `polynomial`
     lr_scheduler: Scheduler = "linear"
-    warmup_ratio: float = 0.0  # fraction of steps spent warming up the learning rate
-    weight_decay: float = 0.0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 mixed precision where the GPU/CPU runs it natively
-    logging_steps: int = 10
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
-    eval_steps: int | None = None  # validation loss every N steps (null: no evaluation while training)
-    early_stopping_patience: int | None = None  # stop after N evaluations without improvement (implies keep_best)
-    keep_best: bool = False  # end with the weights of the evaluation with the lowest validation loss
-    save_steps: int | None = field(default=None, metadata=RUN_ONLY)  # checkpoint every N steps (null: none)
-    save_total_limit: int = field(default=2, metadata=RUN_ONLY)  # checkpoints kept (the best one is kept too)
-    resume_from: str | None = field(default="auto", metadata=RUN_ONLY)  # auto | null | a checkpoint-N folder
-    report_to: Reporter = field(default="auto", metadata=RUN_ONLY)  # auto: TensorBoard if installed
-    progress_bar: bool = field(default=True, metadata=RUN_ONLY)
+    warmup_ratio: float = 0.0  # fraction of steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    # `auto`: bf16 mixed precision (fp32 weights, bf16 autocast) where the hardware runs bf16 natively — GPUs that
+    # support it, CPUs with AVX512-BF16/AMX — else fp32; or `fp32`, `bf16`, `fp16`
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = 10  # log the loss every N steps
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
+    eval_steps: int | None = None  # validation loss every N steps (null: none while training)
+    # stop after N evaluations without a lower validation loss; implies `keep_best`
+    early_stopping_patience: int | None = None
+    keep_best: bool = False  # finish with the weights of the evaluation with the lowest validation loss
+    # write a resumable checkpoint every N steps (null: none); a multiple of `eval_steps` when keeping the best
+    save_steps: int | None = field(default=None, metadata=RUN_ONLY)
+    save_total_limit: int = field(default=2, metadata=RUN_ONLY)  # checkpoints kept (the best one is kept as well)
+    # `auto`: continue an interrupted run from its last checkpoint; null: start afresh; or a `checkpoint-N` folder
+    resume_from: str | None = field(default="auto", metadata=RUN_ONLY)
+    # `auto` (TensorBoard when installed), `tensorboard`, `none`
+    report_to: Reporter = field(default="auto", metadata=RUN_ONLY)
+    progress_bar: bool = field(default=True, metadata=RUN_ONLY)  # the Trainer's progress bar
 
     def check(self) -> list[str]:
         problems = []

@@ -1,100 +1,117 @@
-"""docs/reference.md documents every recipe key of every section, with the default the code has."""
+"""docs/reference.md: its key tables are generated from the comments on the config fields (pipeline/keys.py)
+and match the code; its links resolve; the README names every recipe."""
 import dataclasses
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from pipeline import data, push
+from pipeline import keys
+from pipeline.quant_backends import Candidate
 from pipeline.recipe import Recipe
-from pipeline.stages import distill, evaluate, finetune, prune, quantize
+from pipeline.stages import finetune
+from pipeline.training import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
-# recipe section -> (config class, the doc sections whose tables document it)
-SECTIONS = {
-    "(top level)": (Recipe, ["Recipe format"]),
-    "data": (data.DataConfig, ["Recipe format"]),
-    "finetune": (finetune.FinetuneConfig, ["Stage: finetune"]),
-    "prune": (prune.PruneConfig, ["Stage: prune"]),
-    "distill": (distill.DistillConfig, ["Stage: distill", "Stage: finetune"]),  # + the shared training keys
-    "quantize": (quantize.QuantizeConfig, ["Stage: quantize"]),
-    "evaluate": (evaluate.EvaluateConfig, ["Stage: evaluate"]),
-    "push": (Recipe.__dataclass_fields__["push"].type, ["Stage: push"]),
-}
-IN_WORDS = {("(top level)", "name")}  # defaults the docs describe rather than state (the recipe's file name)
-SECTION_KEYS = {"data", "finetune", "prune", "distill", "quantize", "evaluate", "push"}
 
 
-def table_rows(sections: list[str]) -> dict[str, list[str]]:
-    """{key: [default cell, ...]} from the key tables under the given `## ` headings; a nested key is
-    `lora.r`, written so in a row or as a table of its own headed "finetune.qat key" (any section)."""
-    rows: dict[str, list[str]] = {}
-    current, prefix = None, ""
-    for line in DOC.read_text().splitlines():
-        if line.startswith("## "):
-            current = line[3:].strip()
-        head = re.match(r"\| `[a-z_]+\.([a-z_]+)` key \|", line)
-        if head:
-            prefix = head.group(1) + "."
-        elif not line.startswith("|"):
-            prefix = ""
-        elif line.startswith("| `") and (prefix or current in sections):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            for key in re.findall(r"`([^`]+)`", cells[0]):
-                rows.setdefault(prefix + key, []).append(cells[1])
-    return rows
+def test_the_key_tables_are_what_the_code_generates():
+    stale = keys.stale(DOC.read_text())
+    assert not stale, (f"{DOC.name}: the key tables of {', '.join(stale)} differ from the code's field comments and "
+                       f"defaults; run `{keys.WRITE}` (and commit the result)")
 
 
-def default_of(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
-
-
-def shown(value, cell: str) -> bool:
-    """Whether a default cell states `value` (scalars only; lists and sections are described in words)."""
-    if value is None:
-        return "null" in cell
-    if isinstance(value, bool):
-        return str(value).lower() in cell
-    if isinstance(value, (int, float)):
-        return any(float(n) == value for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", cell))
-    if isinstance(value, str):
-        return value in cell
-    return True
-
-
-@pytest.mark.parametrize("section", SECTIONS)
-def test_every_recipe_key_is_documented_with_its_default(section):
-    cls, doc_sections = SECTIONS[section]
-    rows = table_rows(doc_sections)
-    missing, wrong = [], []
+def recipe_keys(cls, prefix="") -> set[str]:
+    """Every dotted key a recipe can set below `cls` (settings groups key by key; list items are not keys)."""
+    out = set()
     for f in dataclasses.fields(cls):
-        if not f.init or (section == "(top level)" and f.name in SECTION_KEYS):
-            continue
-        grouped = any(k.startswith(f.name + ".") for k in rows)
-        if f.name not in rows and not grouped:
-            missing.append(f.name)
-            continue
-        value = default_of(f)
-        if (section, f.name) in IN_WORDS:
-            continue
-        if f.name in rows and value is not dataclasses.MISSING and not any(shown(value, c) for c in rows[f.name]):
-            wrong.append(f"{f.name}: code {value!r}, docs {rows[f.name]}")
-        if dataclasses.is_dataclass(value) and grouped:
-            for sub in dataclasses.fields(value):  # a settings group documented key by key (lora.r, qat.bits)
-                key = f"{f.name}.{sub.name}"
-                if key not in rows:
-                    missing.append(key)
-                elif not any(shown(getattr(value, sub.name), cell) for cell in rows[key]):
-                    wrong.append(f"{key}: code {getattr(value, sub.name)!r}, docs {rows[key]}")
-    assert not missing, f"{section}: keys missing from {DOC.name}: {missing}"
-    assert not wrong, f"{section}: defaults differ: {wrong}"
+        value = keys.default_of(f)
+        if dataclasses.is_dataclass(value):
+            out |= recipe_keys(type(value), f"{prefix}{f.name}.")
+        else:
+            out.add(prefix + f.name)
+    return out
 
 
-def test_the_check_sees_a_wrong_default():
-    field = next(f for f in dataclasses.fields(finetune.FinetuneConfig) if f.name == "save_steps")
-    assert shown(default_of(field), "200") and not shown(default_of(field), "100 (or null)")
+def documented_keys() -> set[str]:
+    """The dotted keys the generated tables in the docs list, read from the docs themselves."""
+    out = set()
+    for name, body in keys.blocks(DOC.read_text()).items():
+        prefix = "" if name == keys.TOP else name + "."
+        for line in body.splitlines()[2:]:
+            out |= {prefix + k for k in re.findall(r"`([^`]+)`", line.split(" | ")[0])}
+    return out
+
+
+def test_every_key_of_every_section_is_in_a_table():
+    shared = {"distill." + f.name for f in dataclasses.fields(TrainConfig)}  # the finetune table lists them once
+    candidates = recipe_keys(Candidate, "quantize.candidates.")  # the keys of each item of the list
+    missing = sorted((recipe_keys(Recipe) | candidates) - documented_keys() - shared)
+    assert not missing, f"keys missing from the tables in {DOC.name}: {missing}; run `{keys.WRITE}`"
+
+
+def test_an_edited_default_makes_the_check_fail(monkeypatch):
+    monkeypatch.setattr(finetune.FinetuneConfig.__dataclass_fields__["save_steps"], "default", 100)
+    assert "| `save_steps` | 100 (distill: 200) |" in keys.table("finetune")  # distill kept its own
+    assert keys.stale(DOC.read_text()) == ["finetune"]
+    assert keys.rewrite(DOC.read_text()) != DOC.read_text()
+
+
+def test_an_edited_comment_makes_the_check_fail(monkeypatch):
+    real = keys._declared
+    edited = dict(real(TrainConfig), max_steps="optimizer steps")
+    monkeypatch.setattr(keys, "_declared", lambda cls: edited if cls is TrainConfig else real(cls))
+    assert "| `max_steps` | -1 | optimizer steps |" in keys.table("finetune")
+    assert "finetune" in keys.stale(DOC.read_text())
+
+
+@dataclass
+class Described:
+    """Keys for the tests below."""
+
+    plain: int = 1  # a trailing comment
+    # a comment above,
+    above: str = "x"  # continued at the end
+    # what it is
+    # why: a note for developers, not for the docs
+    noted: float = 5e-5  # why: neither is this
+    ditto: int | None = None  # ditto
+    later: list[str] = field(default_factory=lambda: ["a"], metadata={"doc_default": "the first letter"})  # words
+
+
+@dataclass
+class Undescribed:
+    described: int = 1  # it has one
+    silent: int = 2
+
+
+def test_descriptions_come_from_the_comments():
+    assert keys._declared(Described) == {"plain": "a trailing comment", "noted": "what it is", "ditto": "ditto",
+                                         "above": "a comment above, continued at the end", "later": "words"}
+    assert keys.describe(finetune.FinetuneConfig, "save_steps") == keys.describe(TrainConfig, "save_steps")  # inherited
+
+
+def test_a_table_merges_ditto_rows_and_shows_the_doc_default():
+    assert keys.table(Described).splitlines()[2:] == [
+        "| `plain` | 1 | a trailing comment |",
+        "| `above` | `x` | a comment above, continued at the end |",
+        "| `noted` / `ditto` | 5e-5 / null | what it is |",
+        "| `later` | the first letter | words |"]
+
+
+def test_a_key_without_a_description_fails():
+    with pytest.raises(ValueError, match="Undescribed.silent has no description"):
+        keys.table(Undescribed)
+
+
+def test_the_cli_prints_a_section(capsys):
+    from pipeline.cli import main
+
+    assert main(["keys", "quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "| `max_ppl_increase` | 3.0 |" in out and "| `context` / `stride` / `max_tokens` | 256 / 128 / 8192 |" in out
+    assert main(["keys", "finetun"]) == 2
 
 
 def slug(heading: str) -> str:

@@ -38,28 +38,40 @@ DERIVED_FROM_WIDTH = ("head_dim",)
 
 @dataclass
 class DistillConfig(TrainConfig):
-    enabled: bool = True
-    input: str = "auto"  # auto = the pruned model as student (prune on), else the fine-tuned model as teacher
-    teacher: str = "auto"  # auto = the folder the pruned student was cut from, else `input`; or a model folder
-    data: DataConfig | None = None  # text to distill on (the `data` schema, `mix` included); null = the recipe's
-    # Without a pruned student: which teacher layers the student keeps (null: every 2nd) ...
-    every: int | None = None  # keep every n-th teacher layer (DistilGPT2's initialisation)
-    keep: int | None = None  # or: keep N evenly spaced layers, first and last included
-    layers: list[int] | None = None  # or: exactly these teacher layer indices
-    # or: a fresh, randomly initialised student. A mapping overrides the teacher's config
-    # ({num_hidden_layers: 6, hidden_size: 384}); with `model_type` it builds that architecture
-    # instead ({model_type: gpt2, n_layer: 4}); a string is a folder or Hub id to take the config from.
+    enabled: bool = True  # run this stage
+    # folder to read; `auto` = the pruned model as student (prune on), else the previous enabled stage's output
+    # as teacher
+    input: str = "auto"
+    teacher: str = "auto"  # `auto` = the model the pruned student was cut from, else `input`; or a model folder
+    # text to distill on, in the `data` schema: the keys it gives replace the recipe's `data` keys (null = the
+    # recipe's `data`), so `{mix: [{source: wiki.txt}]}` adds general text to the fine-tuning text; the evaluate
+    # stage still scores the recipe's validation split
+    data: DataConfig | None = None
+    # without `prune`: keep teacher layers 0, every, 2·every, ... (null = 2; DistilGPT2's initialisation)
+    every: int | None = None
+    keep: int | None = None  # or keep N evenly spaced layers, first and last included
+    layers: list[int] | None = None  # or exactly these teacher layer indices, e.g. `[0, 3, 6, 11]`
+    # or a fresh student: a mapping of overrides to the teacher's config (`{num_hidden_layers: 6, hidden_size: 384,
+    # intermediate_size: 1024}`), a mapping with `model_type` for another architecture (`{model_type: gpt2,
+    # n_layer: 6, n_embd: 384, n_head: 6}`), or a folder / Hub id holding a `config.json`. `vocab_size` always
+    # comes from the teacher
     config: dict[str, Any] | str | None = None
     temperature: float = 2.0  # softens both distributions in the KD term
-    alpha_kd: float = 0.5  # weight of T^2 * KL between teacher and student
-    alpha_ce: float = 0.5  # weight of the plain next-token cross-entropy
-    alpha_cos: float = 0.0  # weight of 1 - cos(student, teacher last hidden state); needs equal hidden sizes
-    kl: Literal["forward", "reverse"] = "forward"  # forward KL(teacher||student) or reverse KL(student||teacher)
-    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the GPU/CPU has it natively
-    learning_rate: float = 1e-3  # a student with half its layers gone starts far off: 1e-3 beat 5e-4 and 2e-3 (bench)
-    save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
-    # Regexes (re.search on parameter names, Axolotl's key): train only the matching parameters, e.g.
-    # [mlp] after an MLP-width cut; null = train every parameter of the student.
+    alpha_kd: float = 0.5  # weight of the KD term, T² · KL (0 = plain LM training of the student)
+    alpha_ce: float = 0.5  # weight of the next-token cross-entropy
+    alpha_cos: float = 0.0  # weight of the hidden-state cosine term (DistilBERT's); needs the teacher's hidden size
+    # `forward` KL(teacher ‖ student), mass-covering as in Hinton et al.; `reverse` KL(student ‖ teacher),
+    # mode-seeking as in MiniLLM
+    kl: Literal["forward", "reverse"] = "forward"
+    # `auto` = bf16 where the hardware has it natively (recent GPUs; CPUs with AVX512-BF16/AMX), else fp32; or
+    # `fp32`, `bf16`
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # why: a student with half its layers gone starts far off: 1e-3 beat 5e-4 and 2e-3 (bench/distill.py)
+    learning_rate: float = 1e-3
+    # why: TrainConfig checkpoints nothing by default; a training stage does, so that a killed run resumes
+    save_steps: int | None = field(default=200, metadata=RUN_ONLY)
+    # regexes (searched in parameter names, as Axolotl's key): train only the matching parameters, e.g. `[mlp]`
+    # after an MLP-width cut; null = all. The record gives `trained_params`
     unfrozen_parameters: list[str] | None = None
 
     def check(self) -> list[str]:

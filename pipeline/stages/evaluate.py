@@ -28,30 +28,43 @@ DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension is"]
 
 @dataclass
 class EvaluateConfig:
-    enabled: bool = True
-    models: list[str] | None = None  # model folders to compare, e.g. [base, quantize] (null = every stage folder)
-    context: int = 256  # tokens of each perplexity window
-    stride: int = 128  # step between windows; every token is scored once
+    enabled: bool = True  # run this stage
+    # which of `base`, `finetune`, `prune`, `distill`, `quantize` to evaluate (null = every stage folder; a folder
+    # the run has not written is skipped)
+    models: list[str] | None = None
+    context: int = 256  # tokens per window
+    # step between windows; every token is scored once (with `stride == context` the first token of each window
+    # is not)
+    stride: int = 128
     max_tokens: int | None = 8192  # score at most this many tokens per text (null = all)
-    batch_size: int = 8  # perplexity windows per forward pass
-    texts: list[str] = field(default_factory=list)  # extra evaluation text files (.txt), beside the validation split
-    word_level: bool = False  # also report word-level perplexity (for texts where words are meaningful)
-    speed: bool = True  # measure prefill and generate tokens/s
+    batch_size: int = 8  # windows per forward pass
+    # extra `.txt` files scored besides the validation split (a column each in the report)
+    texts: list[str] = field(default_factory=list)
+    word_level: bool = False  # also report word-level perplexity (same NLL over whitespace words)
+    speed: bool = True  # measure prefill and generate tokens/s on the run's device
     prefill_tokens: int = 128  # prompt length for the prefill measurement
-    new_tokens: int = 32  # tokens generated per prompt for the generate measurement (greedy)
-    repeats: int = 3  # timed repeats after one warm-up; the median is reported
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))  # speed and sample prompts
-    samples: bool = True  # write generation samples from each model into the report
+    new_tokens: int = 32  # greedy tokens generated per prompt when timing generation
+    repeats: int = 3  # timed runs after one warm-up; the median is reported
+    # prompts for the speed measurement and the samples
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    samples: bool = True  # each model's continuation of every prompt goes into the report
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding for the samples
-    task: tasks.OfflineTaskConfig = field(default_factory=tasks.OfflineTaskConfig)  # lm-eval task from the validation text
-    lm_eval_tasks: list[str] = field(default_factory=list)  # more lm-eval tasks: names (data from the Hub) or .yaml files
+    # the offline lm-eval task built from the validation split (below)
+    task: tasks.OfflineTaskConfig = field(default_factory=tasks.OfflineTaskConfig)
+    # more lm-eval tasks for every model: standard names (`hellaswag`; data from the Hub) or paths of your own task
+    # `.yaml` files; an unknown name is a recipe error
+    lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_batch_size: int = 8  # lm-eval requests per forward pass
-    lm_eval_limit: int | None = None  # score at most this many documents of each lm_eval_tasks task (null = all)
-    answers: bool = True  # chat data: each model answers the held-out prompts; answer_metrics score the answers
-    answer_metrics: list[str] = field(default_factory=lambda: ["exact_match", "chrf", "rouge_l"])  # `evaluate` metrics
-    answer_tokens: int = 64  # greedy new tokens per answer
+    lm_eval_limit: int | None = None  # documents scored per `lm_eval_tasks` task (null = all)
+    # chat data: every model answers the held-out prompts (chat template, greedy) and `answer_metrics` score them
+    answers: bool = True
+    # `evaluate` metrics: the repository's own (offline), an `evaluate` metric folder, or a Hub metric name
+    answer_metrics: list[str] = field(default_factory=lambda: ["exact_match", "chrf", "rouge_l"])
+    answer_tokens: int = 64  # new tokens per answer
     max_answers: int | None = 20  # held-out prompts answered per model (null = all)
-    llamacpp: bool = True  # GGUF folders: also llama.cpp's own perplexity and speed, if llama-cpp-python is installed
+    # GGUF folders: also llama.cpp's own perplexity (same tokens and windows), tokenization check and tokens/s,
+    # when `llama-cpp-python` is installed (`make install-llamacpp`); skipped with a note otherwise
+    llamacpp: bool = True
 
     def check(self) -> list[str]:
         problems = []

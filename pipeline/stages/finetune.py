@@ -31,13 +31,17 @@ log = logging.getLogger("pipeline")
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    enabled: bool = True
-    input: str = "auto"  # model folder to fine-tune; auto = the base model
-    method: Literal["full", "lora", "qlora"] = "full"  # qlora: LoRA on a frozen 4-bit (bitsandbytes) base
-    lora: LoraSettings = field(default_factory=LoraSettings)  # adapter settings (lora and qlora)
-    qlora: QLoraSettings = field(default_factory=QLoraSettings)  # 4-bit base settings (qlora)
-    qat: qat.QatSettings = field(default_factory=qat.QatSettings)  # train on the grid of the int4 that ships
-    save_steps: int | None = field(default=200, metadata=RUN_ONLY)  # checkpoint every N steps, to resume
+    enabled: bool = True  # run this stage
+    input: str = "auto"  # folder to read; `auto` = the previous enabled stage's output
+    # `full` (all weights), `lora` (PEFT adapter on a frozen base), `qlora` (LoRA on a frozen 4-bit base)
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)  # adapter settings (`lora` and `qlora`)
+    qlora: QLoraSettings = field(default_factory=QLoraSettings)  # 4-bit base settings (`qlora`)
+    # quantization-aware training on the grid a 4-bit candidate will ship: its keys are under
+    # [Stage: quantize](#stage-quantize)
+    qat: qat.QatSettings = field(default_factory=qat.QatSettings)
+    # why: TrainConfig checkpoints nothing by default; a training stage does, so that a killed run resumes
+    save_steps: int | None = field(default=200, metadata=RUN_ONLY)
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -31,23 +31,36 @@ AXIS_KEYS = {"depth": "num_hidden_layers", "hidden": "hidden_size", "heads": "nu
 
 @dataclass
 class PruneConfig:
-    enabled: bool = False
-    input: str = "auto"  # folder to prune; auto = the fine-tuned model (or base if fine-tuning is off)
-    # Either one fraction of the input's parameters to keep ...
+    enabled: bool = False  # run this stage
+    input: str = "auto"  # folder to prune; `auto` = the fine-tuned model (or the base model if fine-tuning is off)
+    # fraction of the parameters to keep, e.g. 0.8: every dimension in `axes` keeps the same fraction r of its
+    # size (widths rounded to `round_to`), r the largest for which the model fits
     target_params: float | None = None
-    axes: list[Axis] = field(default_factory=lambda: ["mlp"])  # ... and what it may shrink (bench/compress.py)
-    # ... or explicit sizes (null = keep)
-    num_hidden_layers: int | None = None  # layers kept: those of highest block influence
-    hidden_size: int | None = None  # residual (embedding) channels kept
-    num_attention_heads: int | None = None  # query heads kept; under GQA a multiple of the heads per KV group
-    intermediate_size: int | None = None  # MLP channels kept in every layer
-    calibration_blocks: int = 64  # data.block_size blocks of the training split to measure importance on
-    # text to measure importance on (the `data` schema, `mix` included); null = the recipe's. Importance follows
-    # the text it is measured on: calibrate on what the student must stay good at (general text for general use)
+    # what `target_params` shrinks: `mlp` (MLP channels), `heads` (KV groups), `hidden` (embedding channels),
+    # `depth` (layers)
+    # why: the MLP alone lost the least at equal size (bench/compress.py: width against mix, depth, uniform)
+    axes: list[Axis] = field(default_factory=lambda: ["mlp"])
+    # or explicit sizes (null = keep): the layers of highest block influence, residual (embedding) channels, query
+    # heads, MLP channels of every layer. GPT-2 ties its width to its heads (`n_embd = n_head × head size`): a
+    # smaller `num_attention_heads` alone also shrinks `hidden_size`; under GQA `num_attention_heads` must be a
+    # multiple of the query heads per KV group
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None  # ditto
+    num_attention_heads: int | None = None  # ditto
+    intermediate_size: int | None = None  # ditto
+    calibration_blocks: int = 64  # `data.block_size` blocks of the training split to measure importance on
+    # text to measure importance on, in the `data` schema (null = the recipe's `data`; the keys it gives replace the
+    # recipe's, as in `distill.data`): importance follows its text, so calibrate on what the student must stay
+    # good at, e.g. `{mix: [{source: wiki.txt}]}` for general English as well
     data: DataConfig | None = None
-    mlp_importance: Literal["energy", "activation"] = "energy"  # MLP channels by E[x^2]*|W_out col|^2, or mean |x|
-    refit: bool = True  # least-squares re-fit of the projections that lost inputs (lower zero-shot perplexity)
-    round_to: int = 32  # target_params: hidden and MLP widths are multiples of this
+    # how MLP channels are ranked: `energy` = E[x²]·‖W_out[:, j]‖² (what channel j adds to the layer output), or
+    # `activation` = mean |x| (Minitron)
+    mlp_importance: Literal["energy", "activation"] = "energy"
+    # least-squares re-fit of the output projections on the channels they keep (lower zero-shot perplexity)
+    refit: bool = True
+    # `target_params`: widths are multiples of this (a Llama hidden size also of the heads, whose config needs it:
+    # of lcm(8, heads) where lcm(round_to, heads) leaves under 8 sizes)
+    round_to: int = 32
     batch_size: int = 8  # calibration blocks per forward pass
 
     def check(self) -> list[str]:
