@@ -228,13 +228,19 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
     return t
 
 
-def count_params(config) -> int:
-    """Parameters of a model built from `config`, counted on the meta device (no memory, no init)."""
+def count_params(config, embeddings: bool = True) -> int:
+    """Parameters of a model built from `config`, counted on the meta device (no memory, no init); without
+    `embeddings`, the vocabulary-sized matrices (the token embedding, an untied LM head) are left out."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())  # a tied head is the embedding's own parameter: once
+    if not embeddings:
+        vocab = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                 if m is not None and getattr(m, "weight", None) is not None}
+        total -= sum(vocab.values())
+    return total
 
 
 @dataclass

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from pipeline import surgery
+from pipeline.errors import StageError
 from pipeline.cli import main
 from pipeline.stages import prune
 
@@ -129,14 +130,37 @@ def test_target_params_rule():
 
     config = LlamaConfig(num_hidden_layers=8, hidden_size=256, intermediate_size=768, num_attention_heads=8,
                          num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=True)
-    total = surgery.count_params(config)
-    for fraction, axes in [(0.8, ["mlp"]), (0.6, ["mlp", "hidden"]), (0.5, ["depth", "mlp"]), (0.7, ["heads", "mlp"])]:
-        cfg = prune.PruneConfig(enabled=True, target_params=fraction, axes=axes)
-        target = prune.targets(cfg, config)
-        params = surgery.count_params(surgery.config_for(config, target))
-        assert 0.85 * fraction * total < params <= fraction * total, (axes, params / total)
-        assert set(target) >= {prune.AXIS_KEYS[a] for a in axes}
-        assert target.get("intermediate_size", 32) % 32 == 0
+    for embeddings in (False, True):  # target_params counts the body by default, everything with count_embeddings
+        total = surgery.count_params(config, embeddings=embeddings)
+        for fraction, axes in [(0.8, ["mlp"]), (0.6, ["mlp", "hidden"]), (0.5, ["depth", "mlp"]),
+                               (0.7, ["heads", "mlp"])]:
+            cfg = prune.PruneConfig(enabled=True, target_params=fraction, axes=axes, count_embeddings=embeddings)
+            target = prune.targets(cfg, config)
+            params = surgery.count_params(surgery.config_for(config, target), embeddings=embeddings)
+            assert 0.85 * fraction * total < params <= fraction * total, (axes, params / total)
+            assert set(target) >= {prune.AXIS_KEYS[a] for a in axes}
+            assert target.get("intermediate_size", 32) % 32 == 0
+
+
+def test_target_params_on_a_large_vocabulary_counts_the_body_and_refuses_dropping_most_layers():
+    from transformers import LlamaConfig
+
+    # embeddings are most of this model (as in Gemma 3 270M): a fraction of everything would gut the body
+    config = LlamaConfig(num_hidden_layers=18, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=24000, tie_word_embeddings=True)
+    total, body = surgery.count_params(config), surgery.count_params(config, embeddings=False)
+    assert total - body == 24000 * 64 and body < 0.5 * total
+    depth = prune.targets(prune.PruneConfig(enabled=True, target_params=0.8, axes=["depth"]), config)
+    assert depth == {"num_hidden_layers": 14}  # 80% of the body: 14 of 18 layers
+    with pytest.raises(StageError, match=r"would remove 1[0-9] of the model's 18 layers, more than half.*"
+                                         r"prune.num_hidden_layers"):
+        prune.targets(prune.PruneConfig(enabled=True, target_params=0.8, axes=["depth"], count_embeddings=True),
+                      config)
+    # the same cut asked for explicitly is the user's to make
+    assert prune.targets(prune.PruneConfig(enabled=True, num_hidden_layers=8), config) == {"num_hidden_layers": 8}
+    # an untied head is a vocabulary matrix too
+    untied = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False})
+    assert surgery.count_params(untied) - surgery.count_params(untied, embeddings=False) == 2 * 24000 * 64
 
 
 def _recipe(tmp_path, model, **prune_cfg):
@@ -156,6 +180,8 @@ def _recipe(tmp_path, model, **prune_cfg):
     ("llama", {"target_params": 1.5}, ["prune.target_params: 1.5 must be a fraction"]),
     ("llama", {}, ["prune.target_params: say how small"]),
     ("llama", {"target_params": 0.8, "intermediate_size": 64}, ["set either target_params or explicit sizes"]),
+    ("llama", {"target_params": 0.3, "axes": ["depth"]}, ["prune.target_params: 0.3 of the non-embedding parameters",
+                                                          "would remove 3 of the model's 4 layers", "num_hidden_layers"]),
 ])
 def test_impossible_targets_fail_at_validation(arch, settings, needles, tiny_models, tmp_path, capsys):
     assert main(["validate", str(_recipe(tmp_path, tiny_models[arch], **settings))]) == 2

@@ -34,8 +34,14 @@ class PruneConfig:
     enabled: bool = False  # run this stage
     input: str = "auto"  # folder to prune; `auto` = the fine-tuned model (or the base model if fine-tuning is off)
     # fraction of the parameters to keep, e.g. 0.8: every dimension in `axes` keeps the same fraction r of its
-    # size (widths rounded to `round_to`), r the largest for which the model fits
+    # size (widths rounded to `round_to`), r the largest for which the model fits. Counts the transformer body
+    # only unless `count_embeddings`; a cut that would drop more than half of the layers is refused (set
+    # `num_hidden_layers` to make such a cut on purpose)
     target_params: float | None = None
+    # whether `target_params` counts the vocabulary-sized matrices (token embedding, untied LM head) too; they are
+    # never cut by `mlp`, `heads` or `depth`, so on a large-vocabulary model (Gemma: 63% of the parameters) a
+    # fraction of everything would take far more of the body than it says
+    count_embeddings: bool = False
     # what `target_params` shrinks: `mlp` (MLP channels), `heads` (KV groups), `hidden` (embedding channels),
     # `depth` (layers)
     # why: the MLP alone lost the least at equal size (bench/compress.py: width against mix, depth, uniform)
@@ -196,18 +202,28 @@ def _from_fraction(cfg: PruneConfig, config) -> dict:
             surgery.family(config)
         except StageError as err:
             raise StageError(str(err).replace("prune: ", "prune.axes: ", 1)) from err
-    budget = cfg.target_params * surgery.count_params(config)
+    def counted(c) -> int:
+        return surgery.count_params(c, embeddings=cfg.count_embeddings)
+
+    budget = cfg.target_params * counted(config)
     lo, hi = 0.0, 1.0
     for _ in range(24):
         mid = (lo + hi) / 2
-        if surgery.count_params(surgery.config_for(config, _shrunk(cfg, config, mid))) <= budget:
+        if counted(surgery.config_for(config, _shrunk(cfg, config, mid))) <= budget:
             lo = mid
         else:
             hi = mid
     target = _shrunk(cfg, config, lo)
-    if surgery.count_params(surgery.config_for(config, target)) > budget:
-        raise StageError(f"prune.target_params: {cfg.target_params} cannot be reached by shrinking {cfg.axes}; "
-                         "add axes (mlp, heads, hidden, depth) or raise target_params")
+    what = "parameters" if cfg.count_embeddings else "non-embedding parameters"
+    if counted(surgery.config_for(config, target)) > budget:
+        raise StageError(f"prune.target_params: {cfg.target_params} of the {what} cannot be reached by shrinking "
+                         f"{cfg.axes}; add axes (mlp, heads, hidden, depth) or raise target_params")
+    layers, kept = config.num_hidden_layers, target.get("num_hidden_layers", config.num_hidden_layers)
+    if kept * 2 < layers:  # models are rarely usable before healing with most of their layers gone
+        raise StageError(f"prune.target_params: {cfg.target_params} of the {what} would remove {layers - kept} of the "
+                         f"model's {layers} layers, more than half, which leaves it unusable before healing. Keep "
+                         "more (raise target_params), shrink widths too (axes: [depth, mlp]), or set "
+                         "prune.num_hidden_layers to make this cut on purpose")
     _check_config(config, target)
     return target
 
@@ -232,8 +248,11 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     student = surgery.apply(model, cut)
     after = surgery.sizes(student.config)
     params, t_params = models.count_params(student), models.count_params(model)
-    log.info("prune: %s → %s, %s → %s parameters (%.1f%%)", _changed(before, after, True),
-             _changed(before, after, False), f"{t_params:,}", f"{params:,}", 100 * params / t_params)
+    # the body: what target_params counts by default (the vocabulary-sized matrices left out)
+    body, t_body = (surgery.count_params(m.config, embeddings=False) for m in (student, model))
+    log.info("prune: %s → %s, %s → %s parameters (%.1f%%; %.1f%% of the non-embedding ones)",
+             _changed(before, after, True), _changed(before, after, False), f"{t_params:,}", f"{params:,}",
+             100 * params / t_params, 100 * body / t_body)
     kept = {"layers": cut.layers, "hidden": cut.hidden, "mlp": {str(k): v for k, v in cut.mlp.items()},
             "heads": {str(k): v for k, v in cut.heads.items()},
             "head_dims": {str(k): v for k, v in cut.head_dims.items()}}
@@ -241,7 +260,8 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
         save_model(tmp, student, tokenizer)
         write_record(tmp, stage.record(
             ctx,
-            metrics={"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4)},
+            metrics={"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4),
+                     "body_params": body, "teacher_body_params": t_body, "body_ratio": round(body / t_body, 4)},
             sizes={"before": before, "after": after},
             calibration={"split": "train", "text": text.label, "mix": [m.source for m in text.mix],
                          "blocks": len(blocks), "tokens": int(blocks.numel())},
@@ -249,7 +269,7 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
             kept=kept,
             tags=["pruning"],
             summary=(f"Pruned from `{ctx.inputs['prune']}` ({t_params:,} → {params:,} parameters, "
-                     f"{params / t_params:.0%}): {_changed(before, after, True)} → {_changed(before, after, False)}. "
+                     f"{params / t_params:.0%}; {body / t_body:.0%} of the non-embedding ones): {_changed(before, after, True)} → {_changed(before, after, False)}. "
                      f"Importance from activations on {blocks.numel():,} calibration tokens of the training split of "
                      f"{text.label}" + "".join(f" + {m.source}" for m in text.mix) + " "
                      f"(layers by block influence, MLP channels by {cfg.mlp_importance}, heads and hidden channels by "
