@@ -50,6 +50,9 @@ class RecipeSettings:
     output_dir: str = "runs"  # where run folders go
     seed: int = 42  # data split, initialisation and data order
     trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
+    # the load stage refuses a source whose tokenizer splits words its own vocabulary holds whole, or leaves out a
+    # BOS token the model was trained with (a mis-converted GGUF file); false runs it anyway, and the report says so
+    check_source: bool = True
     data: DataConfig = field(default_factory=DataConfig)  # what to train and evaluate on
 
     def check(self) -> list[str]:

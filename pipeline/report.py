@@ -64,7 +64,11 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     answer_cols = list(dict.fromkeys(m for r in rows for m in (r.get("answers") or {}).get("scores", {})))
     headers = ([h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
                + [f"{task} {metric}".strip() for task, metric in task_cols] + [f"answers {m}" for m in answer_cols])
-    lines = [f"# Report: {recipe}", "", "![perplexity vs size](report.png)", "",
+    suspect = next((r["source_problems"] for r in rows if r.get("source_problems")), None)
+    warning = (["**Warning: the source model failed the load stage's check, and the run went on because "
+                f"`check_source: false`. Every number below may be wrong.** {'; '.join(suspect)}.", ""]
+               if suspect else [])
+    lines = [f"# Report: {recipe}", "", *warning, "![perplexity vs size](report.png)", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]

@@ -3,6 +3,7 @@ typed config dataclass and `run(cfg, ctx) -> Path`; the runner, the recipe schem
 evaluate take their lists of stages and folders from this table, so adding a stage is its module plus a row."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,8 +45,10 @@ BY_FOLDER = {s.folder: s for s in STAGES if s.folder}
 
 
 def settings(stage: Stage, recipe):
-    """The config `stage.run` takes from a parsed recipe."""
-    return getattr(recipe, stage.name) if stage.section else stage.config(model=recipe.model)
+    """The config `stage.run` takes from a parsed recipe: its section, or (load) the top-level keys it names."""
+    if stage.section:
+        return getattr(recipe, stage.name)
+    return stage.config(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(stage.config)})
 
 
 def enabled(stage: Stage, recipe) -> bool:

@@ -239,6 +239,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
+        suspect = (record.details.get("source_check") or {}).get("problems")
+        if suspect:  # loaded with check_source: false: the report says so at its top
+            row["source_problems"] = suspect
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = record.parent
         if name == "quantize":  # which candidate won and what the others scored: the stage's own summary

@@ -5,9 +5,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
-from pipeline import models
+from pipeline import data, models, source_check
 from pipeline.context import Context, up_to_date
+from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
 from pipeline.records import StageRecord, fingerprint
 
@@ -20,6 +22,7 @@ ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 @dataclass
 class LoadConfig:
     model: str  # the recipe's `model`
+    check_source: bool = True  # the recipe's `check_source`
 
 
 def run(cfg: LoadConfig, ctx: Context) -> Path:
@@ -36,6 +39,14 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
     log.info("load: %s (%s)", source.label, source.kind)
     model = models.load_model(source, trust_remote_code=ctx.trust_remote_code)
     tokenizer = models.load_tokenizer(source, trust_remote_code=ctx.trust_remote_code)
+    findings, problems = source_check.check(source, tokenizer, _check_text(ctx))
+    if problems and cfg.check_source:
+        raise StageError(f"load: '{source.label}' does not look like the model it was trained as: "
+                         + "; ".join(problems) + ". Every number the run reported would be wrong. If you are sure it "
+                         "is right, set check_source: false (the report will say so)")
+    if problems:
+        log.warning("load: check_source is false; running a suspect model: %s", "; ".join(problems))
+        findings["problems"] = problems
     base_model = ALIAS_HUB_IDS.get(cfg.model) or (cfg.model if source.kind == "hub" else None)
     with staging(out) as tmp:
         save_model(tmp, model, tokenizer)
@@ -46,5 +57,20 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
             summary=f"The unmodified source model `{cfg.model}`, saved as safetensors"
             + (" (dequantized from GGUF)." if source.gguf_file else "."),
             seconds=round(time.time() - started, 1),
+            details={"source_check": findings},
         ))
     return out
+
+
+def _check_text(ctx: Context) -> str:
+    """Text for the source check: the recipe's validation documents (the model's language), else the stdlib
+    corpus; a data problem is the data-reading stage's to report, not the load stage's."""
+    try:
+        if ctx.data.format == "text":
+            rows = data.load_splits(ctx.data, ctx.seed)["validation"][ctx.data.text_column]
+            text = "\n".join(t for t in rows if isinstance(t, str))
+            if len(text.split()) >= 200:
+                return text
+    except StageError:
+        pass
+    return "\n".join(topics[k] for k in sorted(topics))

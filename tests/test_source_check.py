@@ -1,0 +1,94 @@
+"""The load stage's source check: a tokenizer that splits words its own vocabulary holds whole, or that leaves
+out a BOS token the model was trained with, is refused (exit 2, no folder), or run with check_source: false
+and named at the top of the report."""
+import json
+
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import tiny
+from pipeline import source_check
+from pipeline.cli import main
+from pipeline.formats import gguf as gguf_export
+from pipeline.models import Source
+
+TEXT = " ".join(["The Python interpreter reads the source file and runs each statement in order."] * 40)
+
+
+def _without_merges(tokenizer) -> PreTrainedTokenizerFast:
+    """The same vocabulary, but a BPE model with no merges: every word falls apart into characters, as the
+    words of a mis-converted GGUF vocabulary did."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["merges"] = []
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=tiny.EOS,
+                                   bos_token=tiny.EOS, pad_token=tiny.EOS)
+
+
+def _folder(tmp_path, tokenizer, name="m", **config) -> str:
+    folder = tmp_path / name
+    tiny.build_model("llama", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if config:
+        path = folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return str(folder)
+
+
+def test_whole_words_tells_a_sound_tokenizer_from_one_that_splits_its_own_words(tokenizer):
+    sound = source_check.whole_words(tokenizer, TEXT)
+    broken = source_check.whole_words(_without_merges(tokenizer), TEXT)
+    assert sound["vocabulary_words"] == broken["vocabulary_words"] >= source_check.MIN_WORDS
+    assert sound["kept_whole"] == 1.0 and broken["kept_whole"] == 0.0
+    assert broken["tokens_per_word"] > 2 * sound["tokens_per_word"]
+    # too few words the vocabulary knows: no verdict rather than a guess
+    assert source_check.check(Source("folder", "."), _without_merges(tokenizer), "The end.")[1] == []
+
+
+def test_a_broken_tokenizer_is_refused_and_with_check_source_false_the_report_says_so(tokenizer, make_recipe,
+                                                                                    tmp_path, capsys):
+    folder = _folder(tmp_path, _without_merges(tokenizer))
+    recipe = make_recipe(folder)
+    assert main(["run", str(recipe), "--stages", "load"]) == 2
+    err = capsys.readouterr().err
+    assert "splits words its own vocabulary holds whole" in err and "check_source: false" in err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "tiny" / "base").exists()
+    overrides = ["check_source=false", "evaluate.speed=false", "evaluate.samples=false", "evaluate.task.enabled=false",
+                 "evaluate.models=[base]"]
+    assert main(["run", str(recipe), "--stages", "load,evaluate", *overrides]) == 0
+    record = tiny.record(tmp_path / "runs" / "tiny" / "base")
+    assert record["source_check"]["kept_whole"] < source_check.MIN_WHOLE and record["source_check"]["problems"]
+    report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**Warning: the source model failed the load stage's check")
+
+
+def test_a_bos_the_source_asks_for_is_restored(tokenizer, make_recipe, tmp_path):
+    folder = _folder(tmp_path, tokenizer, add_bos_token=True)
+    assert not source_check.adds_bos(AutoTokenizer.from_pretrained(folder))  # what transformers 5 loads
+    assert main(["run", str(make_recipe(folder)), "--stages", "load"]) == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    assert tiny.record(base)["source_check"] == {**tiny.record(base)["source_check"], "bos_restored": True,
+                                                 "adds_bos": True}
+    reloaded = AutoTokenizer.from_pretrained(base)
+    assert reloaded("The").input_ids[0] == reloaded.bos_token_id  # the saved base tokenizer keeps it
+
+
+def test_a_bos_asked_for_by_a_gguf_file_is_restored(tokenizer, make_recipe, tmp_path):
+    with_bos = AutoTokenizer.from_pretrained(_folder(tmp_path, tokenizer))
+    assert source_check.restore_bos(with_bos)
+    path = gguf_export.write(_folder(tmp_path, with_bos, "bos"), tmp_path / "m-Q8_0.gguf", "q8_0", "m")
+    source = Source("gguf", str(tmp_path), path.name)
+    assert source_check.intended_bos(source) is True  # tokenizer.ggml.add_bos_token
+    assert source_check.intended_bos(Source("folder", _folder(tmp_path, tokenizer, "plain"))) is None
+    assert main(["run", str(make_recipe(path)), "--stages", "load"]) == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    assert tiny.record(base)["source_check"]["adds_bos"] is True
+    reloaded = AutoTokenizer.from_pretrained(base)
+    assert reloaded("The").input_ids[0] == reloaded.bos_token_id
+
+
+def test_a_bos_that_cannot_be_added_is_refused(tokenizer, make_recipe, tmp_path, capsys):
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tiny.EOS,
+                                     pad_token=tiny.EOS)
+    folder = _folder(tmp_path, no_bos, add_bos_token=True)
+    assert main(["run", str(make_recipe(folder)), "--stages", "load"]) == 2
+    assert "adds the BOS token" in capsys.readouterr().err
