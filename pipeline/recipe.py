@@ -111,13 +111,14 @@ class RecipeSettings:
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         what = "this model"
         if config is not None and folder is None and self.prune.enabled and self.prune.input == "auto":
-            # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit the format
-            if not self._prune_sizable():
-                return []
+            # quantize gets the pruned (and distilled) model: its shapes, not the source's, must fit the format.
+            # Where the sizes cannot be worked out (_check_prune says why), the architecture is still checked:
+            # every problem at once, not one after the other is fixed
             try:
-                config, what = surgery.config_for(config, prune.targets(self.prune, config)), "the pruned model"
+                if self._prune_sizable():
+                    config, what = surgery.config_for(config, prune.targets(self.prune, config)), "the pruned model"
             except StageError:
-                return []  # sizes this model cannot have: _check_prune reports them
+                pass
         if config is None:
             return []
         problems = []

@@ -48,10 +48,12 @@ def sizes(config) -> dict:
     }
 
 
-def intermediate_size(config) -> int:
+def intermediate_size(config) -> int | None:
     if config.model_type == "gpt2":
         return config.n_inner or 4 * config.n_embd
-    return config.intermediate_size
+    # other families name it otherwise (OPT: ffn_dim); sizes of a family width pruning does not know are only
+    # read, never cut (`family` refuses those)
+    return getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
 
 
 def head_dim(config) -> int:

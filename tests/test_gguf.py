@@ -192,6 +192,10 @@ def test_unsupported_architecture_fails_at_validation(tmp_path, tokenizer, make_
     with pytest.raises(gguf_export.GGUFExportError, match="this model is 'opt'"):
         gguf_export.write(folder, tmp_path / "x.gguf", "q8_0", "x")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written
+    # with a width cut this architecture cannot take either, both problems are named at once
+    assert main(["validate", str(path), "prune.enabled=true", "prune.target_params=0.8"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "prune.axes: width pruning supports" in err and "gguf-q8_0 cannot write" in err
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

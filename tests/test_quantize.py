@@ -15,7 +15,7 @@ from pipeline import quant_backends as qb
 from pipeline.cli import main
 from pipeline.metrics import perplexity
 from pipeline.stages import quantize
-from tiny import bench_module, record as _record
+from tiny import bench_module, build_model, record as _record
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "llama"]
@@ -228,6 +228,26 @@ def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):
                    "quantize.max_ppl_increase: -1.0 must be", "quantize.prefer: speed needs speed_tokens > 0"]:
         assert needle in err, needle
     assert "3 problem(s)" in err
+
+
+def test_an_architecture_optimum_intel_will_not_export_is_refused_at_validation(tokenizer, make_recipe, tmp_path,
+                                                                                 capsys):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    folder = tmp_path / "tiny-gemma2"
+    Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # optimum-intel 2.2.0 (what `make install` pins) caps its Gemma 2 export at transformers 5.0: the export
+    # itself would fail inside the quantize stage, after fine-tuning
+    reason = formats.openvino.unsupported(Gemma2Config())
+    assert reason is not None and "transformers <= 5.0" in reason
+    path = make_recipe(folder, quantize={"candidates": [{"method": "bnb-int8"}, {"method": "openvino-int8"}]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"quantize.candidates[1].method: openvino-int8 cannot write this model: {reason}" in err
+    assert "bnb-*/gguf-*" in err and "1 problem(s)" in err
+    assert formats.openvino.unsupported(build_model("llama", tokenizer).config) is None  # what it exports
 
 
 def test_quantize_bench_args_and_smoke(tmp_path):

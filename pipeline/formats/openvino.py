@@ -83,7 +83,32 @@ def unavailable(cand, device: torch.device) -> str | None:
 
 
 def unsupported(config) -> str | None:
-    """Why a model with this config cannot be written in this format, or None if it can."""
+    """Why optimum-intel cannot export a model with this config here, or None if it can (or optimum-intel is
+    missing: the candidate then reports itself unavailable). The export's own refusals, asked before any work:
+    architectures it has no export config for, and the transformers versions an export config allows."""
+    if unavailable(None, torch.device("cpu")) is not None:
+        return None
+    import importlib.metadata as md
+
+    import optimum.exporters.openvino  # noqa: F401 -- registers the OpenVINO export configs
+    from optimum.exporters.tasks import TasksManager
+    from packaging.version import Version
+
+    model_type = getattr(config, "model_type", None)
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="openvino", model_type=model_type, task="text-generation-with-past", library_name="transformers")
+    except (KeyError, ValueError) as err:
+        reason = str(err).strip("'\"").split(". Only")[0]
+        return f"optimum-intel {md.version('optimum-intel')} cannot export it to OpenVINO ({reason})"
+    export = getattr(constructor, "func", constructor)
+    have = Version(md.version("transformers"))
+    low, high = (getattr(export, key, None) for key in ("MIN_TRANSFORMERS_VERSION", "MAX_TRANSFORMERS_VERSION"))
+    if low is not None and have < Version(str(low)):
+        return (f"optimum-intel's OpenVINO export of '{model_type}' needs transformers >= {low}; this is {have}")
+    if high is not None and have > Version(str(high)):
+        return (f"optimum-intel's OpenVINO export of '{model_type}' allows transformers <= "
+                f"{str(high).replace('99', '*')}; this is {have}")
     return None
 
 

@@ -91,9 +91,9 @@ class PruneConfig:
 
 def targets(cfg: PruneConfig, config) -> dict:
     """The sizes the pruned model gets; StageError naming the key when the model cannot have them."""
-    s = surgery.sizes(config)
     if cfg.target_params is not None:
         return _from_fraction(cfg, config)
+    s = surgery.sizes(config)
     problems = []
     wanted = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
     for key, value in wanted.items():
