@@ -179,7 +179,7 @@ def _keys(args) -> int:
         if not args.write:
             print(keys.markdown(args.section))
             return 0
-        changed = keys.write(names=names)
+        changed = keys.write(names=names + ([*keys.EXTRA] if args.section is None else []))
     except (OSError, ValueError) as err:  # no docs/reference.md or no block for a table; an undescribed key
         print(f"error: keys: {err}", file=sys.stderr)
         return EXIT_USAGE

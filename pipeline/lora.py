@@ -8,15 +8,12 @@ from typing import Literal
 
 import torch
 
-from pipeline import dist, models
+from pipeline import dist, families, models
 from pipeline.errors import StageError
 
-LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Every projection of every block, as QLoRA does; peft's own defaults adapt only the attention.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],  # GPT-2's fused Conv1D layers (attention and MLP c_proj both match)
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"], LLAMA_STYLE),
-}
+# Every projection of every block, as QLoRA does (peft's own defaults adapt only the attention): each family's
+# `lora_targets` (GPT-2's c_proj names both its attention and MLP output); other architectures: all-linear.
+DEFAULT_TARGETS = {t: list(f.lora_targets) for f in families.FAMILIES for t in f.model_types}
 
 
 @dataclass

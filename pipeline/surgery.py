@@ -6,9 +6,10 @@ same class from a smaller config and copies the kept slices of every weight into
 an ordinary `transformers` model (`save_pretrained` / `from_pretrained`, KV cache, `generate`) with no
 custom code. Importance is measured by `measure` with forward hooks on calibration blocks.
 
-Supported for width cuts: GPT-2 (fused `Conv1D` layers, whose weights are stored [in, out]) and the
-Llama family (Llama, Mistral, Qwen2, SmolLM2; grouped-query attention keeps or drops whole KV groups).
-Depth cuts (dropping layers) work on any architecture whose decoder layers are one `ModuleList`.
+Width cuts follow each family's weight layout (pipeline/families.py): GPT-2's fused `Conv1D` layers (stored
+[in, out]); the Llama layout (Llama, Mistral, Qwen2/3, Gemma 1/2/3: grouped-query attention keeps or drops whole
+KV groups); Phi-3's, the same with q|k|v and gate|up fused. Depth cuts (dropping layers) work on any
+architecture whose decoder layers are one `ModuleList`.
 """
 from __future__ import annotations
 
@@ -18,22 +19,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline import families
 from pipeline.errors import StageError
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-WIDTH_FAMILIES = {"gpt2": "GPT-2", **{t: t.capitalize() for t in LLAMA_FAMILY}}
+def layout(config) -> str | None:
+    """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3"; None if they cannot."""
+    described = families.of(config)
+    return described.layout if described else None
 
 
 def family(config) -> str:
-    """'gpt2' or 'llama' (the Llama family); other architectures cannot be cut in width."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == "gpt2":
-        return "gpt2"
-    if model_type in LLAMA_FAMILY:
-        return "llama"
-    raise StageError(f"prune: width pruning supports {', '.join(sorted(set(WIDTH_FAMILIES.values())))} "
-                     f"(model_type {', '.join(WIDTH_FAMILIES)}); this model is '{model_type}'. "
-                     "Drop layers only (prune.num_hidden_layers) or use distill.every/keep/layers")
+    """The weight layout of a model width cuts can slice; a StageError saying why not for the others."""
+    found = layout(config)
+    if found is not None:
+        return found
+    described = families.of(config)
+    why = (f"for {described.name}, {described.no_width}" if described and described.no_width
+           else f"this model is '{getattr(config, 'model_type', None)}'")
+    raise StageError(f"prune: width pruning supports {families.width_families()}; {why}. "
+                     "Drop layers only (prune.num_hidden_layers, or prune.axes: [depth]) or use distill.every/keep/layers")
 
 
 def sizes(config) -> dict:
@@ -176,7 +180,7 @@ def _head_rows(heads: list[int], dim: int) -> list[int]:
 def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Tensor) -> torch.Tensor:
     """The kept part of one weight. `name` is the key inside its decoder layer, or the full key outside."""
     hid = cut.hidden
-    if fam == "llama":
+    if fam != "gpt2":  # the Llama layout, and Phi-3's with fused q|k|v and gate|up
         if layer is None:  # embed_tokens [V, H], norm [H], lm_head [V, H]
             return _take(t, t.dim() - 1, hid)
         if name.endswith("layernorm.weight"):
@@ -188,10 +192,15 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
         kv_rows = _head_rows(groups, dim) if groups else None
         mlp = cut.mlp.get(layer)
         module, _, kind = name.rpartition(".")
+        q_width, kv_width, inner = s["num_attention_heads"] * dim, s["num_key_value_heads"] * dim, s["intermediate_size"]
+        qkv = None if groups is None else [*q_rows, *(q_width + r for r in kv_rows),
+                                           *(q_width + kv_width + r for r in kv_rows)]
         rows, cols = {
             "self_attn.q_proj": (q_rows, hid), "self_attn.k_proj": (kv_rows, hid), "self_attn.v_proj": (kv_rows, hid),
             "self_attn.o_proj": (hid, q_rows), "mlp.gate_proj": (mlp, hid), "mlp.up_proj": (mlp, hid),
             "mlp.down_proj": (hid, mlp),
+            # Phi-3: [q | k | v] and [gate | up] stacked in one weight each
+            "self_attn.qkv_proj": (qkv, hid), "mlp.gate_up_proj": (None if mlp is None else [*mlp, *(inner + j for j in mlp)], hid),
         }.get(module, (None, None))
         t = _take(t, 0, rows)
         return _take(t, 1, cols) if kind == "weight" else t
@@ -274,7 +283,8 @@ def _modules(fam: str, layer) -> dict:
 
 
 REFIT_NAMES = {("gpt2", "attn_out"): "attn.c_proj.weight", ("gpt2", "mlp_out"): "mlp.c_proj.weight",
-               ("llama", "attn_out"): "self_attn.o_proj.weight", ("llama", "mlp_out"): "mlp.down_proj.weight"}
+               **{(fam, "attn_out"): "self_attn.o_proj.weight" for fam in ("llama", "phi3")},
+               **{(fam, "mlp_out"): "mlp.down_proj.weight" for fam in ("llama", "phi3")}}
 
 
 @torch.no_grad()
@@ -355,7 +365,7 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
     imp.mlp = [(acc[("mlp", i)] / tokens * (1 if mlp_importance == "activation" else _out_norms2(fam, stack[i])))
                .tolist() for i in range(n_layers)]
     head_scores = [acc[("heads", i)] / tokens for i in range(n_layers)]
-    if fam == "llama":  # a KV group goes as a whole: its query heads' scores added up
+    if fam != "gpt2":  # a KV group goes as a whole: its query heads' scores added up
         groups = sizes(cfg)["num_key_value_heads"]
         head_scores = [h.view(groups, -1).sum(-1) for h in head_scores]
     else:
@@ -391,7 +401,7 @@ def plan(model, imp: Importance, target: dict, refit: bool = False) -> Cut:
     for i in cut.layers:
         if t["intermediate_size"] < s["intermediate_size"]:
             cut.mlp[i] = _top(imp.mlp[i], t["intermediate_size"])
-        kept_heads = t["num_key_value_heads"] if fam == "llama" else t["num_attention_heads"]
+        kept_heads = t["num_key_value_heads"] if fam != "gpt2" else t["num_attention_heads"]
         if kept_heads < len(imp.heads[i]):
             cut.heads[i] = _top(imp.heads[i], kept_heads)
         if fam == "gpt2" and t["hidden_size"] // t["num_attention_heads"] < s["head_dim"]:
@@ -417,7 +427,7 @@ def refit_weights(model, imp: Importance, cut: Cut, ridge: float = 1e-3) -> dict
             else:
                 if i not in cut.heads and i not in cut.head_dims:
                     kept = None
-                elif fam == "llama":
+                elif fam != "gpt2":
                     per_group = s["num_attention_heads"] // s["num_key_value_heads"]
                     heads = [g * per_group + j for g in cut.heads[i] for j in range(per_group)]
                     kept = _head_rows(heads, s["head_dim"])

@@ -44,6 +44,29 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         from transformers import MistralConfig, MistralForCausalLM
 
         return MistralForCausalLM(MistralConfig(**{**shape, "tie_word_embeddings": False, "sliding_window": 16}))
+    if arch == "qwen3":  # q/k RMSNorm over each head's dimensions
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16))
+    if arch in ("gemma", "gemma2", "gemma3"):  # embeddings scaled by sqrt(hidden), (1 + w) norms; Gemma 2/3:
+        # four norms a layer, logit soft-capping, sliding-window layers; Gemma 3: q/k norms
+        import transformers
+
+        name = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3Text"}[arch]
+        config = getattr(transformers, f"{name}Config")(**shape, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+                                                        **({"sliding_window": 16} if arch != "gemma" else {}))
+        model_class = "Gemma3ForCausalLM" if arch == "gemma3" else f"{name}ForCausalLM"
+        return getattr(transformers, model_class)(config)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        return Phi3ForCausalLM(Phi3Config(**{**shape, "tie_word_embeddings": False}))
+    if arch == "gpt_neox":  # fused query_key_value, parallel residual, partial rotary
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM(GPTNeoXConfig(
+            num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            max_position_embeddings=256, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos))
     return LlamaForCausalLM(LlamaConfig(**shape))
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import models
+from pipeline import families, models
 
 log = logging.getLogger("pipeline")
 
 # transformers model_type -> GGUF architecture; both llama.cpp and transformers' GGUF loader run these.
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama"}
+ARCHITECTURES = {t: f.gguf_arch for f in families.FAMILIES if f.gguf_arch for t in f.model_types}
 SUPPORTED = "gpt2 (GPT-2, DistilGPT2) and llama (Llama, SmolLM/SmolLM2, TinyLlama-style BPE models)"
 # type -> (GGML tensor type, llama.cpp file type, label used in file names and Ollama tags)
 TYPES = {

@@ -106,8 +106,8 @@ def targets(cfg: PruneConfig, config) -> dict:
             problems.append(str(err).replace("prune: ", "prune.hidden_size/num_attention_heads/intermediate_size: "))
     target = dict(wanted)
     heads = wanted.get("num_attention_heads")
-    if problems or config.model_type not in ("gpt2", *surgery.LLAMA_FAMILY):
-        if heads is not None and config.model_type in surgery.LLAMA_FAMILY:
+    if problems or surgery.layout(config) is None:
+        if heads is not None and surgery.layout(config) not in (None, "gpt2"):
             problems += _grouping(heads, s)
         if problems:
             raise StageError("; ".join(problems))
