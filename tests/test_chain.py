@@ -129,3 +129,40 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
         assert 0 <= row["tasks"]["heldout_continuation"]["acc"] <= 1, row["name"]
     assert rows["base"]["tasks"]["heldout_continuation"]["acc"] > 0.35  # chance: 0.25
     assert "heldout_continuation acc" in (tmp_path / "quickstart" / "report.md").read_text()
+
+
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_chain_on_every_family(arch, tokenizer, make_recipe, tmp_path):
+    """Each family of pipeline/families.py beyond GPT-2 and Llama (tested everywhere else) through load, LoRA
+    fine-tuning, a width cut (depth for GPT-NeoX), distillation, bitsandbytes and OpenVINO candidates (where
+    optimum-intel exports the family) and evaluate: every folder reloads and the student generates."""
+    import tiny
+    from pipeline import families, formats
+
+    folder = tiny.save_tiny(tmp_path / f"tiny-{arch}", arch, tokenizer)
+    config = AutoModelForCausalLM.from_pretrained(folder).config
+    fam = families.of(config)
+    candidates = [{"method": "bnb-int8"}]
+    if formats.openvino.unsupported(config) is None:
+        candidates.append({"method": "openvino-int8"})
+    cut = {"intermediate_size": 64, "num_attention_heads": 2} if fam.layout else {"num_hidden_layers": 3}
+    path = make_recipe(folder, finetune={"method": "lora", "max_steps": 4},
+                       prune={"enabled": True, "calibration_blocks": 4, **cut}, distill={"max_steps": 4},
+                       quantize={"candidates": candidates, "max_ppl_increase": 50.0},
+                       evaluate={"speed": False, "task": {"enabled": False}})
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    for name in STAGE_FOLDERS:
+        formats.load_folder(run_dir / name)
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "distill").eval()
+    assert student.config.model_type == config.model_type
+    for key, value in cut.items():
+        assert getattr(student.config, key) == value
+    assert student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == 6
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["name"] for r in report["models"]] == STAGE_FOLDERS
+    assert all(1 < r["perplexity"] < 1e4 for r in report["models"])
