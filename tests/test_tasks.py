@@ -202,3 +202,33 @@ def test_offline_task_on_smollm2_scores_the_base_model_clearly_above_chance(tmp_
     print(f"SmolLM2-135M base on {tasks.OFFLINE_TASK}: {scores}")  # shown with pytest -s
     # 100 questions: the standard error is about 0.05, so 0.45 is four of them above chance
     assert scores["acc"] > chance + 0.2, scores
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_task_scoring_equals_lm_evals_own_and_runs_the_head_only_where_it_scores(arch, tokenizer):
+    """The offline task's model (formats.transformers.lm_eval_model) gives lm-eval's HFLM's log-likelihoods and
+    greedy flags, while the output head sees only the continuation positions: on a large vocabulary that is
+    most of the cost."""
+    import tiny
+    from lm_eval.models.huggingface import HFLM
+
+    model = tiny.build_model(arch, tokenizer).eval()
+    model.resize_token_embeddings(8192)  # a large vocabulary for a tiny model: the head dominates its cost
+    texts = [("The Python interpreter reads", " the source file"), ("A list", " comprehension is short"),
+             ("x", " y"), ("The with statement is used to wrap the execution of a block", " with methods")]
+    ours, plain = formats.transformers.lm_eval_model(model, tokenizer, ".", 3), HFLM(pretrained=model,
+                                                                                     tokenizer=tokenizer, batch_size=3)
+    requests = [((c, x), tokenizer(c).input_ids, tokenizer(x).input_ids) for c, x in texts]
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[:-1].numel()))
+    try:
+        got = ours._loglikelihood_tokens(requests)
+        scored, rows[:] = sum(rows), []
+        want = plain._loglikelihood_tokens(requests)
+        full = sum(rows)
+    finally:
+        hook.remove()
+    for (g, g_greedy), (w, w_greedy) in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4) and g_greedy == w_greedy
+    continuation = sum(len(r[2]) for r in requests)
+    assert scored <= 2 * continuation < full  # at most a batch's longest continuation per row

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import families, models
+from pipeline.formats import transformers
 
 log = logging.getLogger("pipeline")
 
@@ -421,10 +422,8 @@ def card_section(folder: Path, repo_id: str | None) -> str:
 
 
 def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
-    """lm-eval's HFLM around the dequantized torch model."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    """The dequantized torch model, scored as a transformers folder's is."""
+    return transformers.lm_eval_model(model, tokenizer, folder, batch_size)
 
 
 def unavailable(cand, device: torch.device) -> str | None:

@@ -61,10 +61,51 @@ def card_section(folder: Path, repo_id: str | None) -> str:
 
 
 def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
-    """lm-eval's HFLM around the loaded torch model (full precision or bitsandbytes)."""
+    """lm-eval's HFLM around the loaded torch model (full precision or bitsandbytes), scoring continuations with
+    the output head at their own positions only (see `_scored_positions_lm`)."""
+    return _scored_positions_lm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _scored_positions_lm():
+    """HFLM whose log-likelihoods run the output head and the softmax only where a continuation is scored, as
+    the perplexity pass does (`logits_to_keep`). HFLM computes them at every position of every request: with a
+    262K-token vocabulary and short multiple-choice continuations that is most of a task's time. Requests are
+    left-padded, so every row's continuation ends at the last position, with explicit position ids so padding
+    changes nothing; results equal HFLM's (tests/test_tasks.py)."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    class ScoredPositionsLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            size = int(override_bs or self.batch_size)
+            # longest first, so a batch pads little; answered in the caller's order
+            order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+            results: list = [None] * len(requests)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            for start in range(0, len(order), size):
+                batch = order[start:start + size]
+                seqs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+                conts = [requests[i][2] for i in batch]
+                width, keep = max(map(len, seqs)), max(map(len, conts))
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, seq in enumerate(seqs):
+                    ids[row, width - len(seq):] = torch.tensor(seq)
+                    mask[row, width - len(seq):] = 1
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                with torch.no_grad():
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        position_ids=positions.to(self.device), logits_to_keep=keep).logits
+                logprobs = torch.nn.functional.log_softmax(logits.float(), dim=-1).cpu()
+                for row, i in enumerate(batch):
+                    cont = torch.tensor(conts[row])
+                    scored = logprobs[row, keep - len(cont):]
+                    results[i] = (float(scored.gather(-1, cont[:, None]).sum()),
+                                  bool((scored.argmax(-1) == cont).all()))
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            return results
+
+    return ScoredPositionsLM
 
 
 # --- quantize candidates (bitsandbytes) ------------------------------------------------------------------
