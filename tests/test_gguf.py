@@ -290,3 +290,25 @@ def test_quantize_bench_lists_gguf_candidates():
     assert {"gguf-q8_0", "gguf-q5_0", "gguf-q4_0"} <= set(bench_quantize.PRESETS)
     args = bench_quantize.parse_args(["--candidates", "gguf-q8_0", "openvino-int8"])
     assert args.candidates == ["gguf-q8_0", "openvino-int8"]
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_round_trip(arch, qtype, tokenizer, tmp_path):
+    """Mistral is written as llama.cpp's llama architecture (q/k permuted for its rope, as its GGUF files are;
+    transformers reads it back as a Llama); Qwen2 as qwen2, with its q/k/v biases and rotate-half rope kept."""
+    import tiny
+
+    model = tiny.build_model(arch, tokenizer).eval()
+    if arch == "mistral":
+        assert "slides a 16-token window" in gguf_export.unsupported(model.config)  # not what llama.cpp runs
+        model.config.sliding_window = None
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    assert gguf_export.unsupported(model.config) is None
+    path = gguf_export.write(tmp_path / arch, tmp_path / f"tiny-{qtype}.gguf", qtype, "tiny")
+    assert fields(path)["general.architecture"] == {"mistral": "llama", "qwen2": "qwen2"}[arch]
+    back = models.load_model(models.Source("gguf", str(tmp_path), path.name)).eval()
+    assert type(back).__name__ == {"mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    err = (logits(back) - logits(model)).abs().max().item()
+    assert 0 < err < TOLERANCE[qtype], err

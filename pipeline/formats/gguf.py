@@ -30,7 +30,8 @@ log = logging.getLogger("pipeline")
 
 # transformers model_type -> GGUF architecture; both llama.cpp and transformers' GGUF loader run these.
 ARCHITECTURES = {t: f.gguf_arch for f in families.FAMILIES if f.gguf_arch for t in f.model_types}
-SUPPORTED = "gpt2 (GPT-2, DistilGPT2) and llama (Llama, SmolLM/SmolLM2, TinyLlama-style BPE models)"
+SUPPORTED = ("gpt2 (GPT-2, DistilGPT2), llama (Llama, SmolLM/SmolLM2, TinyLlama, Mistral without a sliding window) "
+             "and qwen2, with byte-level BPE tokenizers")
 # type -> (GGML tensor type, llama.cpp file type, label used in file names and Ollama tags)
 TYPES = {
     "f16": ("F16", "MOSTLY_F16", "F16"),
@@ -69,8 +70,14 @@ def unsupported(config) -> str | None:
         if config.activation_function != "gelu_new":
             return f"GGUF GPT-2 runs gelu_new (tanh GELU); this model uses {config.activation_function}"
     else:
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
             return "GGUF export of Llama models writes no attention/MLP biases; this model has attention_bias/mlp_bias"
+        window = getattr(config, "sliding_window", None)
+        if window is not None and ARCHITECTURES[model_type] == "llama" and window < config.max_position_embeddings:
+            return (f"llama.cpp's llama architecture attends to the whole context; this {model_type} model slides a "
+                    f"{window}-token window over its {config.max_position_embeddings} positions")
+        if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+            return "llama.cpp's qwen2 architecture has no sliding window; this model uses one"
         if config.hidden_act != "silu":
             return f"GGUF llama runs SiLU MLPs; this model uses {config.hidden_act}"
         rope = _rope(config)
@@ -190,7 +197,7 @@ def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
         w = t.detach().float().cpu().numpy()
         if cfg.model_type == "gpt2" and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             w = w.T  # Conv1D stores (in, out)
-        if cfg.model_type == "llama":
+        if ARCHITECTURES[cfg.model_type] == "llama":  # llama.cpp's llama rope is interleaved, not rotate-half
             if hf_name.endswith("q_proj.weight"):
                 w = _permute(w, cfg.num_attention_heads)
             elif hf_name.endswith("k_proj.weight"):
@@ -234,7 +241,7 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
-    arch = gguf.MODEL_ARCH.GPT2 if config.model_type == "gpt2" else gguf.MODEL_ARCH.LLAMA
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == ARCHITECTURES[config.model_type])
     weights = tensors(model, arch)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tied = not any(n == "output.weight" for n, _ in weights)
