@@ -92,3 +92,54 @@ def test_a_bos_that_cannot_be_added_is_refused(tokenizer, make_recipe, tmp_path,
     folder = _folder(tmp_path, no_bos, add_bos_token=True)
     assert main(["run", str(make_recipe(folder)), "--stages", "load"]) == 2
     assert "adds the BOS token" in capsys.readouterr().err
+
+
+def _spm_gguf(path, texts, vocab_size=800):
+    """A GGUF file with a SentencePiece-style vocabulary as llama.cpp's converter writes Llama 2 / Mistral ones
+    (`tokenizer.ggml.model` llama: tokens, scores, types, no merges, add_bos_token), for a tiny Llama; and the
+    SentencePiece BPE tokenizer it was made from, as the reference."""
+    import gguf
+    import numpy as np
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reference = SentencePieceBPETokenizer(add_prefix_space=True)
+    reference.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    vocab = reference.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokens),
+                                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_export._hyperparameters(writer, model.config, len(tokens))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])  # earlier merges score higher
+    writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                           + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(True)
+    for name, array in gguf_export.tensors(model, gguf.MODEL_ARCH.LLAMA):
+        writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
+def test_a_sentencepiece_gguf_tokenizes_as_its_vocabulary_says_with_its_bos(make_recipe, tmp_path):
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics)]
+    reference = _spm_gguf(tmp_path / "spm.gguf", texts)
+    assert main(["run", str(make_recipe(tmp_path / "spm.gguf")), "--stages", "load"]) == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    check = tiny.record(base)["source_check"]
+    assert check["bos_restored"] is True and check["kept_whole"] > source_check.MIN_WHOLE
+    loaded = AutoTokenizer.from_pretrained(base)
+    for text in (TEXT, texts[7][:500], "x = [i ** 2 for i in range(10)]"):
+        assert loaded(text).input_ids == [1] + reference.encode(text).ids, text
