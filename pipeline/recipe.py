@@ -1,6 +1,8 @@
 """Recipes: YAML files validated against the typed stage configs before any model is loaded."""
 from __future__ import annotations
 
+import json
+import os
 import string
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -8,7 +10,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import models, quant_backends, surgery
+from pipeline import formats, models, quant_backends, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.errors import StageError
@@ -72,10 +74,43 @@ class RecipeSettings:
             if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
                 problems.append(f"{stage.name}.input: '{value}' is not a model folder; use auto or a stage output "
                                 "folder")
+        problems += self._check_quantize_input() + self._check_output_dir()
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
             problems += [f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}"
                          for i, name in enumerate(names or []) if name not in MODEL_FOLDERS]
         return problems
+
+    def _check_quantize_input(self) -> list[str]:
+        """quantize.input must hold full-precision weights: quantizing a quantized folder again is not a thing
+        any of the formats does (bitsandbytes and OpenVINO refuse with an empty message, GGUF is not read)."""
+        folder = Path(self.quantize.input)
+        if self.quantize.input == "auto" or not folder.is_dir():
+            return []
+        fmt = formats.of_folder(folder)
+        quantized = fmt is not None and fmt is not formats.transformers
+        if fmt is formats.transformers:
+            try:
+                quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                quantized = False
+        if not quantized:
+            return []
+        kind = "bitsandbytes" if fmt is formats.transformers else fmt.NAME
+        return [f"quantize.input: '{folder}' is already quantized ({kind} weights); point it at the full-precision "
+                f"folder it was made from, e.g. {self.output_dir}/{self.name}/distill or .../finetune"]
+
+    def _check_output_dir(self) -> list[str]:
+        """What `run` would refuse about output_dir, said by `validate` too: a file in the way, a folder that
+        cannot be created or written (checked without creating anything)."""
+        path = Path(self.output_dir).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return [f"output_dir: cannot write '{path}': '{existing}' is a file; set output_dir to a folder, e.g. "
+                    "output_dir=runs"]
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            return [f"output_dir: cannot write '{path}' ('{existing}' is read-only for this user); set output_dir to "
+                    "a folder you can write, e.g. output_dir=runs"]
+        return []
 
     def _prune_sizable(self) -> bool:
         """Whether the prune section is valid enough to turn into sizes: when it is not, its own problems are
@@ -158,15 +193,38 @@ def parse_override(text: str) -> tuple[str, object]:
         return key.strip(), raw
 
 
+def duplicate_keys(node, prefix: str = "") -> list[str]:
+    """Keys given twice in one mapping of a composed YAML document, each named with both lines."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key)
+            where = f"{prefix}{name}"
+            if name in seen:
+                problems.append(f"{where}: given twice (lines {seen[name] + 1} and {key.start_mark.line + 1}); YAML "
+                                "would silently keep the last one. Delete one of them")
+            seen.setdefault(name, key.start_mark.line)
+            problems += duplicate_keys(value, where + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += duplicate_keys(item, f"{prefix.rstrip('.')}[{i}].")
+    return problems
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"recipe file '{path}' does not exist; recipes live in recipes/"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        duplicated = duplicate_keys(yaml.compose(text))
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {err}"], str(path)) from err
+    if duplicated:  # YAML lets the last one win without a word: the user meant one of them
+        raise RecipeError(duplicated, str(path))
     if not isinstance(raw, dict):
         raise RecipeError(["the recipe must be a mapping of keys (model:, data:, finetune:, ...)"], str(path))
     for item in overrides:

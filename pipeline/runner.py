@@ -49,17 +49,20 @@ def run(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
     unknown = [s for s in asked if s not in ORDER]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    enabled = enabled_stages(recipe)
+    disabled = [s for s in asked if s not in enabled]
+    if disabled:  # running something else instead (everything, for --until) is not what was asked for
+        flag = "--until" if until in disabled and not stages else "--stages"
+        raise StageError(f"{flag} names {', '.join(disabled)}, which the recipe disables "
+                         f"({disabled[0]}.enabled: false); enable it ({disabled[0]}.enabled=true) or name enabled "
+                         f"stages: {', '.join(enabled)}")
     with run_lock(recipe.run_dir, wait=wait):
         return _run(recipe, stages, force, until)
 
 
 def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | None) -> dict[str, Path]:
     enabled = enabled_stages(recipe)
-    chosen = stages or (enabled[: enabled.index(until) + 1] if until in enabled else enabled)
-    for stage in chosen:
-        if stage not in enabled:
-            log.info("%s: disabled in the recipe (%s.enabled: false), not running it", stage, stage)
-    chosen = [s for s in chosen if s in enabled]
+    chosen = stages or (enabled[: enabled.index(until) + 1] if until else enabled)
     ctx = context(recipe, force)
     publisher = None
     if recipe.push.push_to_hub:  # check the token and namespace before hours of training, not after

@@ -87,3 +87,55 @@ def test_bad_prune_axes_do_not_also_report_an_unreachable_target(tiny_models, ma
                  "prune.axes=[mlp, width]"]) == 2
     err = capsys.readouterr().err
     assert "prune.axes[1]: 'width' is not allowed" in err and "cannot be reached" not in err
+
+
+# --- the third round: nothing the user asked for is silently dropped ---------------------------------------
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tiny_models, tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"model: {tiny_models['llama']}\nfinetune:\n  max_steps: 2\n  batch_size: 4\n  max_steps: 5000\n"
+                    "quantize:\n  candidates:\n    - {method: bnb-int8, method: bnb-nf4}\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.max_steps: given twice (lines 3 and 5)" in err
+    assert "quantize.candidates[0].method: given twice (lines 8 and 8)" in err and "2 problem(s)" in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("distill.every=3", "distill.every and keep: set only one of them"),
+    ("distill.every=3 distill.layers=[0,2]", "distill.every and layers: set only one of them"),
+])
+def test_distill_keys_that_cannot_both_take_effect_are_refused(tiny_models, make_recipe, capsys, override, needle):
+    base = ["distill.keep=2"] if "layers" not in override else []
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), *base, *override.split()]) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--until", "prune"], ["--stages", "finetune,prune"]])
+def test_naming_a_disabled_stage_is_an_error_not_a_different_run(tiny_models, make_recipe, tmp_path, capsys, flags):
+    assert main(["run", str(make_recipe(tiny_models["llama"])), *flags]) == 2  # prune is off by default
+    err = capsys.readouterr().err
+    assert f"{flags[0]} names prune, which the recipe disables (prune.enabled: false)" in err
+    assert "prune.enabled=true" in err and not (tmp_path / "runs" / "tiny" / "base").exists()  # nothing ran
+
+
+def test_an_already_quantized_input_is_named_at_validation(tiny_models, make_recipe, tmp_path, capsys):
+    import torch
+
+    from pipeline import quant_backends as qb
+
+    for method in ("bnb-int8", "openvino-int8"):
+        folder = tmp_path / method
+        cand = qb.Candidate(method)
+        qb.save(qb.quantize(cand, tiny_models["llama"], torch.device("cpu")), folder, cand)
+        assert main(["validate", str(make_recipe(tiny_models["llama"])), f"quantize.input={folder}"]) == 2
+        err = capsys.readouterr().err
+        kind = {"bnb-int8": "bitsandbytes", "openvino-int8": "openvino"}[method]
+        assert f"quantize.input: '{folder}' is already quantized ({kind} weights)" in err, err
+
+
+def test_validate_sees_an_output_dir_run_would_refuse(tiny_models, make_recipe, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"output_dir={tmp_path}/a-file/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir: cannot write" in err and "a-file' is a file" in err

@@ -91,6 +91,10 @@ class DistillConfig(TrainConfig):
             problems.append(f"teacher: '{self.teacher}' is not a model folder; use auto or a stage output folder")
         if self.keep is not None and self.layers is not None:
             problems.append("keep and layers: set only one of them")
+        others = [k for k in ("keep", "layers", "config") if getattr(self, k) is not None]
+        if self.every is not None and others:  # each picks the student's layers its own way: one would be ignored
+            problems.append(f"every and {others[0]}: set only one of them (every keeps layers 0, every, 2·every, "
+                            "...; keep and layers name them; config builds a fresh student)")
         if self.config is not None and (self.keep is not None or self.layers is not None):
             problems.append("config: a fresh student from `config` cannot also keep teacher layers; "
                             "remove keep/layers or config")
