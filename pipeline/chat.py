@@ -28,6 +28,7 @@ def check_columns(dsd, cfg):
                     "a list of {role, content} turns; fix the data, or set data.messages_column to the column that "
                     "holds the conversations"
                 )
+            _check_turns(split[cfg.messages_column], cfg)
             continue
         if not {cfg.prompt_column, cfg.response_column} <= set(cols):
             raise StageError(
@@ -38,7 +39,36 @@ def check_columns(dsd, cfg):
             )
         require_text_column(split, cfg.prompt_column, "prompt_column", cfg)
         require_text_column(split, cfg.response_column, "response_column", cfg)
+        empty = [i for i, text in enumerate(split[cfg.response_column]) if not text.strip()]
+        if empty:  # nothing to learn from, and a label-free example the trainer would take without a word
+            raise StageError(f"data.response_column: {len(empty)} row(s) of '{cfg.source}' have an empty "
+                             f"'{cfg.response_column}' (the first is row {empty[0] + 1}); give every row a response, "
+                             "or remove those rows")
     return dsd
+
+
+ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
+
+
+def _check_turns(conversations, cfg) -> None:
+    """Every turn has a known role and text; every conversation has an assistant turn to learn from. Rows are
+    numbered as in the data (the check runs before the split)."""
+    for row, turns in enumerate(conversations, 1):
+        where = f"data: row {row} of '{cfg.source}'"
+        if not turns:
+            raise StageError(f"{where} has no turns in '{cfg.messages_column}'; give it a conversation, or remove it")
+        for n, turn in enumerate(turns, 1):
+            role, content = turn.get("role"), turn.get("content")
+            if role not in ROLES:
+                raise StageError(f"{where}, turn {n}: role {role!r} is not one of {', '.join(ROLES)}, the roles chat "
+                                 "templates render: name the user's turns role 'user' and the model's role 'assistant' "
+                                 "(not 'human', 'gpt', 'bot', ...), or remove the row")
+            if not isinstance(content, str) or not content.strip():
+                raise StageError(f"{where}, turn {n} ({role}): the content is {'null' if content is None else 'empty'}; "
+                                 "give every turn text, or remove the row")
+        if not any(t.get("role") == "assistant" for t in turns):
+            raise StageError(f"{where} has no assistant turn, so it has nothing to learn from (the loss is on the "
+                             "assistant's tokens only); add the answer, or remove the row")
 
 
 def conversation(row: dict, cfg) -> list[dict]:

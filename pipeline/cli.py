@@ -11,9 +11,9 @@ import sys
 import traceback
 
 from pipeline import interrupts
-from pipeline.stages import ORDER
 from pipeline.config import RecipeError
 from pipeline.models import ModelSourceError
+from pipeline.stages import ORDER
 
 EXIT_USAGE = 2  # a problem the user can fix: bad recipe, data, model folder, full disk, busy run folder
 EXIT_BUG = 1
@@ -141,8 +141,8 @@ def report(err: BaseException, debug: bool = False) -> int:
 
 def _generate(args) -> int:
     from pipeline.config import parse
-    from pipeline.generate import GenerationConfig, generate
     from pipeline.formats import load_folder
+    from pipeline.generate import GenerationConfig, generate
     from pipeline.models import pick_device
 
     errors: list[str] = []

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import DataConfig
+from pipeline.data import stamps as data_stamps
 from pipeline.errors import StageError
 from pipeline.records import (
     CorruptRecord,
@@ -64,7 +65,9 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
         )
     out = out or ctx.run_dir / stage
     config = dataclasses.asdict(cfg)
-    fp = fingerprint(stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
+    parts = (stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
+    files = data_stamps(ctx.data, getattr(cfg, "data", None))  # local data files, as they are now
+    fp = fingerprint(*parts, files) if files else fingerprint(*parts)  # (no files: as before, nothing re-runs)
     if up_to_date(ctx, stage, out, fp):
         return None
     log.info("%s: reading %s, writing %s", stage, folder, out)
@@ -86,5 +89,5 @@ def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:
         current = None
     if ctx.force or current is None or current.fingerprint != fp:
         return False
-    log.info("%s: %s is up to date (same input and config), skipping; use --force to re-run", stage, out)
+    log.info("%s: %s is up to date (same input, config and data files), skipping; use --force to re-run", stage, out)
     return True

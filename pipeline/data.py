@@ -121,6 +121,23 @@ def stdlib_corpus_file() -> Path:
     return out
 
 
+def stamps(*configs) -> list:
+    """(file, size, mtime) of every local data file the configs read (their sources and mixes): a stage's
+    fingerprint includes them, so a data file edited in place makes the stages that read it run again. Cheap for
+    large files (no hashing). The stdlib corpus and Hub datasets give none: the first is fixed by the Python
+    version, the second versioned by `datasets`' own cache."""
+    out = []
+    for cfg in configs:
+        if cfg is None:
+            continue
+        for source in [cfg.source, *(m.source for m in cfg.mix)]:
+            for path in local_files(source) or []:
+                if path.is_file():
+                    stat = path.stat()
+                    out.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return out
+
+
 def load_splits(cfg: DataConfig, seed: int):
     """Return a DatasetDict with `train` and `validation` splits of raw documents."""
     import datasets

@@ -56,6 +56,7 @@ def resolve(name: str) -> Source:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"model folder '{name}' has no config.json; point `model` at a transformers model folder")
         check_weights(path)
+        check_tokenizer(path)
         return Source("folder", str(path.resolve()))
     if name.startswith((".", "/", "~")) or path.exists() or not HUB_ID.match(name):
         raise ModelSourceError(
@@ -113,6 +114,22 @@ def check_weights(folder: str | Path) -> None:
         if problem:
             raise ModelSourceError(f"weights file '{shard}' {problem}; copy or download it again, or re-run the "
                                    "stage that wrote it (with --force)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt",
+                   "sentencepiece.bpe.model")
+
+
+def check_tokenizer(folder: str | Path) -> None:
+    """A model folder must hold its tokenizer: without one transformers builds an empty default tokenizer of the
+    config's type (8 tokens for a Llama) and every text becomes unknown tokens, without an error."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSourceError(
+            f"model folder '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
+            "tokenizer of the model it came from into it: AutoTokenizer.from_pretrained(<that model>)"
+            f".save_pretrained('{folder}')"
+        )
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -232,6 +249,8 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
             cfg = gguf_config(source)
             tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
         else:
+            if source.kind != "hub":
+                check_tokenizer(source.path)
             tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                 **_offline(source))
             cfg = peek_config(source, trust_remote_code)

@@ -22,6 +22,7 @@ import torch
 from pipeline import families
 from pipeline.errors import StageError
 
+
 def layout(config) -> str | None:
     """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3"; None if they cannot."""
     described = families.of(config)

@@ -73,6 +73,31 @@ def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, 
     assert weights.stat().st_mtime_ns != stamp
 
 
+def test_a_data_file_edited_in_place_makes_the_stages_that_read_it_run_again(tiny_models, make_recipe, tmp_path,
+                                                                          caplog):
+    from pydoc_data.topics import topics
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:60]))
+    path = make_recipe(tiny_models["llama"], data={"source": str(data)}, distill={"enabled": False},
+                       quantize={"enabled": False}, evaluate={"speed": False, "samples": False, "task": {"enabled": False}})
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    weights = run_dir / "finetune" / "model.safetensors"
+    stamp, scored = weights.stat().st_mtime_ns, json.loads((run_dir / "report.json").read_text())["models"]
+    caplog.clear()
+    assert main(["run", str(path)]) == 0  # unchanged: nothing runs again
+    assert weights.stat().st_mtime_ns == stamp and "finetune: " in caplog.text and "up to date" in caplog.text
+    # the same file, edited in place (same name, same settings): its stages are stale
+    data.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[60:120]))
+    caplog.clear()
+    assert main(["run", str(path)]) == 0
+    assert weights.stat().st_mtime_ns != stamp
+    assert "finetune: " not in "".join(line for line in caplog.text.splitlines() if "up to date" in line)
+    rescored = json.loads((run_dir / "report.json").read_text())["models"]
+    assert rescored[0]["perplexity"] != scored[0]["perplexity"]  # base scored again, on the new validation text
+
+
 def test_interrupted_stage_leaves_nothing_to_consume(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
     path = make_recipe(tiny_models["gpt2"])
     assert main(["run", str(path), "--stages", "load"]) == 0

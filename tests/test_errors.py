@@ -81,6 +81,20 @@ DATA_CASES = [
     ("chat-no-assistant-turns", "c.jsonl", lines({"messages": [{"role": "human", "content": "hi"},
                                                               {"role": "gpt", "content": "hello"}]} for _ in range(10)),
      CHAT, ["role 'assistant'", "'gpt'"]),
+    # rows a trainer would take without a word: named with their row (the check runs before the split)
+    ("chat-unknown-role", "c.jsonl", lines(CHATS[:6]) + lines([{"messages": [
+        {"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]}]) + lines(CHATS[6:]), CHAT,
+     ["row 7 of", "turn 1: role 'robot' is not one of system, user, assistant, tool"]),
+    ("chat-null-answer", "c.jsonl", lines(CHATS[:3]) + lines([{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}]) + lines(CHATS[3:]), CHAT,
+     ["row 4 of", "turn 2 (assistant): the content is null"]),
+    ("chat-empty-answer", "c.jsonl", lines(CHATS[:9]) + lines([{"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}]), CHAT,
+     ["row 10 of", "turn 2 (assistant): the content is empty"]),
+    ("chat-without-an-answer", "c.jsonl", lines(CHATS[:2]) + lines([{"messages": [
+        {"role": "user", "content": "hi"}]}]) + lines(CHATS[2:]), CHAT, ["row 3 of", "has no assistant turn"]),
+    ("chat-empty-response", "c.jsonl", lines({"prompt": f"q{i}", "response": "a" if i != 4 else ""} for i in range(10)),
+     CHAT, ["data.response_column", "1 row(s)", "row 5"]),
     ("chat-one-conversation", "c.jsonl", lines(CHATS[:1]), CHAT, ["1 conversation"]),
     ("chat-missing-columns", "c.jsonl", lines({"question": "q", "answer": "a"} for _ in range(10)), CHAT,
      ["question, answer", "data.messages_column", "data.prompt_column"]),
@@ -176,12 +190,19 @@ def _broken_gguf(tmp_path, tokenizer):
     return write(tmp_path / "model.Q4_0.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
 
 
+def _no_tokenizer(tmp_path, tokenizer):
+    folder = tmp_path / "no-tokenizer"
+    build_model("llama", tokenizer).save_pretrained(folder)  # weights and config, no tokenizer files
+    return folder
+
+
 MODEL_CASES = [
     ("gguf-cut-short", _broken_gguf, ["could not load", "model.Q4_0.gguf", "incomplete"]),
     ("config-without-weights", _no_weights, ["no weights", "model.safetensors"]),
     ("only-pickled-weights", _pickled, ["pytorch_model.bin", "safetensors only"]),
     ("truncated-weights", _truncated, ["model.safetensors", "is truncated"]),
     ("tokenizer-of-another-model", _other_tokenizer, ["tokenizer has 700 tokens", "vocab_size) is 512"]),
+    ("no-tokenizer", _no_tokenizer, ["has no tokenizer", "tokenizer.json", "save_pretrained"]),
 ]
 
 

@@ -116,8 +116,9 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
     record = read_record(folder)
     metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
     # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
+    files = data.stamps(ctx.data)  # the validation text edited in place is scored again
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.fingerprint, task_plan, metrics)
+                          record.fingerprint, task_plan, metrics, *([files] if files else []))
     cached = record.scoreboard
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
