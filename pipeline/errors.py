@@ -28,8 +28,14 @@ def chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
+# How libraries that are not Python report a full disk: safetensors' Rust writer raises SafetensorError
+# "... IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })", with no OSError
+DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
+
+
 def is_disk_full(err: BaseException) -> bool:
-    return any(isinstance(e, OSError) and e.errno in DISK_FULL for e in chain(err))
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in str(e) for t in DISK_FULL_TEXT)
+               for e in chain(err))
 
 
 def mb(n_bytes: float) -> str:
@@ -98,9 +104,10 @@ def explain(err: BaseException) -> StageError | None:
     for e in chain(err):
         if isinstance(e, StageError):
             return e
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            where = Path(e.filename).parent if e.filename else Path.cwd()
-            return StageError(f"disk full while writing '{e.filename or where}': {mb(free_bytes(where) or 0)} free; "
+        if (isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in str(e) for t in DISK_FULL_TEXT):
+            where = Path(e.filename).parent if getattr(e, "filename", None) else Path.cwd()
+            return StageError(f"disk full while writing '{getattr(e, 'filename', None) or where}': "
+                              f"{mb(free_bytes(where) or 0)} free; "
                               "free some space or set output_dir to a larger disk, then run the same command again")
         if isinstance(e, OSError) and e.errno in NOT_WRITABLE and e.filename:
             return StageError(f"cannot access '{e.filename}' ({e.strerror}); check its permissions (for output, "

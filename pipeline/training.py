@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from transformers import TrainerCallback
 
-from pipeline import dist
+from pipeline import dist, errors
 from pipeline.errors import StageError
 from pipeline.models import native_bf16, pick_device
 
@@ -154,8 +154,21 @@ def training_args(cfg: TrainConfig, output_dir: Path, seed: int, *, evaluate: bo
 
 
 def train(trainer, block_size: int, resume_from: str | None = None) -> dict:
-    """Run `trainer` and summarise what it did: first/last logged loss, tokens, speed."""
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    """Run `trainer` and summarise what it did: first/last logged loss, tokens, speed. A disk that fills while
+    the Trainer writes a checkpoint is the stage's disk-full message (space needed and free), not a bug: the
+    unfinished checkpoint has no marker, so the same command resumes from the last finished one."""
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as err:
+        if not errors.is_disk_full(err):
+            raise
+        out = Path(trainer.args.output_dir)
+        for partial in _checkpoints(out):  # the one it was writing: never resumed from, and it holds the space
+            if _marker(partial) is None and dist.is_main():
+                shutil.rmtree(partial, ignore_errors=True)
+        # a checkpoint holds the weights, AdamW's two moments and small state: about three copies of the model
+        need = 3 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        raise errors.disk_full(out / ".checkpoint.partial", 0, need) from err
     state, args = trainer.state, trainer.args
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]

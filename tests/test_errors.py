@@ -317,6 +317,33 @@ def test_disk_full_while_saving_removes_the_partial_folder(tiny_models, make_rec
     assert main(["run", str(recipe), "--stages", "finetune"]) == 0  # space again: the same command goes on
 
 
+def test_disk_full_while_the_trainer_writes_a_checkpoint(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    """safetensors' writer reports a full disk as a SafetensorError with no OSError in it: still the disk-full
+    message (needed and free), the unfinished checkpoint removed, and the same command goes on afterwards."""
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    save_file = mu.safe_save_file
+
+    def fill_up(tensors, filename, metadata=None):
+        if "checkpoint-" in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return save_file(tensors, filename, metadata=metadata)
+
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 4, "save_steps": 2})
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    monkeypatch.setattr(mu, "safe_save_file", fill_up)
+    err = fails(["run", recipe, "--stages", "finetune"], capsys)
+    for needle in ["disk full while writing checkpoint", "needs about", "MB are free", "output_dir"]:
+        assert needle in err, (needle, err)
+    trainer_dir = tmp_path / "runs" / "tiny" / ".trainer" / "finetune"
+    assert trainer_dir.is_dir() and not list(trainer_dir.glob("checkpoint-*"))  # the half-written one is gone
+    no_folder(tmp_path / "runs" / "tiny", "finetune")
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", "finetune"]) == 0
+
+
 def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
     """A real size-limited folder (a 256 KiB tmpfs): the stage says how much it needs, writes nothing."""
     mnt = tmp_path / "small-disk"
