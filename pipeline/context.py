@@ -31,6 +31,7 @@ class Context:
     trust_remote_code: bool = False
     inputs: dict[str, Path] = field(default_factory=dict)  # stage name -> folder it reads
     model_folders: tuple[str, ...] = ()  # the run's model folders in pipeline order (from the stage table)
+    stale: dict[str, str] = field(default_factory=dict)  # model folder -> why it does not match the recipe now
 
 
 @dataclass
@@ -65,13 +66,19 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
         )
     out = out or ctx.run_dir / stage
     config = dataclasses.asdict(cfg)
-    parts = (stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
-    files = data_stamps(ctx.data, getattr(cfg, "data", None))  # local data files, as they are now
-    fp = fingerprint(*parts, files) if files else fingerprint(*parts)  # (no files: as before, nothing re-runs)
+    fp = stage_fingerprint(ctx, stage, cfg, parent)
     if up_to_date(ctx, stage, out, fp):
         return None
     log.info("%s: reading %s, writing %s", stage, folder, out)
     return StageRun(stage, out, fp, parent, config)
+
+
+def stage_fingerprint(ctx: Context, stage: str, cfg, parent: StageRecord) -> str:
+    """What a stage's record says when its output matches its input (`parent`), its settings, the recipe's data
+    and the local data files as they are now."""
+    parts = (stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
+    files = data_stamps(ctx.data, getattr(cfg, "data", None))
+    return fingerprint(*parts, files) if files else fingerprint(*parts)  # (no files: as before, nothing re-runs)
 
 
 def result_settings(cfg) -> dict:

@@ -68,10 +68,14 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     warning = (["**Warning: the source model failed the load stage's check, and the run went on because "
                 f"`check_source: false`. Every number below may be wrong.** {'; '.join(suspect)}.", ""]
                if suspect else [])
+    warning += [f"**Stale: `{r['name']}`** is not what the recipe makes now: {r['stale']}. Its row is marked "
+                "*(stale)*.\n" for r in rows if r.get("stale")]
     lines = [f"# Report: {recipe}", "", *warning, "![perplexity vs size](report.png)", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]
+        if row.get("stale"):
+            cells[0] += " *(stale)*"
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
         cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
         cells += [task_cell((row.get("tasks") or {}).get(task), metric) for task, metric in task_cols]

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from pipeline import dist
-from pipeline.context import Context
+from pipeline.context import Context, stage_fingerprint
 from pipeline.errors import StageError
 from pipeline.push import Publisher
 from pipeline.recipe import Recipe
+from pipeline.records import CorruptRecord, read_record, read_stage
 from pipeline.runlock import run_lock
 from pipeline.stages import (
     BY_NAME,
@@ -35,6 +36,38 @@ def context(recipe: Recipe, force: bool = False) -> Context:
         if cfg.enabled:
             previous = ctx.run_dir / stage.folder
     return ctx
+
+
+def stale_folders(recipe: Recipe, ctx: Context) -> dict[str, str]:
+    """The run's model folders that the recipe, as it is now, would not make: a disabled stage's folder from an
+    earlier run, a folder made with other settings or data (a re-run that was interrupted leaves the old one),
+    and everything made from a stale folder. {folder: why}."""
+    out: dict[str, str] = {}
+    for stage in STAGES:
+        folder = ctx.run_dir / stage.folder if stage.folder else None
+        try:
+            record = read_record(folder) if folder else None
+        except CorruptRecord:
+            continue  # the stage that reads it says so
+        if record is None:
+            continue
+        if not enabled(stage, recipe):
+            out[stage.folder] = f"{stage.name} is disabled in the recipe; this folder is from an earlier run"
+            continue
+        parent = Path(ctx.inputs[stage.name]) if stage.chained else None
+        if parent is not None and parent.parent == ctx.run_dir and parent.name in out:
+            out[stage.folder] = f"made from {parent.name}, which is stale"
+            continue
+        cfg = settings(stage, recipe)
+        if stage.fingerprint is not None:
+            expected = stage.fingerprint(cfg, ctx)
+        else:
+            parent_record = read_stage(parent)
+            expected = stage_fingerprint(ctx, stage.name, cfg, parent_record) if parent_record else None
+        if record.fingerprint != expected:
+            out[stage.folder] = (f"made with other settings, input or data than the recipe's now; run "
+                                 f"`--stages {stage.name}` (or the whole recipe) to refresh it")
+    return out
 
 
 def enabled_stages(recipe: Recipe) -> list[str]:
@@ -81,6 +114,8 @@ def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | Non
             dist.barrier()
         started = time.time()
         log.info("=== %s ===", stage)
+        if not row.folder:  # a stage that reads every folder (evaluate) marks those the recipe would not make now
+            ctx.stale = stale_folders(recipe, ctx)
         outputs[stage] = row.run(settings(row, recipe), ctx)
         if together:
             dist.barrier()

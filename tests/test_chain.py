@@ -98,6 +98,31 @@ def test_a_data_file_edited_in_place_makes_the_stages_that_read_it_run_again(tin
     assert rescored[0]["perplexity"] != scored[0]["perplexity"]  # base scored again, on the new validation text
 
 
+def test_evaluate_marks_folders_the_recipe_would_not_make_now(tiny_models, make_recipe, tmp_path):
+    fast = {"speed": False, "samples": False, "task": {"enabled": False}}
+    path = make_recipe(tiny_models["gpt2"], prune={"enabled": True, "intermediate_size": 128, "calibration_blocks": 4},
+                       evaluate=fast)
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    report = (run_dir / "report.md").read_text()
+    assert "stale" not in report.lower()  # everything current
+    # new quantize settings whose run never finished (Ctrl-C, a crash): the old quantize folder stays
+    assert main(["run", str(path), "quantize.max_ppl_increase=9", "--stages", "evaluate"]) == 0
+    report = (run_dir / "report.md").read_text()
+    assert "**Stale: `quantize`** is not what the recipe makes now" in report and "| quantize *(stale)* |" in report
+    assert "| distill |" in report  # what is still current is not marked
+    # prune switched off: its folder is an earlier run's, and distill and quantize were made from it
+    assert main(["run", str(path), "prune.enabled=false", "--stages", "evaluate"]) == 0
+    rows = {r["name"]: r for r in json.loads((run_dir / "report.json").read_text())["models"]}
+    assert "disabled in the recipe" in rows["prune"]["stale"]
+    assert "other settings, input or data" in rows["distill"]["stale"]  # its input is now finetune
+    assert rows["quantize"]["stale"] == "made from distill, which is stale"
+    assert "stale" not in rows["finetune"] and "stale" not in rows["base"]
+    # the whole recipe again: every folder is made afresh, nothing is stale
+    assert main(["run", str(path), "quantize.max_ppl_increase=9"]) == 0
+    assert "stale" not in (run_dir / "report.md").read_text().lower()
+
+
 def test_interrupted_stage_leaves_nothing_to_consume(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
     path = make_recipe(tiny_models["gpt2"])
     assert main(["run", str(path), "--stages", "load"]) == 0

@@ -19,6 +19,9 @@ class Stage:
     section: bool = True  # a recipe section of its own (load's one setting is the recipe's top-level `model`)
     trains: bool = False  # every rank of a multi-process run takes part (the others run on rank 0 alone)
     relation: str | None = None  # Hub `base_model_relation` to the stage folder it was made from
+    # (cfg, ctx) -> the fingerprint its folder has when current, for a stage that reads no stage folder (load);
+    # the chained stages' is context.stage_fingerprint of their input's record
+    fingerprint: Callable | None = None
 
     @property
     def chained(self) -> bool:
@@ -29,7 +32,7 @@ class Stage:
 # Pruning and distillation change the parent's weights, so they count as a fine-tune: the Hub has no closer
 # relation.
 STAGES = (
-    Stage("load", load.LoadConfig, load.run, "base", section=False),
+    Stage("load", load.LoadConfig, load.run, "base", section=False, fingerprint=load.stage_fingerprint),
     Stage("finetune", finetune.FinetuneConfig, finetune.run, "finetune", trains=True, relation="finetune"),
     Stage("prune", prune.PruneConfig, prune.run, "prune", relation="finetune"),
     Stage("distill", distill.DistillConfig, distill.run, "distill", trains=True, relation="finetune"),

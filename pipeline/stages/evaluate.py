@@ -240,6 +240,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
         row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
+        if name in ctx.stale:  # never reported as if the recipe had made it
+            row["stale"] = ctx.stale[name]
+            log.warning("evaluate: %s is stale: %s", name, ctx.stale[name])
         suspect = (record.details.get("source_check") or {}).get("problems")
         if suspect:  # loaded with check_source: false: the report says so at its top
             row["source_problems"] = suspect

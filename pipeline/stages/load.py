@@ -25,14 +25,20 @@ class LoadConfig:
     check_source: bool = True  # the recipe's `check_source`
 
 
-def run(cfg: LoadConfig, ctx: Context) -> Path:
+def stage_fingerprint(cfg: LoadConfig, ctx: Context) -> str:
+    """The base folder's fingerprint: the source as it is now (a local file's size and modification time)."""
     source = models.resolve(cfg.model)
-    out = ctx.run_dir / "base"
     stamp = None
     if source.kind != "hub":
         path = Path(source.path) / (source.gguf_file or "config.json")
         stamp = (path.stat().st_size, int(path.stat().st_mtime))
-    fp = fingerprint("load", cfg.model, stamp, ctx.trust_remote_code)
+    return fingerprint("load", cfg.model, stamp, ctx.trust_remote_code)
+
+
+def run(cfg: LoadConfig, ctx: Context) -> Path:
+    source = models.resolve(cfg.model)
+    out = ctx.run_dir / "base"
+    fp = stage_fingerprint(cfg, ctx)
     if up_to_date(ctx, "load", out, fp):
         return out
     started = time.time()
