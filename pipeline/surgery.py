@@ -35,7 +35,7 @@ def family(config) -> str:
     if found is not None:
         return found
     described = families.of(config)
-    why = (f"for {described.name}, {described.no_width}" if described and described.no_width
+    why = (f"for {described.name} ('{described.model_types[0]}'), {described.no_width}" if described and described.no_width
            else f"this model is '{getattr(config, 'model_type', None)}'")
     raise StageError(f"prune: width pruning supports {families.width_families()}; {why}. "
                      "Drop layers only (prune.num_hidden_layers, or prune.axes: [depth]) or use distill.every/keep/layers")

@@ -340,7 +340,7 @@ def test_families_the_width_cut_cannot_slice_are_refused_at_validation_and_cut_i
         assert main(["validate", str(width)]) == 2
         err = capsys.readouterr().err
         assert "prune.axes: width pruning supports" in err and "Phi-3 (phi3)" in err
-        assert "for GPT-NeoX, its per-head interleaved query_key_value" in err and "axes: [depth]" in err
+        assert "for GPT-NeoX ('gpt_neox'), its per-head interleaved query_key_value" in err and "axes: [depth]" in err
     else:
         assert main(["validate", str(width)]) == 0
     depth = make_recipe(folder, name="depth", prune={"enabled": True, "target_params": 0.8, "axes": ["depth"],
