@@ -90,7 +90,8 @@ def test_bnb_quantizes_every_projection_and_reloads_identically(arch, method, ti
 
 @pytest.mark.parametrize("method", ["openvino-int8", "openvino-int4"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_openvino_compresses_every_projection_and_reloads_identically(arch, method, tiny_models, tmp_path):
+def test_openvino_compresses_every_projection_and_reloads_identically(arch, method, tiny_models, tokenizer,
+                                                                      tmp_path):
     from optimum.intel import OVModelForCausalLM
 
     fp32 = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
@@ -98,6 +99,7 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     model = qb.quantize(cand, tiny_models[arch], CPU)
     before = logits(model)
     qb.save(model, tmp_path)
+    tokenizer.save_pretrained(tmp_path)  # as the quantize stage does: a model folder holds its tokenizer
     reloaded, _ = formats.load_folder(tmp_path, device_map="cpu")  # what the evaluate stage does
     assert isinstance(reloaded, OVModelForCausalLM)
     assert torch.equal(logits(reloaded), before)

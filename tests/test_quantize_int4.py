@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from pipeline import data, formats, recipe
 from pipeline import quant_backends as qb
@@ -104,6 +105,7 @@ def test_each_data_aware_option_reaches_nncf(tiny_models, tmp_path):
         model = qb.quantize(cand, source, torch.device("cpu"), calibration=calib)
         out = tmp_path / f"c{i}"
         qb.save(model, out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)  # as the quantize stage does
         info = _rt_info(out)
         assert {k: info[k] for k in expected} == expected, (cand, info)
         reloaded, _ = formats.load_folder(out)
