@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import families, models
-from pipeline.formats import transformers
+from pipeline.formats import transformers as transformers_folder  # (not the library)
 
 log = logging.getLogger("pipeline")
 
@@ -430,7 +430,7 @@ def card_section(folder: Path, repo_id: str | None) -> str:
 
 def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
     """The dequantized torch model, scored as a transformers folder's is."""
-    return transformers.lm_eval_model(model, tokenizer, folder, batch_size)
+    return transformers_folder.lm_eval_model(model, tokenizer, folder, batch_size)
 
 
 def unavailable(cand, device: torch.device) -> str | None:
