@@ -89,7 +89,7 @@ Stage **{record.stage}** of the recipe `{record.recipe}`, made by llm-pipeline f
 ## Use it
 
 ```python
-{usage(folder, repo_id or USAGE_REF)}
+{formats.usage(folder, repo_id or USAGE_REF)}
 ```
 {formats.card_section(folder, repo_id)}{_requirement(record)}
 The full stage configuration, library versions and timings are in `pipeline.json`.
@@ -104,11 +104,6 @@ def _requirement(record: StageRecord) -> str:
         return ""
     return (f"\nSaved with transformers {saved}: load it with transformers >= 5 (4.x cannot read the tokenizer "
             "files transformers 5 writes).\n")
-
-
-def usage(folder: Path, ref: str) -> str:
-    """A loading snippet for the folder's format, naming `ref` as the model."""
-    return formats.usage(Path(folder), ref)
 
 
 def _fmt(v) -> str:

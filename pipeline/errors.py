@@ -33,9 +33,12 @@ def chain(err: BaseException):
 DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
 
 
+def _says_disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in str(e) for t in DISK_FULL_TEXT)
+
+
 def is_disk_full(err: BaseException) -> bool:
-    return any((isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in str(e) for t in DISK_FULL_TEXT)
-               for e in chain(err))
+    return any(_says_disk_full(e) for e in chain(err))
 
 
 def mb(n_bytes: float) -> str:
@@ -104,7 +107,7 @@ def explain(err: BaseException) -> StageError | None:
     for e in chain(err):
         if isinstance(e, StageError):
             return e
-        if (isinstance(e, OSError) and e.errno in DISK_FULL) or any(t in str(e) for t in DISK_FULL_TEXT):
+        if _says_disk_full(e):
             where = Path(e.filename).parent if getattr(e, "filename", None) else Path.cwd()
             return StageError(f"disk full while writing '{getattr(e, 'filename', None) or where}': "
                               f"{mb(free_bytes(where) or 0)} free; "

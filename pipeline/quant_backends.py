@@ -5,7 +5,6 @@ by NNCF, `gguf-*` a GGUF folder for llama.cpp. All quantize weights only: quanti
 (dynamic int8) wrecks models this small."""
 from __future__ import annotations
 
-import importlib.metadata as md
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -13,6 +12,7 @@ from typing import Callable, Literal
 import torch
 
 from pipeline import formats
+from pipeline.records import package_versions
 
 # Every format's methods, in the order of the format table
 Method = Literal[tuple(m for f in formats.FORMATS for m in f.METHODS)]
@@ -177,13 +177,7 @@ def grid(cand: Candidate) -> dict | None:
 
 def versions(cand: Candidate) -> dict:
     """Versions of the packages that wrote a candidate's folder (pipeline.json lists the core ones)."""
-    out = {}
-    for package in cand.format.PACKAGES:
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(cand.format.PACKAGES)
 
 
 def tags(cand: Candidate) -> list[str]:

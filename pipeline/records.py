@@ -132,16 +132,24 @@ def origin(folder: str | Path) -> str | None:
     return chain[-1].parent if chain and chain[-1].stage == "base" else None
 
 
-def versions() -> dict:
+def package_versions(packages) -> dict:
+    """{package: version} of those installed."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):
+    out = {}
+    for package in packages:
         try:
-            out[pkg] = md.version(pkg)
+            out[package] = md.version(package)
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def versions() -> dict:
+    """The core libraries every stage record names (a quantize record adds its format's own)."""
+    return {"python": platform.python_version(),
+            **package_versions(("torch", "transformers", "datasets", "accelerate", "peft", "bitsandbytes",
+                                "huggingface_hub"))}
 
 
 def write_json(folder: Path, record: StageRecord) -> StageRecord:

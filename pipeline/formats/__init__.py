@@ -32,25 +32,30 @@ def load_folder(folder: str | Path, **kwargs):
     return fmt.load(Path(folder), **kwargs)
 
 
+def _format(folder: str | Path):
+    """The folder's format; a folder none of them claims (an adapter beside merged weights, say) is read as a
+    transformers folder."""
+    return of_folder(folder) or transformers
+
+
 def disk_size(folder: str | Path) -> int:
     """Bytes of the weight files in a model folder (what a user loads to run it)."""
     folder = Path(folder)
     if folder.is_file():
         return folder.stat().st_size
-    fmt = of_folder(folder) or transformers
-    return sum(p.stat().st_size for p in fmt.weight_files(folder))
+    return sum(p.stat().st_size for p in _format(folder).weight_files(folder))
 
 
 def usage(folder: str | Path, ref: str) -> str:
     """A loading snippet for the folder's format, naming `ref` (a path or repo id) as the model."""
-    return (of_folder(folder) or transformers).usage(Path(folder), ref)
+    return _format(folder).usage(Path(folder), ref)
 
 
 def card_section(folder: str | Path, repo_id: str | None) -> str:
     """More for the model card, where the format has more ways to run it (llama.cpp, Ollama)."""
-    return (of_folder(folder) or transformers).card_section(Path(folder), repo_id)
+    return _format(folder).card_section(Path(folder), repo_id)
 
 
 def lm_eval_model(model, tokenizer, folder: str | Path, batch_size: int):
     """The lm-eval model over an evaluated model folder."""
-    return (of_folder(folder) or transformers).lm_eval_model(model, tokenizer, Path(folder), batch_size)
+    return _format(folder).lm_eval_model(model, tokenizer, Path(folder), batch_size)

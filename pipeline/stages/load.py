@@ -25,9 +25,9 @@ class LoadConfig:
     check_source: bool = True  # the recipe's `check_source`
 
 
-def stage_fingerprint(cfg: LoadConfig, ctx: Context) -> str:
+def stage_fingerprint(cfg: LoadConfig, ctx: Context, source: models.Source | None = None) -> str:
     """The base folder's fingerprint: the source as it is now (a local file's size and modification time)."""
-    source = models.resolve(cfg.model)
+    source = source or models.resolve(cfg.model)
     stamp = None
     if source.kind != "hub":
         path = Path(source.path) / (source.gguf_file or "config.json")
@@ -38,7 +38,7 @@ def stage_fingerprint(cfg: LoadConfig, ctx: Context) -> str:
 def run(cfg: LoadConfig, ctx: Context) -> Path:
     source = models.resolve(cfg.model)
     out = ctx.run_dir / "base"
-    fp = stage_fingerprint(cfg, ctx)
+    fp = stage_fingerprint(cfg, ctx, source)
     if up_to_date(ctx, "load", out, fp):
         return out
     started = time.time()
