@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.data import DataConfig
 from pipeline.data import stamps as data_stamps
 from pipeline.errors import StageError
+from pipeline.general import GeneralConfig
 from pipeline.records import (
     CorruptRecord,
     StageRecord,
@@ -27,10 +28,15 @@ class Context:
     run_dir: Path
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)  # the recipe's general-English text
     force: bool = False  # re-run stages even when their inputs and config are unchanged
     trust_remote_code: bool = False
     inputs: dict[str, Path] = field(default_factory=dict)  # stage name -> folder it reads
+    also: dict[str, list[Path]] = field(default_factory=dict)  # stage name -> more folders it reads (quantize.inputs)
     model_folders: tuple[str, ...] = ()  # the run's model folders in pipeline order (from the stage table)
+    # the model every other is compared with (KL divergence, top-1 agreement, quality budgets): the fine-tuned
+    # model, or the base model when fine-tuning is off
+    reference: Path | None = None
     stale: dict[str, str] = field(default_factory=dict)  # model folder -> why it does not match the recipe now
 
 
@@ -46,10 +52,12 @@ class StageRun:
     started: float = field(default_factory=time.time)
 
     def record(self, ctx: Context, *, metrics: dict, summary: str, tags: list[str], chosen: str | None = None,
-               teacher: dict | None = None, qat: dict | None = None, **details) -> StageRecord:
-        """The record of the folder this stage writes; `details` are its own keys (importance, candidates, ...)."""
+               teacher: dict | None = None, qat: dict | None = None, parent: str | None = None,
+               **details) -> StageRecord:
+        """The record of the folder this stage writes; `details` are its own keys (importance, candidates, ...);
+        `parent`: the folder it was made from, when not its (first) input."""
         return StageRecord(stage=self.stage, recipe=ctx.recipe, fingerprint=self.fingerprint,
-                           parent=str(ctx.inputs.get(self.stage, "")), base_model=self.parent.base_model,
+                           parent=parent or str(ctx.inputs.get(self.stage, "")), base_model=self.parent.base_model,
                            dataset=ctx.data.label, config=self.config, seconds=round(time.time() - self.started, 1),
                            metrics=metrics, summary=summary, tags=tags, chosen=chosen, teacher=teacher, qat=qat,
                            details=details)
@@ -78,7 +86,9 @@ def stage_fingerprint(ctx: Context, stage: str, cfg, parent: StageRecord) -> str
     and the local data files as they are now."""
     parts = (stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
     files = data_stamps(ctx.data, getattr(cfg, "data", None))
-    return fingerprint(*parts, files) if files else fingerprint(*parts)  # (no files: as before, nothing re-runs)
+    # (no files, no other inputs: as before, nothing re-runs)
+    also = [(read_stage(f) or StageRecord(stage="missing")).fingerprint for f in ctx.also.get(stage, [])]
+    return fingerprint(*parts, *([files] if files else []), *([also] if also else []))
 
 
 def result_settings(cfg) -> dict:

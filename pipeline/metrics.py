@@ -32,7 +32,19 @@ def model_device(model) -> torch.device:
 @torch.no_grad()
 def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int | None = None,
                batch_size: int = 8) -> dict:
-    """Token-level perplexity of `ids`; windows of equal length run `batch_size` at a time.
+    """Token-level perplexity of `ids`; windows of equal length run `batch_size` at a time."""
+    return score(model, ids, context, stride, max_tokens, batch_size)[0]
+
+
+@torch.no_grad()
+def score(model, ids: list[int], context: int, stride: int, max_tokens: int | None = None, batch_size: int = 8,
+          reference: torch.Tensor | None = None, keep: int = 0) -> tuple[dict, torch.Tensor | None]:
+    """Perplexity of `ids` and, in the same forward passes, how far the model's next-token distributions are
+    from a reference model's: `reference` holds the reference's log-probabilities at the first scored positions
+    (as `keep` returns them), and the result gains the mean KL(reference || model) in nats per token and the
+    share of positions where both models' most likely token agree (what llama.cpp's `--kl-divergence`
+    reports). `keep` > 0 also returns this model's own log-probabilities at its first `keep` scored positions,
+    in float32 (rounding them to 16 bits would add noise of the size of an int8 model's KL).
 
     A window scores only its last `k` tokens, so the LM head and the log-softmax run on those positions
     alone: transformers' `logits_to_keep` makes the model apply its head to the last k + 1 hidden states
@@ -50,6 +62,12 @@ def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int
     spans = windows(len(stream), context, stride)
     slice_head = "logits_to_keep" in inspect.signature(model.forward).parameters
     nll, scored = 0.0, 0
+    kl, agree, compared = 0.0, 0, 0
+    # Rows are indexed by the position of the token predicted (row j: token j + 1), not by the order windows
+    # run in, so a pass over a shorter stream (the reference's) lines up with a pass over the full one.
+    limit = min(len(reference), len(stream) - 1) if reference is not None else 0
+    keep = min(keep, len(stream) - 1)
+    kept = None
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -62,19 +80,42 @@ def perplexity(model, ids: list[int], context: int, stride: int, max_tokens: int
             batch = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)
             extra = {"logits_to_keep": k + 1} if slice_head else {}
             logits = model(input_ids=batch, attention_mask=torch.ones_like(batch), **extra).logits
-            logits = torch.as_tensor(logits)[:, -(k + 1) : -1]
-            targets = batch[:, -k:].to(logits.device)
-            nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-            scored += k * len(chunk)
+            logits = torch.as_tensor(logits)[:, -(k + 1) : -1].float().flatten(0, 1)
+            targets = batch[:, -k:].to(logits.device).flatten()
+            nll += F.cross_entropy(logits, targets, reduction="sum").item()
+            scored += len(targets)
+            rows = torch.cat([torch.arange(e - k, e) for _, e, _ in chunk]) - 1  # row of each scored token
+            wanted = rows < max(limit, keep)
+            if not wanted.any():
+                continue
+            logp = F.log_softmax(logits[wanted.to(logits.device)], dim=-1).cpu()
+            rows = rows[wanted]
+            if keep:
+                if kept is None:
+                    kept = torch.zeros(keep, logp.shape[-1])
+                sel = rows < keep
+                kept[rows[sel]] = logp[sel]
+            sel = rows < limit
+            if sel.any():
+                ref, mine = reference[rows[sel]], logp[sel]
+                if ref.shape[-1] != mine.shape[-1]:  # a vocabulary padded differently: compare the shared ids
+                    v = min(ref.shape[-1], mine.shape[-1])
+                    ref, mine = ref[:, :v], mine[:, :v]
+                kl += F.kl_div(mine, ref, log_target=True, reduction="sum").item()
+                agree += (mine.argmax(-1) == ref.argmax(-1)).sum().item()
+                compared += len(ref)
     if was_training:
         model.train()
-    return {
+    result = {
         "perplexity": math.exp(nll / scored),
         "nll": nll / scored,
         "scored_tokens": scored,
         "context": context,
         "stride": stride,
     }
+    if compared:
+        result.update(kl=kl / compared, top1=agree / compared, kl_tokens=compared)
+    return result, kept
 
 
 @torch.no_grad()

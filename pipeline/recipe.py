@@ -13,6 +13,7 @@ import yaml
 from pipeline import formats, models, quant_backends, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
+from pipeline.general import GeneralConfig
 from pipeline.errors import StageError
 from pipeline.models import Source
 from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, prune
@@ -56,6 +57,8 @@ class RecipeSettings:
     # BOS token the model was trained with (a mis-converted GGUF file); false runs it anyway, and the report says so
     check_source: bool = True
     data: DataConfig = field(default_factory=DataConfig)  # what to train and evaluate on
+    # general English the base model writes, scored by every report and the quantize gate (never trained on)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
 
     def check(self) -> list[str]:
         problems = []
@@ -81,10 +84,29 @@ class RecipeSettings:
         return problems
 
     def _check_quantize_input(self) -> list[str]:
-        """quantize.input must hold full-precision weights: quantizing a quantized folder again is not a thing
-        any of the formats does (bitsandbytes and OpenVINO refuse with an empty message, GGUF is not read)."""
-        folder = Path(self.quantize.input)
-        if self.quantize.input == "auto" or not folder.is_dir():
+        """quantize.input and every quantize.inputs folder must hold full-precision weights: quantizing a quantized
+        folder again is not a thing any of the formats does (bitsandbytes and OpenVINO refuse with an empty
+        message, GGUF is not read); a stage named in quantize.inputs must be one the recipe runs."""
+        problems = [] if self.quantize.input == "auto" else self._quantized("quantize.input", self.quantize.input)
+        runs = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
+        for i, value in enumerate(self.quantize.inputs or []):
+            key = f"quantize.inputs[{i}]"
+            if value == "auto" or value in runs - {"quantize"}:
+                continue
+            if value in MODEL_FOLDERS:
+                problems.append(f"{key}: '{value}' is not a model this recipe makes"
+                                + (f" ({value}.enabled is false); enable it or" if value != "quantize" else ";")
+                                + f" use auto, a folder path, or one of: {', '.join(sorted(runs - {'quantize'}))}")
+            elif not (Path(value) / "config.json").is_file() and not (Path(value) / "adapter_config.json").is_file():
+                problems.append(f"{key}: '{value}' is neither a stage of this recipe nor a model folder; use auto, "
+                                f"one of {', '.join(sorted(runs - {'quantize'}))}, or a folder holding config.json")
+            else:
+                problems += self._quantized(key, value)
+        return problems
+
+    def _quantized(self, key: str, value: str) -> list[str]:
+        folder = Path(value)
+        if not folder.is_dir():
             return []
         fmt = formats.of_folder(folder)
         quantized = fmt is not None and fmt is not formats.transformers
@@ -96,7 +118,7 @@ class RecipeSettings:
         if not quantized:
             return []
         kind = "bitsandbytes" if fmt is formats.transformers else fmt.NAME
-        return [f"quantize.input: '{folder}' is already quantized ({kind} weights); point it at the full-precision "
+        return [f"{key}: '{folder}' is already quantized ({kind} weights); point it at the full-precision "
                 f"folder it was made from, e.g. {self.output_dir}/{self.name}/distill or .../finetune"]
 
     def _check_output_dir(self) -> list[str]:

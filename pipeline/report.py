@@ -5,7 +5,8 @@ import json
 import time
 from pathlib import Path
 
-from pipeline import interrupts
+from pipeline import frontier, interrupts
+from pipeline.general import LABEL as GENERAL
 from pipeline.tasks import OFFLINE_TASK, main_metric
 
 COLUMNS = [  # (key, header, format)
@@ -62,7 +63,11 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     extra = [e["dataset"] for e in rows[0].get("evaluations", [])[1:]] if rows else []
     task_cols = task_columns(rows)
     answer_cols = list(dict.fromkeys(m for r in rows for m in (r.get("answers") or {}).get("scores", {})))
+    reference = next((r.get("reference") for r in rows if r.get("reference")), None)
+    compared = [e["dataset"] for e in rows[0].get("evaluations", []) if "kl" in e] if rows else []
+    kl_names = [n for n in compared if any(any("kl" in e for e in r.get("evaluations", [])) for r in rows)]
     headers = ([h for _, h, _ in cols] + [f"ppl {name}" for name in extra]
+               + [f"KL {name}" for name in kl_names] + ([f"top-1 {kl_names[0]}"] if kl_names else [])
                + [f"{task} {metric}".strip() for task, metric in task_cols] + [f"answers {m}" for m in answer_cols])
     suspect = next((r["source_problems"] for r in rows if r.get("source_problems")), None)
     warning = (["**Warning: the source model failed the load stage's check, and the run went on because "
@@ -78,10 +83,22 @@ def markdown(recipe: str, rows: list[dict]) -> str:
             cells[0] += " *(stale)*"
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
         cells += [f"{by_name[n]['perplexity']:.3f}" if n in by_name else "–" for n in extra]
+        cells += [f"{by_name[n]['kl']:.4f}" if "kl" in by_name.get(n, {}) else "–" for n in kl_names]
+        if kl_names:
+            first = by_name.get(kl_names[0], {})
+            cells.append(f"{first['top1']:.1%}" if "top1" in first else "–")
         cells += [task_cell((row.get("tasks") or {}).get(task), metric) for task, metric in task_cols]
         cells += [answer_cell((row.get("answers") or {}).get("scores", {}).get(m)) for m in answer_cols]
         lines.append("| " + " | ".join(cells) + " |")
     lines += task_notes(rows, task_cols) + answer_notes(rows, answer_cols)
+    if kl_names:
+        lines += ["", f"KL: mean KL divergence of each model's next-token distribution from the reference `{reference}`'s "
+                  f"(nats per token) on the first {rows[0]['evaluations'][0].get('kl_tokens', 0):,} scored positions of "
+                  f"each text; top-1: share of those positions where both models' most likely next token agree."]
+    if any(e["dataset"] == GENERAL for r in rows for e in r.get("evaluations", [])):
+        lines += ["", f"`{GENERAL}`: English the base model wrote from everyday openings (see the run's "
+                  "general/general.txt), never trained on: how much each model forgot outside the recipe's domain."]
+    lines += frontier_section(rows)
     for row in rows:
         teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)
         if teacher:
@@ -123,6 +140,42 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                 lines.append(f"- **{row['name']}**: {prompt} _{output}_")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def points(rows: list[dict]) -> list[dict]:
+    """Every model the run measured: the stage folders and the quantize stage's candidates (scored by its gate on
+    the same texts and windows when the recipe keeps `quantize` and `evaluate` windows equal)."""
+    out = [{"name": r["name"], "disk_mb": r["disk_mb"], "quality": frontier.quality(r), "gen_tok_s": r.get("gen_tok_s"),
+            "shipped": r["name"] == "quantize", "kind": "stage"} for r in rows if r.get("disk_mb") is not None]
+    for r in rows:
+        q = r.get("quantization") or {}
+        for c in q.get("candidates") or []:
+            if c.get("disk_mb") is None or c["name"] == q.get("chosen"):
+                continue  # the chosen one is the quantize row itself
+            out.append({"name": f"{c['name']} (candidate)", "disk_mb": c["disk_mb"], "quality": c.get("quality") or
+                        {r["evaluations"][0]["dataset"]: c["perplexity"]}, "gen_tok_s": c.get("gen_tok_s"),
+                        "shipped": False, "kind": "candidate"})
+    return frontier.mark(out)
+
+
+def frontier_section(rows: list[dict]) -> list[str]:
+    pts = points(rows)
+    texts = list(dict.fromkeys(t for p in pts for t in p["quality"]))
+    if len(pts) < 2 or not texts:
+        return []
+    lines = ["", "## Frontier: size against quality", "",
+             "Every model the run measured, smallest first. A model is dominated when another is no larger and no "
+             "worse on every text; only the others are worth shipping.", "",
+             "| model | disk MB | " + " | ".join(f"ppl {t}" for t in texts) + " | generate tok/s | |",
+             "|---|---|" + "---|" * len(texts) + "---|---|"]
+    for p in sorted(pts, key=lambda p: p["disk_mb"]):
+        note = "**shipped**" if p["shipped"] else ""
+        if p.get("dominated_by"):
+            note += (" · " if note else "") + f"dominated by {p['dominated_by']}"
+        qual = [f"{p['quality'][t]:.3f}" if t in p["quality"] else "–" for t in texts]
+        gen = f"{p['gen_tok_s']:.1f}" if p.get("gen_tok_s") else "–"
+        lines.append(f"| {p['name']} | {p['disk_mb']:.1f} | " + " | ".join(qual) + f" | {gen} | {note} |")
+    return lines
 
 
 def answer_cell(value) -> str:
@@ -174,36 +227,71 @@ def task_notes(rows: list[dict], task_cols: list[tuple[str, str]]) -> list[str]:
                 reasons.setdefault((task, scores["skipped"]), []).append(row["name"])
     for (task, reason), names in reasons.items():
         lines.append(f"- `{task}` skipped for {', '.join(names)}: {reason}")
+    for task, metric in task_cols:
+        noise = within_noise(rows, task, metric)
+        if noise:
+            lines.append(f"- `{task}` cannot tell these models apart: {noise}")
     return lines
 
 
+def within_noise(rows: list[dict], task: str, metric: str) -> str | None:
+    """Why a task column separates no two models, or None: every pair of scores differs by less than twice the
+    standard error of their difference (about a 95% interval), so any ranking by it is noise."""
+    scored = []
+    for row in rows:
+        scores = (row.get("tasks") or {}).get(task) or {}
+        value, err = scores.get(metric), (scores.get("stderr") or {}).get(metric)
+        if isinstance(value, (int, float)) and isinstance(err, (int, float)):
+            scored.append((row["name"], value, err))
+    if len(scored) < 2:
+        return None
+    if any(abs(a[1] - b[1]) >= 2 * (a[2] ** 2 + b[2] ** 2) ** 0.5 for a in scored for b in scored if a is not b):
+        return None
+    low, high = min(s[1] for s in scored), max(s[1] for s in scored)
+    return (f"its scores ({low:.3f} to {high:.3f}) all lie within twice the standard error of their differences "
+            f"(± {max(s[2] for s in scored):.3f} each); use KL divergence and perplexity to compare them")
+
+
 def plot(rows: list[dict], recipe: str, path: Path) -> None:
-    """Perplexity against size on disk, one labelled point per model; marker area shows generate speed."""
+    """Perplexity against size on disk, one panel per text (the validation split, then general English): every
+    stage folder (filled, labelled, arrows along the chain) and every quantize candidate (small); dominated models
+    hollow; marker area shows generate speed; the shipped model ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    fastest = max((r.get("gen_tok_s") or 0) for r in rows) or 1
-    for row in rows:
-        gen = row.get("gen_tok_s")
-        size = 60 + 540 * (gen / fastest if gen else 0)
-        ax.scatter(row["disk_mb"], row["perplexity"], s=size, alpha=0.7, edgecolors="black")
-        label = row["name"] + (f"\n{gen:.1f} tok/s" if gen else "")
-        ax.annotate(label, (row["disk_mb"], row["perplexity"]), textcoords="offset points", xytext=(10, 6),
-                    fontsize=9)
-    # the chain, base → finetune → prune → distill → quantize, as arrows from each model to the next
-    for a, b in zip(rows, rows[1:]):
-        ax.annotate("", xy=(b["disk_mb"], b["perplexity"]), xytext=(a["disk_mb"], a["perplexity"]),
-                    arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "shrinkA": 8, "shrinkB": 8})
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    if max(r["perplexity"] for r in rows) / min(r["perplexity"] for r in rows) > 10:
-        ax.set_yscale("log")
-    ax.set_title(f"{recipe}: quality vs size (marker area = generate tokens/s)")
-    ax.grid(True, alpha=0.3)
-    ax.margins(x=0.25, y=0.2)
+    pts = points(rows)
+    texts = list(dict.fromkeys(t for p in pts for t in p["quality"]))[:2]
+    fig, axes = plt.subplots(1, len(texts), figsize=(8 * len(texts), 5), dpi=100, squeeze=False)
+    fastest = max((p.get("gen_tok_s") or 0) for p in pts) or 1
+    for ax, text in zip(axes[0], texts):
+        shown = [p for p in pts if text in p["quality"]]
+        for p in shown:
+            gen = p.get("gen_tok_s")
+            stage = p["kind"] == "stage"
+            size = (60 + 540 * (gen / fastest if gen else 0)) * (1 if stage else 0.4)
+            face = "none" if p.get("dominated_by") else ("C0" if stage else "C1")
+            ax.scatter(p["disk_mb"], p["quality"][text], s=size, alpha=0.8, facecolors=face,
+                       edgecolors="red" if p["shipped"] else "black", linewidths=2.5 if p["shipped"] else 1)
+            if stage:
+                label = p["name"] + (f"\n{gen:.1f} tok/s" if gen else "") + (" (shipped)" if p["shipped"] else "")
+                ax.annotate(label, (p["disk_mb"], p["quality"][text]), textcoords="offset points", xytext=(10, 6),
+                            fontsize=9)
+        chain = [p for p in shown if p["kind"] == "stage"]
+        for a, b in zip(chain, chain[1:]):  # base → finetune → prune → distill → quantize
+            ax.annotate("", xy=(b["disk_mb"], b["quality"][text]), xytext=(a["disk_mb"], a["quality"][text]),
+                        arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "shrinkA": 8, "shrinkB": 8})
+        values = [p["quality"][text] for p in shown]
+        if values and max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel(f"perplexity on {text} (lower is better)")
+        ax.set_title(text)
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.25, y=0.2)
+    fig.suptitle(f"{recipe}: quality vs size (stage folders blue, quantize candidates orange, dominated hollow, "
+                 "shipped ringed red; marker area = generate tokens/s)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)

@@ -13,6 +13,7 @@ from pipeline.recipe import Recipe
 from pipeline.records import CorruptRecord, read_record, read_stage
 from pipeline.runlock import run_lock
 from pipeline.stages import (
+    BY_FOLDER,
     BY_NAME,
     CHAINED,
     MODEL_FOLDERS,
@@ -27,15 +28,35 @@ log = logging.getLogger("pipeline")
 
 def context(recipe: Recipe, force: bool = False) -> Context:
     """Resolve which folder each stage reads: `input: auto` means the last enabled stage before it."""
-    ctx = Context(recipe=recipe.name, run_dir=recipe.run_dir, seed=recipe.seed, data=recipe.data,
+    ctx = Context(recipe=recipe.name, run_dir=recipe.run_dir, seed=recipe.seed, data=recipe.data, general=recipe.general,
                   force=force, trust_remote_code=recipe.trust_remote_code, model_folders=MODEL_FOLDERS)
     previous = ctx.run_dir / STAGES[0].folder
+    ctx.reference = ctx.run_dir / ("finetune" if recipe.finetune.enabled else STAGES[0].folder)
     for stage in CHAINED:
         cfg = getattr(recipe, stage.name)
         ctx.inputs[stage.name] = previous if cfg.input == "auto" else Path(cfg.input)
+        if getattr(cfg, "inputs", False) is not False:  # a stage that reads several folders
+            folders = several_inputs(cfg, ctx, previous, ctx.inputs[stage.name])
+            ctx.inputs[stage.name], ctx.also[stage.name] = folders[0], folders[1:]
         if cfg.enabled:
             previous = ctx.run_dir / stage.folder
     return ctx
+
+
+def several_inputs(cfg, ctx: Context, previous: Path, given: Path) -> list[Path]:
+    """`inputs` as folders: `auto` is the previous enabled stage's, a stage folder name is the run's. By default
+    (null) the stage's input and, when that is auto and a student (pruned or distilled), the reference model it
+    descends from: the plain quantization of the fine-tuned model then competes with the chain's."""
+    if cfg.inputs is None:
+        names = [given] + ([ctx.reference] if cfg.input == "auto" and is_student(previous, ctx) else [])
+    else:
+        names = [previous if n == "auto" else ctx.run_dir / n if n in MODEL_FOLDERS else Path(n) for n in cfg.inputs]
+    return list(dict.fromkeys(Path(n) for n in names))
+
+
+def is_student(folder: Path, ctx: Context) -> bool:
+    stage = BY_FOLDER.get(folder.name) if folder.parent == ctx.run_dir else None
+    return stage is not None and stage.student
 
 
 def stale_folders(recipe: Recipe, ctx: Context) -> dict[str, str]:

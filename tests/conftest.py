@@ -45,6 +45,7 @@ TINY_SECTIONS = {
     "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024, "repeats": 1, "new_tokens": 4,
                  "prefill_tokens": 32, "generation": {"max_new_tokens": 4}},
     "quantize": {"context": 64, "stride": 32, "max_tokens": 512, "speed_tokens": 4},  # a quick quality gate
+    "general": {"tokens": 256},  # a few base-model paragraphs: enough to score, quick to write
 }
 
 

@@ -35,7 +35,10 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
     assert json.loads((run_dir / "prune" / "pipeline.json").read_text())["parent"] == str(run_dir / "finetune")
     distilled = json.loads((run_dir / "distill" / "pipeline.json").read_text())
     assert distilled["parent"] == str(run_dir / "prune") and distilled["teacher"]["folder"] == str(run_dir / "finetune")
-    assert json.loads((run_dir / "quantize" / "pipeline.json").read_text())["parent"] == str(run_dir / "distill")
+    quantized = json.loads((run_dir / "quantize" / "pipeline.json").read_text())
+    # both the student and the fine-tuned model were quantized; the parent is the input of the one shipped
+    assert [i["name"] for i in quantized["inputs"]] == ["finetune", "distill"]
+    assert quantized["parent"] == str(run_dir / quantized["chosen"].split("/")[0])
     report = json.loads((run_dir / "report.json").read_text())
     rows = {r["name"]: r for r in report["models"]}
     assert list(rows) == STAGE_FOLDERS
@@ -53,7 +56,8 @@ def test_full_chain_writes_hub_folders_and_report(tiny_models, make_recipe, tmp_
     chosen = json.loads((run_dir / "quantize" / "pipeline.json").read_text())["chosen"]
     assert rows["quantize"]["quantization"]["chosen"] == chosen
     section = md.split("## Quantization (`quantize`)")[1].split("## Samples")[0]
-    assert f"**{chosen}**" in section and f"| {chosen} |" in section and "| input | unquantized |" in section
+    assert f"**{chosen}**" in section and f"| {chosen} |" in section
+    assert "| finetune (reference) | unquantized |" in section and "| distill (input) | unquantized |" in section
 
 
 def test_rerun_skips_finished_stages_and_force_reruns(tiny_models, make_recipe, tmp_path, caplog):

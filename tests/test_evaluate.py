@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import data
+from pipeline import general, data
 from pipeline.cli import main
 from pipeline.generate import GenerationConfig, generate
 from pipeline.metrics import guide_perplexity, perplexity, windows
@@ -89,7 +89,8 @@ def test_word_level_perplexity_is_reported(tiny_models, make_recipe, tmp_path):
                        evaluate={"word_level": True, "texts": [str(extra)], "speed": False, "samples": False})
     assert main(["run", str(path)]) == 0
     row = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())["models"][0]
-    val, ext = row["evaluations"]
+    val, gen, ext = row["evaluations"]  # the validation split, the run's general English, the extra file
+    assert gen["dataset"] == general.LABEL and gen["word_perplexity"] > gen["perplexity"]
     assert ext["dataset"] == "extra.txt" and ext["scored_tokens"] > 100
     # BPE tokens are shorter than words, so the same NLL spread over fewer words gives a higher perplexity
     assert val["word_perplexity"] > val["perplexity"] > 1
@@ -115,7 +116,7 @@ def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, t
     png = (run_dir / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
-    assert (width, height) == (800, 500)
+    assert (width, height) == (1600, 500)  # one panel per text: the validation split and general English
     md = (run_dir / "report.md").read_text()
     assert "report.png" in md and "## Samples (greedy" in md and "**quantize**" in md
     assert "heldout_continuation acc |" in md

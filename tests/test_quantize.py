@@ -180,11 +180,12 @@ def test_nothing_passes_fails_with_the_table_and_an_unavailable_backend_is_repor
                    candidates=[{"method": "openvino-int8"}, {"method": "bnb-nf4"}])
     assert main(["run", str(path), "--stages", "load,quantize"]) == 2
     err = capsys.readouterr().err
-    assert "no candidate stayed within max_ppl_increase=0.0%" in err
+    assert "no candidate met every budget (max_ppl_increase 0.0); broken: max_ppl_increase" in err
     assert "| openvino-int8 | openvino-int8 | 8 | unavailable: needs optimum-intel" in err
-    assert "| bnb-nf4 | bnb-nf4 | 4 | over budget |" in err
+    assert "| bnb-nf4 | bnb-nf4 | 4 | over budget: max_ppl_increase (" in err
+    assert "Raise the budget that binds (quantize.max_ppl_increase)" in err
     run_dir = path.parent / "runs" / "tiny"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["base"]  # no output, no candidate leftovers
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base", "general"]  # no output, no candidate leftovers
 
 
 def test_lora_adapter_input_is_merged_before_quantizing(tiny_models, make_recipe, tmp_path):

@@ -19,6 +19,7 @@ class Stage:
     section: bool = True  # a recipe section of its own (load's one setting is the recipe's top-level `model`)
     trains: bool = False  # every rank of a multi-process run takes part (the others run on rank 0 alone)
     relation: str | None = None  # Hub `base_model_relation` to the stage folder it was made from
+    student: bool = False  # writes a smaller model than the one it was made from (quantize also tries that one)
     # (cfg, ctx) -> the fingerprint its folder has when current, for a stage that reads no stage folder (load);
     # the chained stages' is context.stage_fingerprint of their input's record
     fingerprint: Callable | None = None
@@ -34,8 +35,8 @@ class Stage:
 STAGES = (
     Stage("load", load.LoadConfig, load.run, "base", section=False, fingerprint=load.stage_fingerprint),
     Stage("finetune", finetune.FinetuneConfig, finetune.run, "finetune", trains=True, relation="finetune"),
-    Stage("prune", prune.PruneConfig, prune.run, "prune", relation="finetune"),
-    Stage("distill", distill.DistillConfig, distill.run, "distill", trains=True, relation="finetune"),
+    Stage("prune", prune.PruneConfig, prune.run, "prune", relation="finetune", student=True),
+    Stage("distill", distill.DistillConfig, distill.run, "distill", trains=True, relation="finetune", student=True),
     Stage("quantize", quantize.QuantizeConfig, quantize.run, "quantize", relation="quantized"),
     Stage("evaluate", evaluate.EvaluateConfig, evaluate.run, None),
 )

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import answers, data, errors, formats, llamacpp, models, report, tasks
+from pipeline import answers, data, errors, formats, general, llamacpp, models, report, scoring, tasks
 from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.folders import write_record
@@ -15,7 +15,6 @@ from pipeline.generate import GenerationConfig, describe, generate
 from pipeline.metrics import (
     PeakMemory,
     model_device,
-    perplexity,
     repetition,
     speed,
     word_perplexity,
@@ -38,6 +37,10 @@ class EvaluateConfig:
     stride: int = 128
     max_tokens: int | None = 8192  # score at most this many tokens per text (null = all)
     batch_size: int = 8  # windows per forward pass
+    # scored positions per text at which each model's next-token distribution is compared with the fine-tuned
+    # model's (KL divergence, top-1 agreement); its log-probabilities are held in memory (tokens x vocabulary x 4
+    # bytes: 200 MB for 1024 x 49K); 0 = no comparison
+    kl_tokens: int = 1024
     # extra `.txt` files scored besides the validation split (a column each in the report)
     texts: list[str] = field(default_factory=list)
     word_level: bool = False  # also report word-level perplexity (same NLL over whitespace words)
@@ -74,6 +77,8 @@ class EvaluateConfig:
             problems.append(f"stride: {self.stride} must be between 1 and context ({self.context})")
         if self.max_tokens is not None and self.max_tokens < 2:
             problems.append(f"max_tokens: {self.max_tokens} must be at least 2, or null for all")
+        if self.kl_tokens < 0:
+            problems.append(f"kl_tokens: {self.kl_tokens} must be 0 (no comparison) or more")
         for key in ("batch_size", "prefill_tokens", "new_tokens", "repeats"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1")
@@ -98,27 +103,18 @@ class EvaluateConfig:
         return problems
 
 
-def _texts(cfg: EvaluateConfig, ctx: Context, tokenizer) -> list[tuple[str, list[int], str]]:
-    """(dataset name, token ids, text) for the validation split and every extra text file."""
-    tokenized = data.prepare(ctx.data, tokenizer, ctx.seed)
-    ids = data.eval_stream(tokenized["validation"])[: cfg.max_tokens or None]
-    out = [(ctx.data.label, ids, tokenizer.decode(ids) if cfg.word_level else "")]
-    for path in cfg.texts:
-        text = Path(path).expanduser().read_text()
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: cfg.max_tokens or None]
-        out.append((Path(path).name, ids, tokenizer.decode(ids) if cfg.word_level else ""))
-    return out
-
-
 def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: dict | None = None,
-                    answer_plan: dict | None = None) -> dict:
+                    answer_plan: dict | None = None, reference: scoring.Reference | None = None) -> dict:
     """Every metric for one model folder; cached in its pipeline.json for unchanged settings."""
     record = read_record(folder)
     metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
     # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
     files = data.stamps(ctx.data)  # the validation text edited in place is scored again
+    reference = reference or _reference(cfg, ctx)
+    general_text = general.text(ctx.general, ctx.run_dir, ctx.seed)  # written once per base model
+    compared = [reference.fingerprint, general_text] if reference or general_text else []
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
-                          record.fingerprint, task_plan, metrics, *([files] if files else []))
+                          record.fingerprint, task_plan, metrics, *([files] if files else []), *compared)
     cached = record.scoreboard
     if cached.get("fingerprint") == eval_fp and not ctx.force:
         log.info("evaluate: %s already evaluated with these settings, reusing", folder.name)
@@ -130,19 +126,19 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
         if chat and ctx.data.chat_template:
             tokenizer.chat_template = ctx.data.chat_template
-        evaluations = []
-        texts = _texts(cfg, ctx, tokenizer)
-        for name, ids, text in texts:
-            result = perplexity(model, ids, cfg.context, cfg.stride, batch_size=cfg.batch_size)
-            result["dataset"] = name
+        texts = scoring.texts(ctx, tokenizer, cfg.max_tokens, cfg.texts, keep_text=cfg.word_level)
+        evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, cfg.batch_size, reference, folder)
+        for result, (name, _, text) in zip(evaluations, texts):
             if cfg.word_level:
                 result["word_perplexity"] = word_perplexity(result, text)
-            evaluations.append(result)
-            log.info("evaluate: %s perplexity %.3f on %s (%d tokens)", folder.name, result["perplexity"], name,
-                     result["scored_tokens"])
+            versus = (f", KL {result['kl']:.4f} nats and top-1 {result['top1']:.1%} vs {reference.folder.name}"
+                      if "kl" in result else "")
+            log.info("evaluate: %s perplexity %.3f on %s (%d tokens)%s", folder.name, result["perplexity"], name,
+                     result["scored_tokens"], versus)
     row = {
         "perplexity": evaluations[0]["perplexity"],
         "evaluations": evaluations,
+        "reference": reference.folder.name if reference else None,
         # an OpenVINO model has no torch parameters; its stage record knows the count
         "params": models.count_params(model) or record.params,
         "disk_mb": round(formats.disk_size(folder) / 2**20, 2),
@@ -230,16 +226,21 @@ def llamacpp_scores(path: Path, tokenizer, texts, cfg: EvaluateConfig) -> dict:
     return result
 
 
+def _reference(cfg: EvaluateConfig, ctx: Context) -> scoring.Reference:
+    return scoring.Reference(ctx.reference, cfg.kl_tokens, cfg.context, cfg.stride, cfg.batch_size)
+
+
 def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
     plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
+    reference = _reference(cfg, ctx)  # its log-probabilities are computed once for every model
     for name in cfg.models or ctx.model_folders:
         folder = ctx.run_dir / name
         record = read_record(folder)  # what the stage wrote; evaluate_folder adds only its scores to it
         if record is None:
             log.info("evaluate: no finished %s folder in %s, skipping it", name, ctx.run_dir)
             continue
-        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan)}
+        row = {"name": name, "folder": str(folder), **evaluate_folder(folder, cfg, ctx, plan, answer_plan, reference)}
         if name in ctx.stale:  # never reported as if the recipe had made it
             row["stale"] = ctx.stale[name]
             log.warning("evaluate: %s is stale: %s", name, ctx.stale[name])
@@ -249,7 +250,9 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = record.parent
         if name == "quantize":  # which candidate won and what the others scored: the stage's own summary
-            row["quantization"] = {"chosen": record.chosen, "summary": record.summary}
+            keep = ("name", "input", "method", "status", "disk_mb", "perplexity", "quality", "kl", "top1", "gen_tok_s")
+            row["quantization"] = {"chosen": record.chosen, "summary": record.summary,  # for the report's frontier
+                                   "candidates": [{k: c.get(k) for k in keep} for c in record.details.get("candidates") or []]}
         if name == "distill":  # so the report can set the student against its teacher
             row["teacher"] = (record.teacher or {}).get("folder") or record.parent
         rows.append(row)

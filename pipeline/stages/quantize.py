@@ -1,9 +1,13 @@
-"""Quantize: try each candidate method, keep the best one whose perplexity stays within budget.
+"""Quantize: try each candidate method on each input, ship the best one that meets every budget.
 
-Every candidate is converted, saved, reloaded from its folder and scored on the validation split
-with the evaluate stage's sliding windows, next to the unquantized input. Candidates over the
-`max_ppl_increase` budget are rejected; `prefer` picks the winner among the rest, which becomes the
-stage output. A candidate that cannot run here or fails to convert is reported and the others go on.
+The inputs (by default the chain's student and the fine-tuned model it descends from) each get every candidate,
+so plain quantization of the fine-tuned model competes with prune + distill + quantize. Every candidate is
+converted, saved, reloaded from its folder and scored on the validation split and the run's general English with
+the evaluate stage's sliding windows: perplexity, and KL divergence from / top-1 agreement with the reference
+(the fine-tuned model). Budgets (quality losses against the reference, size, speed) reject candidates; `prefer`
+picks the winner among the rest, which becomes the stage output, and the record says which budget bound the
+choice and which candidates are dominated (no smaller and no better than another). A candidate that cannot run
+here or fails to convert is reported and the others go on.
 """
 from __future__ import annotations
 
@@ -18,14 +22,14 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, errors, formats, models, qat
+from pipeline import data, errors, formats, frontier, general, models, qat, scoring
 from pipeline import quant_backends as backends
 from pipeline.context import Context, begin
 from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
-from pipeline.metrics import perplexity, speed
+from pipeline.metrics import speed
 from pipeline.quant_backends import Candidate
-from pipeline.records import origin
+from pipeline.records import origin, read_record, read_stage
 from pipeline.stages.evaluate import DEFAULT_PROMPTS, EvaluateConfig
 
 log = logging.getLogger("pipeline")
@@ -36,11 +40,25 @@ class QuantizeConfig:
     enabled: bool = True  # run this stage
     # folder to quantize; `auto` = the previous enabled stage's output; a PEFT adapter folder is merged first
     input: str = "auto"
+    # every folder whose candidates compete: stage folders (`base`, `finetune`, `prune`, `distill`), `auto`, or
+    # paths; null = `input` and, when `input` is auto and a student, the fine-tuned model it descends from (so
+    # quantizing the fine-tuned model alone competes with prune + distill + quantize); set either this or `input`
+    inputs: list[str] | None = None
     # methods to try, each a mapping: `method`, its options (below), and an optional `name` to try one method twice
     candidates: list[Candidate] = field(default_factory=lambda: [Candidate("bnb-int8")])
-    # percent perplexity a candidate may add over the unquantized input (on the fine-tuned SmolLM2-135M OpenVINO
+    # Budgets; a candidate ships only if it meets all that are set (null = no limit). Quality is measured against
+    # the reference, the run's fine-tuned model (its base model when fine-tuning is off).
+    # percent validation perplexity a candidate may add over the reference (on the fine-tuned SmolLM2-135M OpenVINO
     # int8 costs about +1%, data-free int4 +21% to +31%, data-aware int4 +5% to +12%: see below)
-    max_ppl_increase: float = 3.0
+    max_ppl_increase: float | None = 3.0
+    # percent perplexity on the run's general English (`general`) a candidate may add over the reference: what the
+    # chain forgot outside the recipe's domain
+    max_general_ppl_increase: float | None = None
+    max_kl: float | None = None  # mean KL divergence from the reference on the validation split, nats per token
+    max_mb: float | None = None  # size on disk, MB (2^20 bytes)
+    max_size_share: float | None = None  # size on disk as a share of the base model's, e.g. 0.15
+    min_gen_tok_s: float | None = None  # greedy generation speed on this machine (needs speed_tokens > 0)
+    min_prefill_tok_s: float | None = None  # prompt processing speed on this machine (needs speed_tokens > 0)
     # winner among candidates within budget: `size` (smallest on disk), `speed` (fastest greedy generation),
     # `quality` (lowest perplexity)
     prefer: Literal["size", "speed", "quality"] = "size"
@@ -49,6 +67,7 @@ class QuantizeConfig:
     context: int = EvaluateConfig.context
     stride: int = EvaluateConfig.stride  # ditto
     max_tokens: int | None = EvaluateConfig.max_tokens  # ditto
+    kl_tokens: int = EvaluateConfig.kl_tokens  # ditto: positions per text compared with the reference (0 = none)
     # greedy tokens generated per prompt (evaluate's default prompts) to time each candidate; 0 = no timing
     speed_tokens: int = 16
 
@@ -59,12 +78,30 @@ class QuantizeConfig:
         labels = [c.label for c in self.candidates]
         for label in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"candidates: '{label}' appears twice; give each a distinct `name`")
-        if self.max_ppl_increase < 0:
-            problems.append(f"max_ppl_increase: {self.max_ppl_increase} must be a non-negative percentage")
+        for key in ("max_ppl_increase", "max_general_ppl_increase", "max_kl"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                problems.append(f"{key}: {getattr(self, key)} must be non-negative, or null for no limit")
+        for key in ("max_mb", "min_gen_tok_s", "min_prefill_tok_s"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                problems.append(f"{key}: {getattr(self, key)} must be positive, or null for no limit")
+        if self.max_size_share is not None and not 0 < self.max_size_share <= 1:
+            problems.append(f"max_size_share: {self.max_size_share} must be a share of the base's size in (0, 1]")
+        if self.kl_tokens < 0:
+            problems.append(f"kl_tokens: {self.kl_tokens} must be 0 (no comparison) or more")
+        if self.max_kl is not None and self.kl_tokens == 0:
+            problems.append("max_kl: needs kl_tokens > 0 to compare candidates with the reference")
+        if self.inputs is not None and self.input != "auto":
+            problems.append(f"inputs: set either `input` ({self.input}) or `inputs`, not both; e.g. "
+                            f"inputs: [{self.input}]")
+        if self.inputs is not None and not self.inputs:
+            problems.append("inputs: list at least one folder, e.g. [auto], or null for the default")
         if self.speed_tokens < 0:
             problems.append(f"speed_tokens: {self.speed_tokens} must be non-negative")
         if self.prefer == "speed" and self.speed_tokens == 0:
             problems.append("prefer: speed needs speed_tokens > 0 to time the candidates")
+        for key in ("min_gen_tok_s", "min_prefill_tok_s"):
+            if getattr(self, key) is not None and self.speed_tokens == 0:
+                problems.append(f"{key}: needs speed_tokens > 0 to time the candidates")
         return problems
 
 
@@ -93,33 +130,43 @@ def full_precision(folder: Path, out: Path, trust_remote_code: bool = False) -> 
     return out
 
 
-def measure(model, tokenizer, ids: list[int], cfg: QuantizeConfig) -> dict:
-    """Gate perplexity (the evaluate stage's windows) and, if asked, prefill/generate speed."""
+def measure(model, tokenizer, texts, cfg: QuantizeConfig, reference: scoring.Reference,
+            folder: Path | None = None) -> dict:
+    """Gate quality on every text (the evaluate stage's windows; KL and top-1 against the reference) and, if
+    asked, prefill/generate speed."""
     started = time.perf_counter()
-    ppl = perplexity(model, ids, cfg.context, cfg.stride, cfg.max_tokens, batch_size=EvaluateConfig.batch_size)
-    out = {"perplexity": ppl["perplexity"], "scored_tokens": ppl["scored_tokens"],
-           "eval_tok_s": round(ppl["scored_tokens"] / (time.perf_counter() - started), 1)}
+    evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, EvaluateConfig.batch_size, reference, folder)
+    first = evaluations[0]
+    out = {"perplexity": first["perplexity"], "scored_tokens": first["scored_tokens"],
+           "eval_tok_s": round(sum(e["scored_tokens"] for e in evaluations) / (time.perf_counter() - started), 1),
+           "quality": {e["dataset"]: e["perplexity"] for e in evaluations}, "evaluations": evaluations}
+    if "kl" in first:
+        out.update(kl=first["kl"], top1=first["top1"])
+    general_row = next((e for e in evaluations if e["dataset"] == general.LABEL), None)
+    if general_row:
+        out["general_perplexity"] = general_row["perplexity"]
     if cfg.speed_tokens:  # the evaluate stage's prompts and prefill length, one timed run after a warm-up
         timed = speed(model, tokenizer, DEFAULT_PROMPTS, EvaluateConfig.prefill_tokens, cfg.speed_tokens, 1)
         out.update(prefill_tok_s=timed["prefill_tok_s"], gen_tok_s=timed["gen_tok_s"])
     return out
 
 
-def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: list[int], cfg: QuantizeConfig,
-                  device: torch.device, ctx: Context, calibration: backends.Calibration, name: str | None = None,
-                  lineage_origin: str | None = None) -> dict:
+def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, texts, cfg: QuantizeConfig,
+                  device: torch.device, ctx: Context, calibration: backends.Calibration,
+                  reference: scoring.Reference, name: str | None = None, lineage_origin: str | None = None,
+                  label: str | None = None, input_name: str | None = None) -> dict:
     """Convert, save, reload and score one candidate; failures become a row, never an exception."""
     options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
-    row = {"name": cand.label, "method": cand.method, "backend": cand.backend, "bits": cand.bits,
-           "options": options, "description": backends.describe(cand)}
+    row = {"name": label or cand.label, "candidate": cand.label, "input": input_name, "method": cand.method,
+           "backend": cand.backend, "bits": cand.bits, "options": options, "description": backends.describe(cand)}
     if cand.data_aware:
         sequences, tokens = cand.calibration_shape(calibration.block_size)
         row["calibration"] = {"split": "train", "sequences": sequences, "tokens_each": tokens}
     reason = backends.unavailable(cand, device)
     if reason:
-        log.warning("quantize: %s cannot run here: %s", cand.label, reason)
+        log.warning("quantize: %s cannot run here: %s", row["name"], reason)
         return {**row, "status": "unavailable", "error": reason}
-    log.info("quantize: trying %s: %s", cand.label, row["description"])
+    log.info("quantize: trying %s: %s", row["name"], row["description"])
     started = time.time()
     try:
         model = backends.quantize(cand, source, device, ctx.trust_remote_code, calibration, name, lineage_origin)
@@ -127,52 +174,111 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, ids: l
         tokenizer.save_pretrained(folder)
         del model
         model, _ = formats.load_folder(folder, device_map=str(device))  # score exactly what is shipped
-        row.update(measure(model, tokenizer, ids, cfg))
+        row.update(measure(model, tokenizer, texts, cfg, reference))
     except Exception as err:  # noqa: BLE001 -- a broken candidate is reported, the others still run
         if errors.is_disk_full(err):  # not the candidate's fault: no other one will fit either
             raise
-        log.warning("quantize: %s failed: %s", cand.label, err)
+        log.warning("quantize: %s failed: %s", row["name"], err)
         message = " ".join(str(err).strip().splitlines()[:2])[:300]
         return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}
     row.update(disk_mb=round(formats.disk_size(folder) / 2**20, 2), seconds=round(time.time() - started, 1))
     return row
 
 
-def gate(rows: list[dict], reference: dict, cfg: QuantizeConfig) -> dict | None:
-    """Mark each measured row passed / over budget against `reference`; return the preferred passing row."""
-    for row in rows:
-        if "perplexity" not in row:
-            continue
+def violations(row: dict, reference: dict, cfg: QuantizeConfig, base_mb: float | None = None) -> list[str]:
+    """The budgets `row` breaks, each as `key (value > limit)`."""
+    out = []
+
+    def over(key, value, limit, fmt, below=False):
+        if limit is not None and value is not None and (value < limit if below else value > limit):
+            out.append(f"{key} ({fmt.format(value)} {'<' if below else '>'} {fmt.format(limit)})")
+
+    over("max_ppl_increase", row.get("ppl_increase_pct"), cfg.max_ppl_increase, "{:.2f}%")
+    over("max_general_ppl_increase", row.get("general_ppl_increase_pct"), cfg.max_general_ppl_increase, "{:.2f}%")
+    over("max_kl", row.get("kl"), cfg.max_kl, "{:.4f}")
+    over("max_mb", row.get("disk_mb"), cfg.max_mb, "{:.1f} MB")
+    if cfg.max_size_share is not None and base_mb:
+        over("max_size_share", row["disk_mb"] / base_mb, cfg.max_size_share, "{:.1%}")
+    over("min_gen_tok_s", row.get("gen_tok_s"), cfg.min_gen_tok_s, "{:.1f}", below=True)
+    over("min_prefill_tok_s", row.get("prefill_tok_s"), cfg.min_prefill_tok_s, "{:.0f}", below=True)
+    return out
+
+
+PREFER = {  # the order each preference ranks candidates in: first = best
+    "size": lambda r: (r["disk_mb"], r["perplexity"]),
+    "speed": lambda r: (-(r.get("gen_tok_s") or 0), r["perplexity"]),
+    "quality": lambda r: (r["perplexity"], r["disk_mb"]),
+}
+
+
+def gate(rows: list[dict], reference: dict, cfg: QuantizeConfig, base_mb: float | None = None) -> dict | None:
+    """Mark each measured row passed / over budget against `reference` and the budgets; mark dominated rows;
+    return the preferred passing row."""
+    measured = [r for r in rows if "perplexity" in r]
+    for row in measured:
         row["ppl_increase_pct"] = round(100 * (row["perplexity"] / reference["perplexity"] - 1), 3)
+        if row.get("general_perplexity") and reference.get("general_perplexity"):
+            row["general_ppl_increase_pct"] = round(
+                100 * (row["general_perplexity"] / reference["general_perplexity"] - 1), 3)
         row["size_ratio"] = round(row["disk_mb"] / reference["disk_mb"], 4)
         if reference.get("gen_tok_s") and row.get("gen_tok_s"):
             row["speedup"] = round(row["gen_tok_s"] / reference["gen_tok_s"], 2)
-        row["status"] = "passed" if row["ppl_increase_pct"] <= cfg.max_ppl_increase else "over budget"
+        row["violates"] = violations(row, reference, cfg, base_mb)
+        row["status"] = "over budget" if row["violates"] else "passed"
+    frontier.mark(measured)
     passed = [r for r in rows if r["status"] == "passed"]
-    order = {
-        "size": lambda r: (r["disk_mb"], r["perplexity"]),
-        "speed": lambda r: (-(r.get("gen_tok_s") or 0), r["perplexity"]),
-        "quality": lambda r: (r["perplexity"], r["disk_mb"]),
-    }[cfg.prefer]
-    return min(passed, key=order) if passed else None
+    return min(passed, key=PREFER[cfg.prefer]) if passed else None
 
 
-def table(reference: dict, rows: list[dict], winner: dict | None) -> str:
+def bound(rows: list[dict], winner: dict, cfg: QuantizeConfig) -> list[str]:
+    """The budgets that kept a candidate better by `prefer` than the winner from shipping (none: the winner is
+    the best measured candidate by that measure)."""
+    key = PREFER[cfg.prefer]
+    better = [r for r in rows if r.get("violates") and key(r) < key(winner)]
+    return sorted({v.split(" ")[0] for r in better for v in r["violates"]})
+
+
+def table(reference: dict, rows: list[dict], winner: dict | None, inputs: list[dict] = ()) -> str:
     def num(row, key, fmt):
         return fmt.format(row[key]) if row.get(key) is not None else "–"
 
-    lines = ["| candidate | method | bits | status | perplexity | Δ ppl | disk MB | size | gen tok/s |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| input | unquantized | – | reference | {num(reference, 'perplexity', '{:.3f}')} | – | "
-             f"{num(reference, 'disk_mb', '{:.1f}')} | 100% | {num(reference, 'gen_tok_s', '{:.1f}')} |"]
+    general_col = any(r.get("general_perplexity") is not None for r in [reference, *rows])
+    kl_col = any(r.get("kl") is not None for r in rows)
+    head = ["candidate", "method", "bits", "status", "perplexity", "Δ ppl"]
+    head += ["general ppl", "Δ general"] if general_col else []
+    head += ["KL", "top-1"] if kl_col else []
+    head += ["disk MB", "size", "gen tok/s"]
+
+    def cells(r, name, status):
+        out = [name, r.get("method", "unquantized"), str(r.get("bits") or "–"), status,
+               num(r, "perplexity", "{:.3f}"), num(r, "ppl_increase_pct", "{:+.2f}%")]
+        if general_col:
+            out += [num(r, "general_perplexity", "{:.3f}"), num(r, "general_ppl_increase_pct", "{:+.2f}%")]
+        if kl_col:
+            out += [num(r, "kl", "{:.4f}"), num(r, "top1", "{:.1%}")]
+        return out + [num(r, "disk_mb", "{:.1f}"), num(r, "size_ratio", "{:.0%}"), num(r, "gen_tok_s", "{:.1f}")]
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| " + " | ".join(cells({**reference, "size_ratio": 1.0}, f"{reference['name']} (reference)",
+                                     "reference")) + " |"]
+    for r in inputs:
+        if r is not reference:
+            lines.append("| " + " | ".join(cells(r, f"{r['name']} (input)", "unquantized")) + " |")
     for r in rows:
         status = "**chosen**" if r is winner else r["status"]
+        if r.get("violates"):
+            status += ": " + "; ".join(r["violates"])
+        if r.get("dominated_by"):
+            status += f"; dominated by {r['dominated_by']}"
         if r.get("error"):
             status += f": {r['error']}"
-        lines.append(f"| {r['name']} | {r['method']} | {r['bits']} | {status} | {num(r, 'perplexity', '{:.3f}')} | "
-                     f"{num(r, 'ppl_increase_pct', '{:+.2f}%')} | {num(r, 'disk_mb', '{:.1f}')} | "
-                     f"{num(r, 'size_ratio', '{:.0%}')} | {num(r, 'gen_tok_s', '{:.1f}')} |")
+        lines.append("| " + " | ".join(cells(r, r["name"], status)) + " |")
     return "\n".join(lines)
+
+
+def resolve_inputs(ctx: Context) -> list[Path]:
+    """The folders to quantize: the stage's input, then the others the recipe names (see `inputs`)."""
+    return [Path(ctx.inputs["quantize"]), *ctx.also.get("quantize", [])]
 
 
 def run(cfg: QuantizeConfig, ctx: Context) -> Path:
@@ -183,36 +289,66 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ctx.run_dir.glob(".quantize-candidates-*"):  # left by a killed run; never consumed
         shutil.rmtree(stale, ignore_errors=True)
+    inputs = resolve_inputs(ctx)
+    for folder in inputs[1:]:
+        if read_stage(folder) is None:
+            raise StageError(f"quantize: input folder '{folder}' (quantize.inputs) is missing or incomplete (no "
+                             "pipeline.json). Run the stage that writes it first, or leave it out of quantize.inputs.")
+    several = len(inputs) > 1
+    base_record = read_record(ctx.run_dir / "base")
+    base_mb = base_record and base_record.metrics.get("disk_mb")
+    if base_mb is None and (ctx.run_dir / "base").is_dir():
+        base_mb = round(formats.disk_size(ctx.run_dir / "base") / 2**20, 2)
     # Candidate folders live next to the run (same disk, so the winner is moved, not copied) and are
     # removed whatever happens.
     with tempfile.TemporaryDirectory(prefix=".quantize-candidates-", dir=ctx.run_dir) as work:
         work = Path(work)
-        source = full_precision(Path(ctx.inputs["quantize"]), work / "merged", ctx.trust_remote_code)
-        # what formats name the model by (the GGUF file) and the source its lineage was loaded from (whose GGUF
-        # pre-tokenizer a GGUF export keeps)
-        name, lineage_origin = stage.parent.recipe or Path(ctx.inputs["quantize"]).name, origin(ctx.inputs["quantize"])
-        model, tokenizer = formats.load_folder(source, device_map=str(device))
-        ids = data.eval_stream(data.prepare(ctx.data, tokenizer, ctx.seed)["validation"])
-        params = models.count_params(model)
-        reference = {"name": "input", "disk_mb": round(formats.disk_size(source) / 2**20, 2),
-                     **measure(model, tokenizer, ids, cfg)}
-        del model
-        log.info("quantize: input perplexity %.3f on %d tokens", reference["perplexity"], reference["scored_tokens"])
-        # Data-aware candidates calibrate on the training split (the gate scores the validation split); the
-        # float export, the collected inputs and nncf's statistics are shared by candidates that ask alike.
-        calibration = backends.Calibration(
-            work, lambda n, tokens: data.calibration_blocks(ctx.data, tokenizer, ctx.seed, n,
-                                                            "quantize calibration", block_size=tokens),
-            ctx.data.block_size)
-        rows, folders = [], {}
-        for i, cand in enumerate(cfg.candidates):
-            folders[cand.label] = work / f"candidate-{i}"
-            rows.append(try_candidate(cand, source, folders[cand.label], tokenizer, ids, cfg, device, ctx,
-                                      calibration, name, lineage_origin))
-        winner = gate(rows, reference, cfg)
-        scores = table(reference, rows, winner)
-        log.info("quantize: candidates (budget +%s%% perplexity, prefer %s):\n%s", cfg.max_ppl_increase, cfg.prefer,
-                 scores)
+        primary = full_precision(inputs[0], work / "merged-0", ctx.trust_remote_code)
+        tokenizer = models.load_tokenizer(models.Source("folder", str(primary)))
+        texts = scoring.texts(ctx, tokenizer, cfg.max_tokens)
+        ref_folder = ctx.reference if ctx.reference and read_stage(ctx.reference) else inputs[0]
+        reference = scoring.Reference(ref_folder, cfg.kl_tokens, cfg.context, cfg.stride, EvaluateConfig.batch_size)
+        # the reference is measured first so that its log-probabilities come from its own scoring pass
+        order = sorted(range(len(inputs)), key=lambda i: not reference.is_(inputs[i]))
+        rows, folders, measured_inputs, ref_row, params = [], {}, {}, None, {}
+        if not any(reference.is_(f) for f in inputs):
+            model, _ = formats.load_folder(ref_folder, device_map=str(device))
+            ref_row = {"name": ref_folder.name, "disk_mb": round(formats.disk_size(ref_folder) / 2**20, 2),
+                       **measure(model, tokenizer, texts, cfg, reference, ref_folder)}
+            del model
+        for i in order:
+            folder = inputs[i]
+            source = primary if i == 0 else full_precision(folder, work / f"merged-{i}", ctx.trust_remote_code)
+            label = folder.name if folder.parent == ctx.run_dir else str(folder)
+            model, _ = formats.load_folder(source, device_map=str(device))
+            params[label] = models.count_params(model)
+            measured_inputs[label] = {"name": label, "folder": str(folder),
+                                      "disk_mb": round(formats.disk_size(source) / 2**20, 2),
+                                      **measure(model, tokenizer, texts, cfg, reference, folder)}
+            del model
+            if reference.is_(folder):
+                ref_row = measured_inputs[label]
+            log.info("quantize: input %s perplexity %.3f on %d tokens", label, measured_inputs[label]["perplexity"],
+                     measured_inputs[label]["scored_tokens"])
+            # Data-aware candidates calibrate on the training split (the gate scores the validation split); the
+            # float export, the collected inputs and nncf's statistics are shared by candidates that ask alike.
+            calibration = backends.Calibration(
+                work / f"calibration-{i}", lambda n, tokens: data.calibration_blocks(
+                    ctx.data, tokenizer, ctx.seed, n, "quantize calibration", block_size=tokens),
+                ctx.data.block_size)
+            record = read_stage(folder)
+            # what formats name the model by (the GGUF file) and the source its lineage was loaded from (whose
+            # GGUF pre-tokenizer a GGUF export keeps)
+            name = (record.recipe if record else None) or folder.name
+            for j, cand in enumerate(cfg.candidates):
+                row_label = f"{label}/{cand.label}" if several else cand.label
+                folders[row_label] = work / f"candidate-{i}-{j}"
+                rows.append(try_candidate(cand, source, folders[row_label], tokenizer, texts, cfg, device, ctx,
+                                          calibration, reference, name, origin(folder), row_label, label))
+        winner = gate(rows, ref_row, cfg, base_mb)
+        input_rows = list(measured_inputs.values())
+        scores = table(ref_row, rows, winner, input_rows)
+        log.info("quantize: candidates (%s, prefer %s):\n%s", budgets(cfg), cfg.prefer, scores)
         if winner is None and not any(r["status"] == "over budget" for r in rows):
             raise StageError(  # nothing was even scored: the budget is not what to change
                 f"quantize: no candidate could be made (every one is unavailable or failed; the status column "
@@ -220,36 +356,59 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                 "(bnb-int8 or openvino-int8)."
             )
         if winner is None:
+            broken = sorted({v.split(" ")[0] for r in rows for v in r.get("violates", [])})
             raise StageError(
-                f"quantize: no candidate stayed within max_ppl_increase={cfg.max_ppl_increase}% of the input's "
-                f"perplexity {reference['perplexity']:.3f}:\n{scores}\n"
-                "Raise quantize.max_ppl_increase, or add a gentler candidate (bnb-int8 or openvino-int8)."
+                f"quantize: no candidate met every budget ({budgets(cfg)}); broken: {', '.join(broken)}. Quality is "
+                f"measured against the reference {ref_row['name']} (perplexity {ref_row['perplexity']:.3f}):\n"
+                f"{scores}\nRaise the budget that binds (quantize.{broken[0] if broken else 'max_ppl_increase'}), "
+                "or add a gentler candidate (bnb-int8 or openvino-int8)."
             )
-        cand = next(c for c in cfg.candidates if c.label == winner["name"])
-        qat_grid = _qat_check(stage.parent.qat, cand)
+        cand = next(c for c in cfg.candidates if c.label == winner["candidate"])
+        chosen_input = Path(measured_inputs[winner["input"]]["folder"])
+        source_row = measured_inputs[winner["input"]]
+        qat_grid = _qat_check((read_stage(chosen_input) or stage.parent).qat, cand)
+        binding = bound(rows, winner, cfg)
+        dominated = [frontier.describe(r, next(x for x in rows if x["name"] == r["dominated_by"]))
+                     for r in rows if r.get("dominated_by")]
         with staging(stage.out) as tmp:
-            for item in folders[cand.label].iterdir():
+            for item in folders[winner["name"]].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
             write_record(tmp, stage.record(
                 ctx,
-                metrics={"params": params, "method": cand.method, "bits": cand.bits,
-                         "input_mb": reference["disk_mb"], "disk_mb": winner["disk_mb"],
+                parent=str(chosen_input),
+                metrics={"params": params[winner["input"]], "method": cand.method, "bits": cand.bits,
+                         "input_mb": source_row["disk_mb"], "disk_mb": winner["disk_mb"],
                          "size_ratio": winner["size_ratio"], "perplexity": winner["perplexity"],
-                         "input_perplexity": reference["perplexity"], "ppl_increase_pct": winner["ppl_increase_pct"],
-                         "gen_tok_s": winner.get("gen_tok_s"), "input_gen_tok_s": reference.get("gen_tok_s")},
-                chosen=cand.label,
+                         "input_perplexity": source_row["perplexity"],
+                         "reference_perplexity": ref_row["perplexity"], "ppl_increase_pct": winner["ppl_increase_pct"],
+                         "general_perplexity": winner.get("general_perplexity"), "kl": winner.get("kl"),
+                         "top1": winner.get("top1"), "gen_tok_s": winner.get("gen_tok_s"),
+                         "input_gen_tok_s": source_row.get("gen_tok_s"), "bound_by": binding},
+                chosen=winner["name"],
                 backend_versions=backends.versions(cand),
-                reference=reference,
+                reference=ref_row,
+                inputs=input_rows,
                 candidates=rows,
-                gate={"max_ppl_increase": cfg.max_ppl_increase, "prefer": cfg.prefer, "context": cfg.context,
-                      "stride": cfg.stride, "scored_tokens": reference["scored_tokens"], "device": str(device),
+                dominated=dominated,
+                gate={**{k: getattr(cfg, k) for k in BUDGETS}, "prefer": cfg.prefer, "context": cfg.context,
+                      "stride": cfg.stride, "scored_tokens": ref_row["scored_tokens"], "device": str(device),
+                      "reference": str(ref_folder), "kl_tokens": cfg.kl_tokens,
                       "speed": {"prompts": DEFAULT_PROMPTS, "prefill_tokens": EvaluateConfig.prefill_tokens,
                                 "new_tokens": cfg.speed_tokens, "repeats": 1}},
                 qat=qat_grid,
                 tags=backends.tags(cand),
-                summary=summary(cand, winner, reference, rows, cfg, scores),
+                summary=summary(cand, winner, ref_row, rows, cfg, scores, binding, dominated),
             ))
     return stage.out
+
+
+BUDGETS = ("max_ppl_increase", "max_general_ppl_increase", "max_kl", "max_mb", "max_size_share", "min_gen_tok_s",
+           "min_prefill_tok_s")
+
+
+def budgets(cfg: QuantizeConfig) -> str:
+    """The budgets that are set, as the recipe states them."""
+    return ", ".join(f"{k} {getattr(cfg, k)}" for k in BUDGETS if getattr(cfg, k) is not None) or "no budget"
 
 
 def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
@@ -267,14 +426,27 @@ def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
 
 
 def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cfg: QuantizeConfig,
-            scores: str) -> str:
+            scores: str, binding: list[str], dominated: list[str]) -> str:
     passed = sum(r["status"] == "passed" for r in rows)
-    return (
-        f"**{cand.label}**: {winner['description']}. {reference['disk_mb']:.1f} MB → {winner['disk_mb']:.1f} MB "
-        f"on disk ({winner['size_ratio']:.0%}), perplexity {reference['perplexity']:.3f} → "
-        f"{winner['perplexity']:.3f} ({winner['ppl_increase_pct']:+.2f}%). Chosen for {cfg.prefer} among "
-        f"{passed} of {len(rows)} candidates within the +{cfg.max_ppl_increase}% perplexity budget.\n\n"
-        f"{scores}\n\nPerplexity: validation split, context {cfg.context}, stride {cfg.stride}, "
-        f"{reference['scored_tokens']} tokens. Generation speed: greedy, {cfg.speed_tokens} new tokens for each of "
-        f"{len(DEFAULT_PROMPTS)} prompts, one timed run (noisy on a shared machine)."
-    )
+    why = (f"Chosen for {cfg.prefer} among {passed} of {len(rows)} candidates that met every budget "
+           f"({budgets(cfg)}); " + (f"the budget that bound the choice: {', '.join(binding)}." if binding else
+                                   f"no budget bound it: it is the best measured candidate for {cfg.prefer}."))
+    general_note = (f", general English {winner['general_perplexity']:.3f} ({winner['general_ppl_increase_pct']:+.2f}%)"
+                    if winner.get("general_ppl_increase_pct") is not None else "")
+    kl_note = (f", KL {winner['kl']:.4f} nats/token and top-1 agreement {winner['top1']:.1%} against the reference"
+               if winner.get("kl") is not None else "")
+    lines = [
+        f"**{winner['name']}**: {winner['description']}. {winner['disk_mb']:.1f} MB on disk ({winner['size_ratio']:.0%} "
+        f"of the reference `{reference['name']}`, {reference['disk_mb']:.1f} MB), perplexity {reference['perplexity']:.3f} "
+        f"→ {winner['perplexity']:.3f} ({winner['ppl_increase_pct']:+.2f}%){general_note}{kl_note}. {why}",
+        "", scores, ""]
+    if dominated:
+        lines += ["Dominated (another candidate is no larger and no worse on every text):", ""]
+        lines += [f"- {d}" for d in dominated] + [""]
+    lines.append(
+        f"Perplexity: validation split{' and general English (base-model samples)' if winner.get('general_perplexity') else ''}, "
+        f"context {cfg.context}, stride {cfg.stride}, {reference['scored_tokens']} tokens; KL divergence "
+        f"KL(reference ‖ candidate) on the first {cfg.kl_tokens} scored positions of the validation split. Generation "
+        f"speed: greedy, {cfg.speed_tokens} new tokens for each of {len(DEFAULT_PROMPTS)} prompts, one timed run "
+        "(noisy on a shared machine).")
+    return "\n".join(lines)
