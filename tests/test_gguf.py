@@ -415,3 +415,42 @@ def test_families_transformers_cannot_reload_are_refused_at_validation(arch, nam
     assert f"gguf-q8_0 cannot write this model: GGUF export cannot write {name}" in err and reason in err
     with pytest.raises(gguf_export.GGUFExportError, match="reads no"):
         gguf_export.write(folder, tmp_path / "x.gguf", "q8_0", "x")
+
+
+def test_qwen_pre_tokenizer_is_named_qwen2(tmp_path):
+    """Qwen2 / Qwen3 tokenizers split with Qwen2's regex (single digits) before ByteLevel: llama.cpp's "qwen2"
+    (Llama 3's regex, which groups up to three digits, stays "llama-bpe")."""
+    from tokenizers import Regex, pre_tokenizers
+
+    import tiny
+
+    tok = tiny.build_tokenizer()
+    for split, name in ((gguf_export.LLAMA3_SPLIT, "llama-bpe"), (gguf_export.QWEN2_SPLIT, "qwen2")):
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        assert gguf_export.pre_tokenizer(tok) == name
+    model = family_model("qwen3", tok, **WRITABLE["qwen3"])
+    model.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")  # (with Qwen2's split, the last one set)
+    assert fields(gguf_export.write(tmp_path / "qwen3", tmp_path / "q.gguf", "q8_0", "q"))["tokenizer.ggml.pre"] == "qwen2"
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_quantize_stage_gates_a_gguf_of_a_new_family(arch, tokenizer, make_recipe, tmp_path):
+    """The quantize stage's gguf-q8_0 candidate on Gemma 2 (window 16 inside the gate's 64-token windows) and
+    Phi-3: written, reloaded with the tokenizer files saved beside it (transformers' GGUF loader would rebuild
+    a Gemma / Phi-3 tokenizer of its own from the file), scored against the input and chosen."""
+    model = family_model(arch, tokenizer, **WRITABLE[arch])
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    path = make_recipe(tmp_path / arch, finetune={"enabled": False}, distill={"enabled": False},
+                       evaluate={"enabled": False},
+                       quantize={"candidates": [{"method": "gguf-q8_0"}], "max_ppl_increase": 5.0, "speed_tokens": 0})
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "runs" / "tiny" / "quantize"
+    row = _record(out)["candidates"][0]
+    assert row["status"] == "passed" and abs(row["ppl_increase_pct"]) < 1, row
+    assert (out / "tiny-Q8_0.gguf").is_file() and fields(out / "tiny-Q8_0.gguf")["general.architecture"] == arch
+    loaded, _ = formats.load_folder(out)
+    assert type(loaded) is type(model)

@@ -8,7 +8,8 @@ tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / cha
 
 Layout rules llama.cpp expects: GPT-2's `Conv1D` weights are stored transposed (as Linear weights);
 Llama's q/k projection rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved
-rope order; a tied embedding is written once (llama.cpp and transformers both reuse `token_embd` as the
+rope order; Gemma's norm weights are stored as w + 1; the other families' quirks are data in
+pipeline/families.py (`gguf_*`); a tied embedding is written once (llama.cpp and transformers both reuse `token_embd` as the
 output head when `output.weight` is absent). Norms and biases stay F32. The output head (or the tied
 embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's `llama-quantize` gives it Q6_K
 (Q8_0 where the width is not a multiple of 256), and `gguf` cannot write K-quants.
@@ -49,11 +50,16 @@ TYPES = {
 # that generation quality will be degraded.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (and Qwen3's) split regex: Llama 3's with single digits instead of runs of up to three
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
     "gpt-2": "GPT-2's byte-level regex (ByteLevel with use_regex)",
     "smollm": "SmolLM's single-digit split, then GPT-2's byte-level regex",
     "llama-bpe": "Llama 3's split regex, then ByteLevel",
+    "qwen2": "Qwen2's split regex (Qwen2, Qwen3), then ByteLevel",
 }
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # a Split step's regex -> llama.cpp's name
 
 
 class GGUFExportError(ValueError):
@@ -204,9 +210,9 @@ def pre_tokenizer(tokenizer, origin: str | None = None) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+    if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") in SPLITS
             and not steps[1].get("use_regex", True)):
-        return "llama-bpe"
+        return SPLITS[steps[0]["pattern"]["Regex"]]
     known = "; ".join(f"{k}: {v}" for k, v in PRE_TOKENIZERS.items())
     raise GGUFExportError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) matches none "
                           f"llama.cpp knows by name here ({known})")
