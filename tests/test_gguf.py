@@ -433,7 +433,8 @@ def test_qwen_pre_tokenizer_is_named_qwen2(tmp_path):
     model = family_model("qwen3", tok, **WRITABLE["qwen3"])
     model.save_pretrained(tmp_path / "qwen3")
     tok.save_pretrained(tmp_path / "qwen3")  # (with Qwen2's split, the last one set)
-    assert fields(gguf_export.write(tmp_path / "qwen3", tmp_path / "q.gguf", "q8_0", "q"))["tokenizer.ggml.pre"] == "qwen2"
+    path = gguf_export.write(tmp_path / "qwen3", tmp_path / "q.gguf", "q8_0", "q")
+    assert fields(path)["tokenizer.ggml.pre"] == "qwen2"
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "phi3"])

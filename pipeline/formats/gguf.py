@@ -8,11 +8,12 @@ tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / cha
 
 Layout rules llama.cpp expects: GPT-2's `Conv1D` weights are stored transposed (as Linear weights);
 Llama's q/k projection rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved
-rope order; Gemma's norm weights are stored as w + 1; the other families' quirks are data in
-pipeline/families.py (`gguf_*`); a tied embedding is written once (llama.cpp and transformers both reuse `token_embd` as the
-output head when `output.weight` is absent). Norms and biases stay F32. The output head (or the tied
-embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's `llama-quantize` gives it Q6_K
-(Q8_0 where the width is not a multiple of 256), and `gguf` cannot write K-quants.
+rope order; Gemma's norm weights are stored as w + 1 (these and the other families' quirks are data in
+pipeline/families.py, its `gguf_*` fields); a tied embedding is written once (llama.cpp and transformers
+both reuse `token_embd` as the output head when `output.weight` is absent). Norms and biases stay F32.
+The output head (or the tied embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's
+`llama-quantize` gives it Q6_K (Q8_0 where the width is not a multiple of 256), and `gguf` cannot write
+K-quants.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def unsupported(config) -> str | None:
         return (f"llama.cpp scales {arch} attention by 1/sqrt(head_dim) = 1/sqrt({_head_dim(config)}); this model "
                 f"scales by 1/sqrt(query_pre_attn_scalar) = 1/sqrt({scalar})")
     if not config.tie_word_embeddings and not _has_output(arch):
-        return f"llama.cpp's {arch} architecture has no separate output head (it reuses the embedding); this model's is untied"
+        return (f"llama.cpp's {arch} architecture has no separate output head (it reuses the embedding); "
+                "this model's is untied")
     if family.gguf_unread:
         back = reloaded_config(config)
         for key in family.gguf_unread:
