@@ -312,3 +312,146 @@ def test_mistral_and_qwen2_round_trip(arch, qtype, tokenizer, tmp_path):
     assert type(back).__name__ == {"mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
     err = (logits(back) - logits(model)).abs().max().item()
     assert 0 < err < TOLERANCE[qtype], err
+
+
+def family_model(arch: str, tokenizer, **changes):
+    """tests/tiny.py's two-layer model of `arch`, rebuilt (same seed) with `changes` to its config."""
+    import tiny
+
+    model = tiny.build_model(arch, tokenizer, layers=2)
+    if changes:
+        for key, value in changes.items():
+            setattr(model.config, key, value)
+        torch.manual_seed(0)
+        model = type(model)(model.config)
+    return model.eval()
+
+
+# What each family needs to be written (the tiny configs' head_dim 16 is refused, see below): transformers'
+# GGUF loader reads no head_dim for qwen3 (its default 128 comes back); llama.cpp scales Gemma attention by
+# 1/sqrt(head_dim) and transformers reloads query_pre_attn_scalar as its default 256, so head_dim 256.
+WRITABLE = {"qwen3": {"head_dim": 128}, "phi3": {}, "gemma2": {"head_dim": 256}, "gemma3": {"head_dim": 256}}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", list(WRITABLE))
+def test_qwen3_phi3_gemma2_gemma3_round_trip(arch, qtype, tokenizer, tmp_path):
+    """Each written as its own llama.cpp architecture and read back by transformers' GGUF loader with the
+    same logits: Qwen3's q/k norms, Phi-3's fused qkv / gate_up kept fused, Gemma's (1 + w) norms stored as
+    w + 1 (what llama.cpp multiplies by; transformers subtracts the 1 again), Gemma 2's soft-caps and both
+    Gemmas' 16-token sliding window (the 32 positions scored run past it)."""
+    model = family_model(arch, tokenizer, **WRITABLE[arch])
+    assert gguf_export.unsupported(model.config) is None
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    path = gguf_export.write(tmp_path / arch, tmp_path / f"tiny-{qtype}.gguf", qtype, "tiny")
+    meta = fields(path)
+    t = meta["tensors"]
+    assert meta["general.architecture"] == arch
+    head_dim = WRITABLE[arch].get("head_dim", 16)
+    assert meta[f"{arch}.attention.key_length"] == head_dim and meta[f"{arch}.block_count"] == 2
+    if arch == "phi3":  # q | k | v rows (4 + 2 + 2 heads of 16) and gate | up, as llama.cpp's phi3 splits them
+        assert t["blk.0.attn_qkv.weight"][1] == [64, 128] and t["blk.0.ffn_up.weight"][1] == [64, 256]
+        assert "blk.0.attn_q.weight" not in t and "blk.0.ffn_gate.weight" not in t and "output.weight" in t
+    else:
+        assert t["blk.0.attn_q.weight"][1] == [64, 4 * head_dim] and "output.weight" not in t  # tied
+    if arch in ("qwen3", "gemma3"):
+        assert t["blk.0.attn_q_norm.weight"] == ("F32", [head_dim]) and "blk.0.attn_k_norm.weight" in t
+    if arch.startswith("gemma"):
+        assert {"blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight"} <= set(t)
+        assert meta[f"{arch}.attention.sliding_window"] == 16
+        norm = next(x for x in GGUFReader(path).tensors if x.name == "blk.0.attn_norm.weight")
+        hf = model.model.layers[0].input_layernorm.weight.detach().numpy()
+        assert torch.allclose(torch.tensor(norm.data.copy()), torch.tensor(hf) + 1)  # (1 + w) as llama.cpp's w
+    if arch == "gemma2":
+        assert meta["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+        assert meta["gemma2.final_logit_softcapping"] == pytest.approx(30.0)
+    back = models.load_model(models.Source("gguf", str(tmp_path), path.name)).eval()
+    assert type(back) is type(model)
+    if arch != "phi3":  # (Phi3Config has no head_dim: hidden_size / heads)
+        assert back.config.head_dim == head_dim
+    if arch.startswith("gemma"):
+        assert back.config.sliding_window == 16 and back.config.layer_types == model.config.layer_types
+    err = (logits(back) - logits(model)).abs().max().item()
+    assert 0 < err < TOLERANCE[qtype], err
+
+
+@pytest.mark.parametrize("arch, changes, reason", [
+    ("qwen3", {}, "reads no head_dim for qwen3 files and would reload this model with head_dim=128; this model has 16"),
+    ("gemma2", {}, "llama.cpp scales gemma2 attention by 1/sqrt(head_dim) = 1/sqrt(16)"),
+    ("gemma2", {"head_dim": 256, "attn_logit_softcapping": None},
+     "reads no attn_logit_softcapping for gemma2 files and would reload this model with attn_logit_softcapping=50.0"),
+    ("gemma2", {"head_dim": 256, "tie_word_embeddings": False}, "gemma2 architecture has no separate output head"),
+    ("gemma3", {"head_dim": 256, "layer_types": ["full_attention", "sliding_attention"]},
+     "reads no layer_types for gemma3 files"),
+    ("phi3", {"sliding_window": 16}, "phi3 architecture attends to the whole context"),
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     "reads no rope_parameters for phi3 files"),
+])
+def test_what_the_gguf_loader_would_not_read_back_is_refused(arch, changes, reason, tokenizer):
+    """A config transformers would reload as another model (a key it does not read, left at a non-default
+    value) or llama.cpp would run differently is refused with the reason, before anything is written."""
+    model = family_model(arch, tokenizer)
+    for key, value in changes.items():
+        setattr(model.config, key, value)
+    assert reason in gguf_export.unsupported(model.config)
+
+
+@pytest.mark.parametrize("arch, name, reason", [
+    ("gemma", "Gemma", "transformers' GGUF loader reads no 'gemma' (Gemma 1) architecture"),
+    ("gpt_neox", "GPT-NeoX", "transformers' GGUF loader reads no 'gptneox' architecture"),
+])
+def test_families_transformers_cannot_reload_are_refused_at_validation(arch, name, reason, tokenizer, make_recipe,
+                                                                       tmp_path, capsys):
+    import tiny
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    # the reason holds for the installed transformers (when this fails, it learned the architecture: write it)
+    assert {"gemma", "gptneox"}.isdisjoint(GGUF_CONFIG_MAPPING) and {"gemma2", "gemma3"} <= set(GGUF_CONFIG_MAPPING)
+    folder = tiny.save_tiny(tmp_path / arch, arch, tokenizer, layers=1)
+    path = make_recipe(folder, quantize={"candidates": [{"method": "gguf-q8_0"}]})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"gguf-q8_0 cannot write this model: GGUF export cannot write {name}" in err and reason in err
+    with pytest.raises(gguf_export.GGUFExportError, match="reads no"):
+        gguf_export.write(folder, tmp_path / "x.gguf", "q8_0", "x")
+
+
+def test_qwen_pre_tokenizer_is_named_qwen2(tmp_path):
+    """Qwen2 / Qwen3 tokenizers split with Qwen2's regex (single digits) before ByteLevel: llama.cpp's "qwen2"
+    (Llama 3's regex, which groups up to three digits, stays "llama-bpe")."""
+    from tokenizers import Regex, pre_tokenizers
+
+    import tiny
+
+    tok = tiny.build_tokenizer()
+    for split, name in ((gguf_export.LLAMA3_SPLIT, "llama-bpe"), (gguf_export.QWEN2_SPLIT, "qwen2")):
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        assert gguf_export.pre_tokenizer(tok) == name
+    model = family_model("qwen3", tok, **WRITABLE["qwen3"])
+    model.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")  # (with Qwen2's split, the last one set)
+    path = gguf_export.write(tmp_path / "qwen3", tmp_path / "q.gguf", "q8_0", "q")
+    assert fields(path)["tokenizer.ggml.pre"] == "qwen2"
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_quantize_stage_gates_a_gguf_of_a_new_family(arch, tokenizer, make_recipe, tmp_path):
+    """The quantize stage's gguf-q8_0 candidate on Gemma 2 (window 16 inside the gate's 64-token windows) and
+    Phi-3: written, reloaded with the tokenizer files saved beside it (transformers' GGUF loader would rebuild
+    a Gemma / Phi-3 tokenizer of its own from the file), scored against the input and chosen."""
+    model = family_model(arch, tokenizer, **WRITABLE[arch])
+    model.save_pretrained(tmp_path / arch)
+    tokenizer.save_pretrained(tmp_path / arch)
+    path = make_recipe(tmp_path / arch, finetune={"enabled": False}, distill={"enabled": False},
+                       evaluate={"enabled": False},
+                       quantize={"candidates": [{"method": "gguf-q8_0"}], "max_ppl_increase": 5.0, "speed_tokens": 0})
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "runs" / "tiny" / "quantize"
+    row = _record(out)["candidates"][0]
+    assert row["status"] == "passed" and abs(row["ppl_increase_pct"]) < 1, row
+    assert (out / "tiny-Q8_0.gguf").is_file() and fields(out / "tiny-Q8_0.gguf")["general.architecture"] == arch
+    loaded, _ = formats.load_folder(out)
+    assert type(loaded) is type(model)

@@ -8,10 +8,12 @@ tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / cha
 
 Layout rules llama.cpp expects: GPT-2's `Conv1D` weights are stored transposed (as Linear weights);
 Llama's q/k projection rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved
-rope order; a tied embedding is written once (llama.cpp and transformers both reuse `token_embd` as the
-output head when `output.weight` is absent). Norms and biases stay F32. The output head (or the tied
-embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's `llama-quantize` gives it Q6_K
-(Q8_0 where the width is not a multiple of 256), and `gguf` cannot write K-quants.
+rope order; Gemma's norm weights are stored as w + 1 (these and the other families' quirks are data in
+pipeline/families.py, its `gguf_*` fields); a tied embedding is written once (llama.cpp and transformers
+both reuse `token_embd` as the output head when `output.weight` is absent). Norms and biases stay F32.
+The output head (or the tied embedding that serves as one) stays Q8_0 in the 4/5-bit types: llama.cpp's
+`llama-quantize` gives it Q6_K (Q8_0 where the width is not a multiple of 256), and `gguf` cannot write
+K-quants.
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ log = logging.getLogger("pipeline")
 
 # transformers model_type -> GGUF architecture; both llama.cpp and transformers' GGUF loader run these.
 ARCHITECTURES = {t: f.gguf_arch for f in families.FAMILIES if f.gguf_arch for t in f.model_types}
-SUPPORTED = ("gpt2 (GPT-2, DistilGPT2), llama (Llama, SmolLM/SmolLM2, TinyLlama, Mistral without a sliding window) "
-             "and qwen2, with byte-level BPE tokenizers")
+SUPPORTED = ("gpt2 (GPT-2, DistilGPT2), llama (Llama, SmolLM/SmolLM2, TinyLlama, Mistral without a sliding window), "
+             "qwen2, qwen3, phi3 (without a sliding window), gemma2 and gemma3 (Gemma 3 text), "
+             "with byte-level BPE tokenizers")
+# transformers names the model type of a GGUF architecture after it, except these
+RELOADED_AS = {"gemma3": "gemma3_text"}
 # type -> (GGML tensor type, llama.cpp file type, label used in file names and Ollama tags)
 TYPES = {
     "f16": ("F16", "MOSTLY_F16", "F16"),
@@ -46,11 +51,16 @@ TYPES = {
 # that generation quality will be degraded.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (and Qwen3's) split regex: Llama 3's with single digits instead of runs of up to three
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
     "gpt-2": "GPT-2's byte-level regex (ByteLevel with use_regex)",
     "smollm": "SmolLM's single-digit split, then GPT-2's byte-level regex",
     "llama-bpe": "Llama 3's split regex, then ByteLevel",
+    "qwen2": "Qwen2's split regex (Qwen2, Qwen3), then ByteLevel",
 }
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # a Split step's regex -> llama.cpp's name
 
 
 class GGUFExportError(ValueError):
@@ -60,8 +70,12 @@ class GGUFExportError(ValueError):
 def unsupported(config) -> str | None:
     """Why a model with this config cannot be exported to GGUF, or None if it can."""
     model_type = getattr(config, "model_type", None)
+    family = families.of(config)
+    if family is not None and family.gguf_no:
+        return f"GGUF export cannot write {family.name} ('{model_type}'): {family.gguf_no}"
     if model_type not in ARCHITECTURES:
         return f"GGUF export supports {SUPPORTED}; this model is '{model_type}'"
+    arch = ARCHITECTURES[model_type]
     if model_type == "gpt2":
         inner = config.n_inner or 4 * config.n_embd
         if inner != 4 * config.n_embd:  # transformers' GGUF loader reads no n_inner: it could not reload this
@@ -69,21 +83,88 @@ def unsupported(config) -> str | None:
                     f"(transformers' GGUF loader has no key for n_inner); this model has n_inner={inner}")
         if config.activation_function != "gelu_new":
             return f"GGUF GPT-2 runs gelu_new (tanh GELU); this model uses {config.activation_function}"
-    else:
-        if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
-            return "GGUF export of Llama models writes no attention/MLP biases; this model has attention_bias/mlp_bias"
-        window = getattr(config, "sliding_window", None)
-        if window is not None and ARCHITECTURES[model_type] == "llama" and window < config.max_position_embeddings:
-            return (f"llama.cpp's llama architecture attends to the whole context; this {model_type} model slides a "
-                    f"{window}-token window over its {config.max_position_embeddings} positions")
-        if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
-            return "llama.cpp's qwen2 architecture has no sliding window; this model uses one"
-        if config.hidden_act != "silu":
-            return f"GGUF llama runs SiLU MLPs; this model uses {config.hidden_act}"
-        rope = _rope(config)
-        if rope.get("rope_type", "default") not in ("default", "linear", "yarn", "llama3"):
-            return f"GGUF export writes default, linear, yarn and llama3 rope scaling; this model uses {rope['rope_type']}"
+        return None
+    if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        return "GGUF export of Llama models writes no attention/MLP biases; this model has attention_bias/mlp_bias"
+    window = _window(config)
+    if window is not None and not family.gguf_window:
+        return (f"llama.cpp's {arch} architecture attends to the whole context (and transformers reads no window "
+                f"back); this {model_type} model slides a {window}-token window over its "
+                f"{config.max_position_embeddings} positions")
+    activation = getattr(config, "hidden_activation", None) or config.hidden_act
+    if activation != family.gguf_activation:
+        return f"GGUF {arch} runs {family.gguf_activation} MLPs; this model uses {activation}"
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear", "yarn", "llama3"):
+        return f"GGUF export writes default, linear, yarn and llama3 rope scaling; this model uses {rope['rope_type']}"
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != _head_dim(config):
+        # llama-model.cpp: f_attention_scale = 1/sqrt(n_embd_head_k) (1/sqrt(n_embd/n_head) for the 27B sizes only)
+        return (f"llama.cpp scales {arch} attention by 1/sqrt(head_dim) = 1/sqrt({_head_dim(config)}); this model "
+                f"scales by 1/sqrt(query_pre_attn_scalar) = 1/sqrt({scalar})")
+    if not config.tie_word_embeddings and not _has_output(arch):
+        return (f"llama.cpp's {arch} architecture has no separate output head (it reuses the embedding); "
+                "this model's is untied")
+    if family.gguf_unread:
+        back = reloaded_config(config)
+        for key in family.gguf_unread:
+            ours, theirs = _comparable(key, getattr(config, key, None)), _comparable(key, getattr(back, key, None))
+            if ours != theirs:
+                return (f"transformers' GGUF loader reads no {key} for {arch} files and would reload this model "
+                        f"with {key}={theirs!r}; this model has {ours!r}")
     return None
+
+
+def _window(config) -> int | None:
+    """The sliding window when it is shorter than the context (a window covering every position is none)."""
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):  # Qwen2/3 keep a window size they do not use
+        return None
+    return window if window is not None and window < config.max_position_embeddings else None
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _has_output(arch: str) -> bool:
+    import gguf
+
+    return gguf.MODEL_TENSOR.OUTPUT in gguf.MODEL_TENSORS[_arch(arch)]
+
+
+def _arch(name: str):
+    import gguf
+
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+
+
+def _comparable(key: str, value):
+    """`value` as the reload check compares it: rope parameters per layer type (what each layer runs; transformers
+    leaves unused top-level keys beside Gemma 3's per-type ones), floats at the float32 the file stores."""
+    if key == "rope_parameters" and isinstance(value, dict):
+        if any(isinstance(v, dict) for v in value.values()):
+            return {k: _comparable(key, v) for k, v in value.items() if isinstance(v, dict)}
+        return {k: _comparable(key, v) for k, v in value.items() if v is not None}
+    if isinstance(value, float):
+        return float(np.float32(value))
+    return value
+
+
+def reloaded_config(config):
+    """The config transformers' GGUF loader builds from the metadata `write` puts in the file: the keys its
+    GGUF_CONFIG_MAPPING maps for the architecture, class defaults for everything else."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = ARCHITECTURES[config.model_type]
+    mapping = GGUF_CONFIG_MAPPING[arch]
+    kwargs = {}
+    for key, value in metadata(config, config.vocab_size).items():
+        name = mapping.get(key.removeprefix(f"{arch}."))
+        if name:
+            kwargs[name] = float(np.float32(value)) if isinstance(value, float) else value
+    return AutoConfig.for_model(RELOADED_AS.get(arch, arch), **kwargs)
 
 
 def filename(name: str, qtype: str) -> str:
@@ -111,8 +192,10 @@ class GGUFExport:
 
 
 def _rope(config) -> dict:
+    """The rope parameters of the full-attention layers (Gemma 3 keeps one set per layer type; llama.cpp takes
+    the global layers' from the file and fixes the local ones, as transformers' default does)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return dict(rope)
+    return dict(rope.get("full_attention", rope))
 
 
 def pre_tokenizer(tokenizer, origin: str | None = None) -> str:
@@ -129,9 +212,9 @@ def pre_tokenizer(tokenizer, origin: str | None = None) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+    if (kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") in SPLITS
             and not steps[1].get("use_regex", True)):
-        return "llama-bpe"
+        return SPLITS[steps[0]["pattern"]["Regex"]]
     known = "; ".join(f"{k}: {v}" for k, v in PRE_TOKENIZERS.items())
     raise GGUFExportError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) matches none "
                           f"llama.cpp knows by name here ({known})")
@@ -181,6 +264,7 @@ def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
     import gguf
 
     cfg = model.config
+    family = families.of(cfg)
     layers = cfg.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, layers)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -197,11 +281,13 @@ def tensors(model, arch) -> list[tuple[str, np.ndarray]]:
         w = t.detach().float().cpu().numpy()
         if cfg.model_type == "gpt2" and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             w = w.T  # Conv1D stores (in, out)
-        if ARCHITECTURES[cfg.model_type] == "llama":  # llama.cpp's llama rope is interleaved, not rotate-half
+        if family.gguf_permute_qk:  # llama.cpp's llama rope is interleaved, not rotate-half
             if hf_name.endswith("q_proj.weight"):
                 w = _permute(w, cfg.num_attention_heads)
             elif hf_name.endswith("k_proj.weight"):
                 w = _permute(w, cfg.num_key_value_heads)
+        if family.gguf_norm_shift and hf_name.endswith("norm.weight"):
+            w = w + np.float32(family.gguf_norm_shift)  # Gemma's (1 + w) norms as llama.cpp's plain x * w
         out.append((name, np.ascontiguousarray(w)))
     return out
 
@@ -241,7 +327,7 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == ARCHITECTURES[config.model_type])
+    arch = _arch(ARCHITECTURES[config.model_type])
     weights = tensors(model, arch)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tied = not any(n == "output.weight" for n, _ in weights)
@@ -297,34 +383,51 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     return out
 
 
-def _hyperparameters(writer, config, n_vocab: int) -> None:
-    """The architecture keys llama.cpp reads (and transformers' GGUF loader maps back to a config)."""
+def metadata(config, n_vocab: int) -> dict[str, int | float]:
+    """The architecture keys llama.cpp reads (and transformers' GGUF loader maps back to a config), full key ->
+    value (ints written as uint32, floats as float32). Rope scaling is written by `_hyperparameters`."""
     import gguf
 
+    arch = ARCHITECTURES[config.model_type]
+    K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
     if config.model_type == "gpt2":
-        writer.add_context_length(config.n_positions)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
-        return
+        out = {K.CONTEXT_LENGTH: config.n_positions, K.EMBEDDING_LENGTH: config.n_embd,
+               K.FEED_FORWARD_LENGTH: config.n_inner or 4 * config.n_embd, K.BLOCK_COUNT: config.n_layer,
+               A.HEAD_COUNT: config.n_head, A.LAYERNORM_EPS: float(config.layer_norm_epsilon)}
+        return {k.format(arch=arch): v for k, v in out.items()}
+    family = families.of(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = _head_dim(config)
     rope = _rope(config)
-    writer.add_vocab_size(n_vocab)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    out = {K.VOCAB_SIZE: n_vocab, K.CONTEXT_LENGTH: config.max_position_embeddings,
+           K.EMBEDDING_LENGTH: config.hidden_size, K.BLOCK_COUNT: config.num_hidden_layers,
+           K.FEED_FORWARD_LENGTH: config.intermediate_size, A.HEAD_COUNT: heads, A.HEAD_COUNT_KV: kv_heads,
+           R.DIMENSION_COUNT: head_dim,
+           # always written: transformers reads Gemma's head_dim from it (its default 256 otherwise)
+           A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim,
+           R.FREQ_BASE: float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+           A.LAYERNORM_RMS_EPS: float(config.rms_norm_eps)}
+    if family.gguf_window and getattr(config, "sliding_window", None) is not None:
+        out[A.SLIDING_WINDOW] = config.sliding_window
+    for key, attr in ((K.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping"),
+                      (K.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping")):
+        if getattr(config, attr, None) is not None:  # Gemma 2's tanh caps, which llama.cpp reads from these
+            out[key] = float(getattr(config, attr))
+    return {k.format(arch=arch): v for k, v in out.items()}
+
+
+def _hyperparameters(writer, config, n_vocab: int) -> None:
+    """The architecture keys of `metadata`, and rope scaling as llama.cpp reads it."""
+    import gguf
+
+    for key, value in metadata(config, n_vocab).items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, int(value))
+    if config.model_type == "gpt2":
+        return
+    rope = _rope(config)
     kind = rope.get("rope_type", "default")
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -334,7 +437,7 @@ def _hyperparameters(writer, config, n_vocab: int) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     elif kind == "llama3":  # llama.cpp takes Llama 3.x scaling as per-frequency factors, a `rope_freqs` tensor
-        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, head_dim))
+        writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, _head_dim(config)))
 
 
 def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
