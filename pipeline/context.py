@@ -37,7 +37,8 @@ class Context:
     # the model every other is compared with (KL divergence, top-1 agreement, quality budgets): the fine-tuned
     # model, or the base model when fine-tuning is off
     reference: Path | None = None
-    stale: dict[str, str] = field(default_factory=dict)  # model folder -> why it does not match the recipe now
+    stale: dict[str, str] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)  # stages whose output was already current  # model folder -> why it does not match the recipe now
 
 
 @dataclass
@@ -107,4 +108,5 @@ def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:
     if ctx.force or current is None or current.fingerprint != fp:
         return False
     log.info("%s: %s is up to date (same input, config and data files), skipping; use --force to re-run", stage, out)
+    ctx.skipped.add(stage)
     return True

@@ -93,6 +93,8 @@ def text(cfg: GeneralConfig, run_dir: Path, seed: int) -> str | None:
              cfg.tokens, len(prompts))
     model, tokenizer = formats.load_folder(base, device_map=str(models.pick_device()))
     body = sample(model, tokenizer, prompts, -(-cfg.tokens // len(prompts)), cfg.top_p, seed, cfg.batch_size)
+    # as reading the file back will give it (universal newlines): every stage must score the same text
+    body = body.replace("\r\n", "\n").replace("\r", "\n")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "general.txt.tmp"
     tmp.write_text(body)

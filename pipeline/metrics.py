@@ -216,14 +216,39 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, self._rss_mb(), self._hwm_mb() if self._hwm else 0.0) - self.start_mb
 
 
-def _median_seconds(fn, repeats: int) -> float:
+NOISY_SPREAD = 0.15  # (slowest - fastest) / median of the timed runs above which a speed is not trusted
+BUSY_LOAD = 1.5  # 1-minute load average per core above which other work shares the machine (this run alone: ~1)
+MORE_RUNS = 3  # an unstable timing is repeated up to this many times `repeats` runs before it is flagged
+
+
+def machine_load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every OS
+        return None
+
+
+def _median_seconds(fn, repeats: int) -> tuple[float, dict]:
+    """Median seconds of `fn` after a warm-up, and how far to trust it: runs are repeated (up to MORE_RUNS x
+    `repeats`) until the last `repeats` agree within NOISY_SPREAD; the machine's load is read before and after.
+    `noisy` when they never agreed or other work loaded the machine."""
+    load = [machine_load()]
     fn()  # warm-up: first calls pay for allocation, kernel selection and caches
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while True:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        recent = times[-repeats:]
+        spread = (max(recent) - min(recent)) / statistics.median(recent) if len(recent) > 1 else 0.0
+        if len(times) >= repeats and (spread <= NOISY_SPREAD or len(times) >= MORE_RUNS * repeats):
+            break
+    load.append(machine_load())
+    cores = os.cpu_count() or 1
+    peak = max((x for x in load if x is not None), default=None)
+    busy = peak is not None and peak > BUSY_LOAD * cores
+    return statistics.median(recent), {"runs": len(times), "spread": round(spread, 3), "load": peak, "cores": cores,
+                                       "noisy": spread > NOISY_SPREAD or busy}
 
 
 @torch.no_grad()
@@ -233,7 +258,8 @@ def speed(model, tokenizer, prompts: list[str], prefill_tokens: int, new_tokens:
     device = model_device(model)
     prompt_ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"]
     ids = prompt_ids.repeat(1, prefill_tokens // prompt_ids.shape[1] + 1)[:, :prefill_tokens].to(device)
-    prefill_s = _median_seconds(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)), repeats)
+    prefill_s, prefill_noise = _median_seconds(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                                               repeats)
     encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -242,10 +268,13 @@ def speed(model, tokenizer, prompts: list[str], prefill_tokens: int, new_tokens:
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=pad)
 
-    gen_s = _median_seconds(gen, repeats)
+    gen_s, gen_noise = _median_seconds(gen, repeats)
     return {
         "prefill_tok_s": round(ids.shape[1] / prefill_s, 1),
         "gen_tok_s": round(new_tokens * len(prompts) / gen_s, 2),
+        # a number taken while other work ran, or whose runs never agreed, is marked so wherever it is shown
+        "speed_noisy": prefill_noise["noisy"] or gen_noise["noisy"],
+        "speed_noise": {"prefill": prefill_noise, "generate": gen_noise},
         "speed_settings": {"prefill_tokens": int(ids.shape[1]), "new_tokens": new_tokens,
                            "prompts": len(prompts), "repeats": repeats, "device": str(device)},
     }

@@ -23,6 +23,26 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+SPEED = ("prefill_tok_s", "gen_tok_s")
+
+
+def noise_note(rows: list[dict]) -> list[str]:
+    """Why speeds marked (noisy) are not to be trusted: the machine's load and how far the timed runs spread."""
+    out = []
+    for row in rows:
+        if not row.get("speed_noisy"):
+            continue
+        parts = []
+        for what, n in (row.get("speed_noise") or {}).items():
+            if n.get("noisy"):
+                parts.append(f"{what}: {n['runs']} runs spread {n['spread']:.0%}, load {n['load']} on {n['cores']} cores")
+        out.append(f"- `{row['name']}`: " + "; ".join(parts))
+    if out:
+        out = ["", "Speeds marked (noisy) were measured while other work loaded the machine (1-minute load above "
+               "1.5 per core) or their timed runs never agreed within 15%; compare them with care:"] + out
+    return out
+
+
 def write(run_dir: Path, recipe: str, rows: list[dict]) -> None:
     interrupts.raise_pending()  # an interrupted evaluation writes no report, even if a library swallowed the signal
     base = next((r for r in rows if r["name"] == "base"), None)
@@ -79,6 +99,9 @@ def markdown(recipe: str, rows: list[dict]) -> str:
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [fmt.format(row[k]) if row.get(k) is not None else "–" for k, _, fmt in cols]
+        for i, (k, _, _) in enumerate(cols):
+            if k in SPEED and row.get("speed_noisy") and row.get(k) is not None:
+                cells[i] += " (noisy)"
         if row.get("stale"):
             cells[0] += " *(stale)*"
         by_name = {e["dataset"]: e for e in row.get("evaluations", [])}
@@ -98,6 +121,7 @@ def markdown(recipe: str, rows: list[dict]) -> str:
     if any(e["dataset"] == GENERAL for r in rows for e in r.get("evaluations", [])):
         lines += ["", f"`{GENERAL}`: English the base model wrote from everyday openings (see the run's "
                   "general/general.txt), never trained on: how much each model forgot outside the recipe's domain."]
+    lines += noise_note(rows)
     lines += frontier_section(rows)
     for row in rows:
         teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)

@@ -122,6 +122,7 @@ def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | Non
     if recipe.push.push_to_hub:  # check the token and namespace before hours of training, not after
         publisher = Publisher(recipe)
     outputs: dict[str, Path] = {}
+    took: dict[str, float] = {}
     for stage in ORDER:
         if stage not in chosen:
             continue
@@ -140,7 +141,23 @@ def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | Non
         outputs[stage] = row.run(settings(row, recipe), ctx)
         if together:
             dist.barrier()
-        log.info("%s: done in %.1fs → %s", stage, time.time() - started, outputs[stage])
+        took[stage] = time.time() - started
+        log.info("%s: done in %.1fs → %s", stage, took[stage], outputs[stage])
         if publisher:
             publisher.after_stage(stage)
+    if took and dist.is_main():
+        log.info("summary:\n%s", summary(ctx, outputs, took))
     return outputs
+
+
+def summary(ctx: Context, outputs: dict[str, Path], took: dict[str, float]) -> str:
+    """One line per stage that ran (or was already current), and where the report is."""
+    lines = []
+    for stage, seconds in took.items():
+        state = "up to date, skipped" if stage in ctx.skipped else f"{seconds:.0f}s"
+        lines.append(f"  {stage:<9} {state:>22}  → {outputs[stage]}")
+    lines.append(f"  {'total':<9} {sum(took.values()):>21.0f}s")
+    report = ctx.run_dir / "report.md"
+    if "evaluate" in outputs and report.is_file():
+        lines.append(f"  report: {report} (plot: {ctx.run_dir / 'report.png'})")
+    return "\n".join(lines)

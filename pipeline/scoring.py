@@ -7,6 +7,8 @@ from it and top-1 agreement with it, on the same windows as perplexity, tell mod
 and task accuracy cannot (an int8 model can match perplexity and still disagree on many tokens)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -14,8 +16,8 @@ import torch
 
 from pipeline import data, formats, general, models
 from pipeline.context import Context
-from pipeline.metrics import score
-from pipeline.records import read_record
+from pipeline.metrics import model_device, score
+from pipeline.records import fingerprint, read_record
 
 log = logging.getLogger("pipeline")
 
@@ -75,19 +77,69 @@ class Reference:
             self._logprobs.setdefault(name, logprobs)
 
 
+class Measurements:
+    """Measurements taken in this run, kept in runs/<name>/measurements.json and keyed by everything that decides
+    them: the folder's record fingerprint (its weights and how they were made), the token ids, the windows, the
+    reference it was compared with and the device. The quantize gate's scores of its inputs and of the shipped
+    candidate are then what evaluate reports, without a second pass; `--force` measures again."""
+
+    FILE = "measurements.json"
+
+    def __init__(self, run_dir: Path, force: bool = False):
+        self.path = Path(run_dir) / self.FILE
+        self.force = force
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(folder_fp: str, ids: list[int], context: int, stride: int, reference: Reference, device: str) -> str:
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        # batch size is left out: windows batched differently give the same sums to float rounding
+        return fingerprint("measurement", folder_fp, digest, context, stride,
+                           reference.fingerprint if reference else None, reference.tokens if reference else 0,
+                           device.split(":")[0])
+
+    def get(self, key: str) -> dict | None:
+        return None if self.force else self.entries.get(key)
+
+    def put(self, key: str, result: dict) -> None:
+        self.entries[key] = result
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries))
+        tmp.replace(self.path)
+
+    def remember(self, folder_fp: str, texts, context: int, stride: int, reference: Reference, device: str,
+                 evaluations: list[dict]) -> None:
+        """Keep measurements taken of a folder before it got its final record (the shipped quantize candidate)."""
+        for (_, ids, _), result in zip(texts, evaluations):
+            self.put(self.key(folder_fp, ids, context, stride, reference, device), result)
+
+
 def measure(model, texts: list[tuple[str, list[int], str]], context: int, stride: int, batch_size: int,
-            reference: Reference, folder: Path | None = None) -> list[dict]:
+            reference: Reference, folder: Path | None = None, store: Measurements | None = None,
+            stage: str = "") -> list[dict]:
     """Perplexity on each text and, against `reference`, KL divergence and top-1 agreement (one pass each);
-    scoring the reference model itself keeps its log-probabilities instead of loading it again."""
+    scoring the reference model itself keeps its log-probabilities instead of loading it again. With a `store`,
+    a text this folder was already measured on is not scored again (`measured_in` says by which stage)."""
     own = bool(reference) and folder is not None and reference.is_(folder)
-    refs = reference.logprobs(texts) if reference and not own else {}
+    record = read_record(folder) if store is not None and folder is not None else None
+    device = str(model_device(model))
     out = []
     for name, ids, _ in texts:
-        result, kept = score(model, ids, context, stride, None, batch_size, reference=refs.get(name),
-                             keep=reference.tokens if own else 0)
-        if own:
-            reference.adopt(name, kept)
-            result.update(kl=0.0, top1=1.0, kl_tokens=min(reference.tokens, result["scored_tokens"]))
-        result["dataset"] = name
-        out.append(result)
+        key = store.key(record.fingerprint, ids, context, stride, reference, device) if record else None
+        result = store.get(key) if key else None
+        if result is None:
+            refs = reference.logprobs(texts) if reference and not own else {}
+            result, kept = score(model, ids, context, stride, None, batch_size, reference=refs.get(name),
+                                 keep=reference.tokens if own else 0)
+            if own:
+                reference.adopt(name, kept)
+                result.update(kl=0.0, top1=1.0, kl_tokens=min(reference.tokens, result["scored_tokens"]))
+            result["measured_in"] = stage
+            if key:
+                store.put(key, result)
+        out.append({**result, "dataset": name})
     return out

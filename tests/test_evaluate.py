@@ -1,6 +1,7 @@
 """Evaluation: batched perplexity equals the reference loop, scored-token counts, report files, generation."""
 import copy
 import json
+import os
 import math
 import struct
 
@@ -169,3 +170,25 @@ def test_generate_from_an_empty_prompt_starts_at_bos(tiny_models, tokenizer, cap
     no_bos.bos_token = None  # nothing to start from: a clear error, not a reshape failure inside the model
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(model, no_bos, "", cfg)
+
+
+def test_a_speed_taken_on_a_busy_machine_or_from_unstable_runs_is_flagged(monkeypatch):
+    import itertools
+    import time as _time
+
+    from pipeline import metrics, report
+
+    monkeypatch.setattr(metrics, "machine_load", lambda: 0.2)
+    _, calm = metrics._median_seconds(lambda: _time.sleep(0.05), 3)
+    assert calm["runs"] == 3 and not calm["noisy"] and calm["spread"] < metrics.NOISY_SPREAD
+    waits = itertools.cycle([0.02, 0.08])  # runs that never agree: repeated, then flagged
+    _, shaky = metrics._median_seconds(lambda: _time.sleep(next(waits)), 3)
+    assert shaky["runs"] == metrics.MORE_RUNS * 3 and shaky["noisy"] and shaky["spread"] > metrics.NOISY_SPREAD
+    cores = os.cpu_count()
+    monkeypatch.setattr(metrics, "machine_load", lambda: 2.0 * cores)  # other work on every core
+    _, busy = metrics._median_seconds(lambda: _time.sleep(0.05), 3)
+    assert busy["noisy"] and busy["load"] == 2.0 * cores
+    row = {"name": "base", "disk_mb": 1.0, "perplexity": 10.0, "gen_tok_s": 8.3, "prefill_tok_s": 100.0,
+           "speed_noisy": True, "speed_noise": {"generate": busy, "prefill": calm}}
+    md = report.markdown("r", [row, {**row, "name": "finetune", "speed_noisy": False}])
+    assert "| 8.3 (noisy) |" in md and "| 8.3 |" in md and f"load {2.0 * cores} on {cores} cores" in md

@@ -76,7 +76,8 @@ def chain_run(tiny_models, tmp_path_factory):
     body = {"model": str(tiny_models["llama"]), "name": "tiny", "output_dir": str(tmp / "runs"),
             **{k: dict(v) for k, v in TINY_SECTIONS.items()}}
     body["prune"] = {"enabled": True, "target_params": 0.7, "axes": ["mlp"], "calibration_blocks": 8}
-    body["quantize"] = {**GATE, "max_ppl_increase": None,
+    # the gate's windows equal evaluate's, so evaluate reuses what the gate measured
+    body["quantize"] = {**GATE, "max_tokens": body["evaluate"]["max_tokens"], "max_ppl_increase": None,
                         "candidates": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}]}
     body["evaluate"] = {**body["evaluate"], "speed": False, "samples": False, "task": {"enabled": False}}
     path = tmp / "tiny.yaml"
@@ -196,3 +197,27 @@ def test_a_task_column_that_cannot_separate_models_says_so():
     apart = [row("base", 0.50), row("finetune", 0.80)]
     assert report.within_noise(apart, "t", "acc") is None
     assert report.within_noise([row("base", 0.5)], "t", "acc") is None
+
+
+def test_a_measurement_is_taken_once(chain_run, monkeypatch):
+    path, run_dir = chain_run
+    report = {r["name"]: r for r in json.loads((run_dir / "report.json").read_text())["models"]}
+    # the quantize gate scored the fine-tuned model, the student and the shipped candidate: evaluate reused that
+    for name in ("finetune", "distill", "quantize"):
+        assert {e["measured_in"] for e in report[name]["evaluations"]} == {"quantize"}, name
+    assert {e["measured_in"] for e in report["base"]["evaluations"]} == {"evaluate"}
+    assert report["quantize"]["evaluations"][0]["perplexity"] == pytest.approx(
+        _record(run_dir / "quantize")["metrics"]["perplexity"], rel=1e-9)
+    # a second evaluate with other report settings (samples on) scores no text again
+    from pipeline import scoring
+
+    calls = []
+    real = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(["run", str(path), "--stages", "evaluate", "evaluate.samples=true"]) == 0
+    assert calls == []
+    rows = json.loads((run_dir / "report.json").read_text())["models"]
+    assert all(r["samples"] for r in rows)
+    # --force measures again
+    assert main(["run", str(path), "--stages", "evaluate", "evaluate.samples=true", "--force"]) == 0
+    assert len(calls) >= 2 * len(rows)

@@ -127,7 +127,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         if chat and ctx.data.chat_template:
             tokenizer.chat_template = ctx.data.chat_template
         texts = scoring.texts(ctx, tokenizer, cfg.max_tokens, cfg.texts, keep_text=cfg.word_level)
-        evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, cfg.batch_size, reference, folder)
+        evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, cfg.batch_size, reference, folder,
+                                      scoring.Measurements(ctx.run_dir, ctx.force), "evaluate")
         for result, (name, _, text) in zip(evaluations, texts):
             if cfg.word_level:
                 result["word_perplexity"] = word_perplexity(result, text)
@@ -234,6 +235,11 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
     rows = []
     plan, answer_plan = plan_tasks(cfg, ctx), plan_answers(cfg, ctx)
     reference = _reference(cfg, ctx)  # its log-probabilities are computed once for every model
+    names = [n for n in cfg.models or ctx.model_folders if read_record(ctx.run_dir / n) is not None]
+    log.info("evaluate: %d model(s) (%s): perplexity%s, %s%s%s", len(names), ", ".join(names),
+             f" and KL against {reference.folder.name}" if reference else "",
+             "speed, " if cfg.speed else "", "samples, " if cfg.samples else "",
+             "tasks" if plan.get("run") else "no tasks")
     for name in cfg.models or ctx.model_folders:
         folder = ctx.run_dir / name
         record = read_record(folder)  # what the stage wrote; evaluate_folder adds only its scores to it

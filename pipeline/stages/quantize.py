@@ -131,11 +131,12 @@ def full_precision(folder: Path, out: Path, trust_remote_code: bool = False) -> 
 
 
 def measure(model, tokenizer, texts, cfg: QuantizeConfig, reference: scoring.Reference,
-            folder: Path | None = None) -> dict:
+            folder: Path | None = None, store: scoring.Measurements | None = None) -> dict:
     """Gate quality on every text (the evaluate stage's windows; KL and top-1 against the reference) and, if
-    asked, prefill/generate speed."""
+    asked, prefill/generate speed; a stage folder's quality is kept in `store` for the evaluate stage."""
     started = time.perf_counter()
-    evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, EvaluateConfig.batch_size, reference, folder)
+    evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, EvaluateConfig.batch_size, reference, folder,
+                                  store, "quantize")
     first = evaluations[0]
     out = {"perplexity": first["perplexity"], "scored_tokens": first["scored_tokens"],
            "eval_tok_s": round(sum(e["scored_tokens"] for e in evaluations) / (time.perf_counter() - started), 1),
@@ -306,15 +307,19 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         primary = full_precision(inputs[0], work / "merged-0", ctx.trust_remote_code)
         tokenizer = models.load_tokenizer(models.Source("folder", str(primary)))
         texts = scoring.texts(ctx, tokenizer, cfg.max_tokens)
+        log.info("quantize: %d candidate(s) on %d input(s) (%s): %d conversions, each reloaded and scored on %s",
+                 len(cfg.candidates), len(inputs), ", ".join(f.name for f in inputs), len(cfg.candidates) * len(inputs),
+                 " and ".join(t[0] for t in texts))
         ref_folder = ctx.reference if ctx.reference and read_stage(ctx.reference) else inputs[0]
         reference = scoring.Reference(ref_folder, cfg.kl_tokens, cfg.context, cfg.stride, EvaluateConfig.batch_size)
         # the reference is measured first so that its log-probabilities come from its own scoring pass
         order = sorted(range(len(inputs)), key=lambda i: not reference.is_(inputs[i]))
         rows, folders, measured_inputs, ref_row, params = [], {}, {}, None, {}
+        store = scoring.Measurements(ctx.run_dir, ctx.force)
         if not any(reference.is_(f) for f in inputs):
             model, _ = formats.load_folder(ref_folder, device_map=str(device))
             ref_row = {"name": ref_folder.name, "disk_mb": round(formats.disk_size(ref_folder) / 2**20, 2),
-                       **measure(model, tokenizer, texts, cfg, reference, ref_folder)}
+                       **measure(model, tokenizer, texts, cfg, reference, ref_folder, store)}
             del model
         for i in order:
             folder = inputs[i]
@@ -324,7 +329,8 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
             params[label] = models.count_params(model)
             measured_inputs[label] = {"name": label, "folder": str(folder),
                                       "disk_mb": round(formats.disk_size(source) / 2**20, 2),
-                                      **measure(model, tokenizer, texts, cfg, reference, folder)}
+                                      **measure(model, tokenizer, texts, cfg, reference,
+                                                folder if source == folder else None, store)}
             del model
             if reference.is_(folder):
                 ref_row = measured_inputs[label]
@@ -370,6 +376,9 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         binding = bound(rows, winner, cfg)
         dominated = [frontier.describe(r, next(x for x in rows if x["name"] == r["dominated_by"]))
                      for r in rows if r.get("dominated_by")]
+        # what the gate measured of the shipped candidate is what evaluate would measure of the stage folder
+        store.remember(stage.fingerprint, texts, cfg.context, cfg.stride, reference, str(device),
+                       winner["evaluations"])
         with staging(stage.out) as tmp:
             for item in folders[winner["name"]].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
