@@ -44,8 +44,9 @@ class SparsitySettings:
     # embeddings and the LM head stay dense. With an N:M pattern leave it 0 (the pattern sets it: 2:4 = 0.5)
     amount: float = 0.0
     # `unstructured` (any weight may go) or `N:M`, e.g. `2:4`: N of every M consecutive weights along the input
-    # dimension are kept (2:4 is what NVIDIA's sparse tensor cores run)
-    pattern: str = "unstructured"
+    # dimension are kept (2:4 is what NVIDIA's sparse tensor cores run). Unquoted, YAML reads 2:4 as the
+    # base-60 number 124; that is read back as 2:4
+    pattern: str | int = "unstructured"
     # `wanda` = |W| x the input channel's activation norm on the calibration blocks (Wanda), `magnitude` = |W|
     method: Literal["wanda", "magnitude"] = "wanda"
     # `per_layer`: every linear weight gets `amount` zeros (Wanda: every output row of it); `global`: one
@@ -54,6 +55,10 @@ class SparsitySettings:
     # also write the bitmask form (one bit per weight + the kept values; reloads bit-exactly) in `compressed/`
     # of the stage folder; the record gives the size of every form either way
     write_compressed: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.pattern, int) and not isinstance(self.pattern, bool) and self.pattern >= 0:
+            self.pattern = f"{self.pattern // 60}:{self.pattern % 60}"  # YAML 1.1's sexagesimal 2:4 = 124
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -368,14 +373,14 @@ def load_bitmask(folder: Path):
 
 
 def codec() -> tuple[str, callable]:
-    """zstd (level 19, the `zstandard` package) when installed, else zlib (level 9, stdlib): the entropy coder
+    """zstd (level 10, the `zstandard` package) when installed, else zlib (level 6, stdlib): the entropy coder
     whose size the record reports. Python has no zstd in the standard library before 3.14."""
     try:
         import zstandard
 
-        return "zstd", zstandard.ZstdCompressor(level=19).compress
+        return "zstd", zstandard.ZstdCompressor(level=10).compress
     except ImportError:
-        return "zlib", lambda b: zlib.compress(b, 9)
+        return "zlib", lambda b: zlib.compress(b, 6)
 
 
 def _bytes(tensors: dict[str, torch.Tensor]) -> bytes:

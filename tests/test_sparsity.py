@@ -214,9 +214,16 @@ def test_bad_sparsity_settings_fail_at_validation(prune_keys, other, needle, tin
     assert needle in capsys.readouterr().err
 
 
-def test_sparsity_alone_is_a_valid_prune_section(tiny_models, make_recipe):
+def test_sparsity_alone_is_a_valid_prune_section_and_an_unquoted_pattern_is_read_as_written(tiny_models,
+                                                                                             make_recipe):
     assert main(["validate", str(make_recipe(tiny_models["llama"], prune={"enabled": True,
                                                                              "sparsity": {"pattern": "2:4"}}))]) == 0
+    from pipeline import recipe
+
+    path = make_recipe(tiny_models["llama"], prune={"enabled": True})
+    r = recipe.load(path, ["prune.sparsity.pattern=2:4"])  # YAML 1.1 reads an unquoted 2:4 as 124
+    assert r.prune.sparsity.pattern == "2:4" and r.prune.sparsity.nm == (2, 4)
+    assert SparsitySettings(pattern=4 * 60 + 8).nm == (4, 8)
 
 
 def test_lora_on_a_sparse_folder_is_refused(tiny_models, make_recipe, tmp_path, capsys):
