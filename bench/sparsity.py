@@ -86,7 +86,9 @@ def main(argv=None) -> None:
         return out
 
     dense = sparsity.forms(teacher)
-    result = {"settings": {"teacher": str(teacher_folder), "recipe": "recipes/quickstart.yaml",
+    shown = teacher_folder.resolve()  # relative to the repository when inside it, as compress.py does
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    result = {"settings": {"teacher": str(shown), "recipe": "recipes/quickstart.yaml",
                            "overrides": overrides, "calibration_blocks": base.prune.calibration_blocks,
                            "block_size": base.data.block_size, "context": args.context, "stride": args.stride,
                            "validation_tokens": len(val_ids), "wikitext_tokens": len(wiki) if wiki else 0,
