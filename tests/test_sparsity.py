@@ -236,3 +236,21 @@ def test_lora_on_a_sparse_folder_is_refused(tiny_models, make_recipe, tmp_path, 
     again = make_recipe(tiny_models["gpt2"], name="again", finetune={"method": "lora", "input": str(sparse)})
     assert main(["validate", str(again)]) == 2
     assert "would fill its zeros; use method: full" in capsys.readouterr().err
+
+
+def test_a_sparse_model_is_quantized_like_any_other_and_its_int8_weights_keep_the_zeros(tiny_models, make_recipe,
+                                                                                       tmp_path):
+    from safetensors.torch import load_file
+
+    path = make_recipe(tiny_models["llama"], finetune={"enabled": False}, distill={"enabled": False},
+                       evaluate={"enabled": False},
+                       prune={"enabled": True, "calibration_blocks": 2, "sparsity": {"amount": 0.5}},
+                       quantize={"candidates": [{"method": "bnb-int8"}], "max_ppl_increase": 50.0})
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert tiny.record(run_dir / "quantize")["parent"] == str(run_dir / "prune")
+    weights = load_file(str(next((run_dir / "quantize").glob("*.safetensors"))))
+    block = {k: v for k, v in weights.items() if ".layers." in k and k.endswith("proj.weight")}
+    assert len(block) == 28 and all(v.dtype == torch.int8 for v in block.values())
+    # absmax int8 maps 0 to 0: the quantized model holds the mask too (bitsandbytes' outlier columns aside)
+    assert all((v == 0).float().mean() >= 0.5 for v in block.values())
