@@ -94,9 +94,23 @@ def stage_fingerprint(ctx: Context, stage: str, cfg, parent: StageRecord) -> str
 
 def result_settings(cfg) -> dict:
     """The settings that can change a stage's output; fields marked `metadata={"fingerprint": False}`
-    (where checkpoints go, progress bars, ...) are left out so changing them re-runs nothing."""
+    (where checkpoints go, progress bars, ...) are left out so changing them re-runs nothing. Fields marked
+    `metadata=training.ADDED` count only when set to something else than their default: keys added after runs were
+    made, so that a run folder made before them is still current."""
     values = dataclasses.asdict(cfg)
-    return {f.name: values[f.name] for f in dataclasses.fields(cfg) if f.metadata.get("fingerprint", True)}
+    out = {}
+    for f in dataclasses.fields(cfg):
+        mark = f.metadata.get("fingerprint", True)
+        if mark == "unless_default" and values[f.name] == _default(f):
+            continue
+        if mark:
+            out[f.name] = values[f.name]
+    return out
+
+
+def _default(f: dataclasses.Field):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def up_to_date(ctx: Context, stage: str, out: Path, fp: str) -> bool:

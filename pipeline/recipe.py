@@ -10,7 +10,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import formats, models, quant_backends, surgery
+from pipeline import formats, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -71,6 +71,11 @@ class RecipeSettings:
         if self.prune.enabled:
             problems += self._check_prune(source)
         problems += self._check_formats(source)
+        if self.finetune.enabled and self.finetune.method != "full" and self.finetune.input != "auto" \
+                and sparsity.record_of(Path(self.finetune.input)) is not None:
+            problems.append(f"finetune.method: '{self.finetune.input}' is sparse (its record says so), and merging a "
+                            f"{self.finetune.method} adapter would fill its zeros; use method: full (the zeros then "
+                            "stay fixed while it trains)")
         for stage in CHAINED:
             value = getattr(self, stage.name).input
             adapter = stage.name == "quantize" and (Path(value) / "adapter_config.json").is_file()  # merged first
@@ -153,10 +158,27 @@ class RecipeSettings:
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         if config is not None:
             try:
-                prune.targets(self.prune, config)
+                target = prune.targets(self.prune, config)
             except StageError as err:
                 problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
+            else:
+                problems += self._check_sparsity(surgery.config_for(config, target) if target else config)
         return problems
+
+    def _check_sparsity(self, config) -> list[str]:
+        """An N:M pattern groups M consecutive inputs: every block linear's input width must be a multiple of M."""
+        nm = self.prune.sparsity.nm
+        if nm is None or not self.prune.sparsity.enabled or self.prune.sparsity.check():
+            return []
+        s = surgery.sizes(config)
+        widths = {"hidden_size": s["hidden_size"], "intermediate_size": s["intermediate_size"],
+                  "attention width (heads x head_dim)": s["num_attention_heads"] * s["head_dim"]}
+        bad = [f"{k} {v}" for k, v in widths.items() if v and v % nm[1]]
+        if not bad:
+            return []
+        return [f"prune.sparsity.pattern: {self.prune.sparsity.pattern} groups {nm[1]} consecutive inputs, but the "
+                f"{'pruned ' if self.prune.structured else ''}model's {', '.join(bad)} is not a multiple of {nm[1]}; "
+                "use 2:4 (or another M that divides every width), or unstructured"]
 
     def _check_formats(self, source) -> list[str]:
         """Each candidate against the model it will quantize, when that model's config can be read now: the

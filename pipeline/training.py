@@ -25,6 +25,8 @@ Reporter = Literal["auto", "tensorboard", "none"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 # Settings that do not change the trained model: left out of the stage fingerprint (context.result_settings).
 RUN_ONLY = {"fingerprint": False}
+# Keys added after runs were made: they enter the fingerprint only when set, so older run folders stay current.
+ADDED = {"fingerprint": "unless_default"}
 MARKER = "pipeline-checkpoint.json"  # written into each finished checkpoint-N folder
 
 
@@ -48,6 +50,10 @@ class TrainConfig:
     # stop after N evaluations without a lower validation loss; implies `keep_best`
     early_stopping_patience: int | None = None
     keep_best: bool = False  # finish with the weights of the evaluation with the lowest validation loss
+    # L1 penalty on the transformer blocks' linear weights, applied after every optimizer step as its proximal step
+    # (each weight moves lr x l1 towards zero and stops at exactly zero), so sparsity grows while training; 0 = off.
+    # The record gives the sparsity reached. Full-weight training only (not LoRA)
+    l1: float = field(default=0.0, metadata=ADDED)
     # write a resumable checkpoint every N steps (null: none); a multiple of `eval_steps` when keeping the best
     save_steps: int | None = field(default=None, metadata=RUN_ONLY)
     save_total_limit: int = field(default=2, metadata=RUN_ONLY)  # checkpoints kept (the best one is kept as well)
@@ -69,6 +75,8 @@ class TrainConfig:
         for key in ("eval_steps", "early_stopping_patience", "save_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1, or null")
+        if self.l1 < 0:
+            problems.append(f"l1: {self.l1} must be 0 (off) or positive")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate: {self.learning_rate} must be positive")
         if not 0 <= self.warmup_ratio < 1:
@@ -295,6 +303,23 @@ def _same_run(path: Path, marker: dict | None, fingerprint: str, recipe: str, wh
             f"fingerprint {marker.get('fingerprint')}; this run: recipe '{recipe}', {fingerprint}). Restore that "
             f"run's settings to resume it, or start afresh with --force (deletes the old checkpoints)."
         )
+
+
+def keep_sparse(trainer, model, folder: Path, l1: float, stage: str) -> bool:
+    """When the input folder is sparse (its record says so), keep its zeros fixed: re-zeroed after every optimizer
+    step; with `l1`, also soft-threshold the block weights. True when the output is to be recorded as sparse."""
+    from pipeline import sparsity
+
+    sparse = sparsity.record_of(folder) is not None
+    if not sparse and not l1:
+        return False
+    keep = sparsity.from_zeros(model) if sparse else None
+    if sparse:
+        held = sum(int((~k).sum()) for k in keep.values())
+        log.info("%s: the input is sparse: %d zero weights of the transformer blocks stay zero while training", stage,
+                 held)
+    trainer.add_callback(sparsity.KeepMask(model, keep, l1))
+    return True
 
 
 def clear_checkpoints(folder: str | Path) -> None:

@@ -119,3 +119,14 @@ def test_gguf_grid_bench_sees_a_fine_tune_snap_back_to_its_grid(tmp_path):
     assert kept["q4_1"] < 0.3 and kept["q8_0"] > 0.9 and kept["q5_0"] > 0.5, kept
     assert result["types"]["q8_0"]["error"] < result["types"]["q5_0"]["error"]
     assert result["settings"]["matrices"] > 0 and 0 < result["finetune_change"] < 0.05
+
+
+def test_sparsity_bench_schema_on_a_tiny_teacher(tmp_path):
+    bench_sparsity = bench_module("sparsity")
+    with pytest.raises(SystemExit):
+        bench_sparsity.parse_args(["--variants", "3:4-sparsegpt"])
+    result = _smoke("sparsity", tmp_path, "--work", str(tmp_path / "runs"), "--variants", "2:4-wanda")
+    variant = result["variants"]["2:4-wanda"]
+    assert variant["sparsity"] == pytest.approx(0.5, abs=0.01) and set(variant["ppl"]) == set(result["teacher"]["ppl"])
+    codec = variant["forms"]["codec"]
+    assert variant["forms"][f"bitmask_int8_{codec}"] < result["teacher"]["forms"][f"dense_int8_{codec}"]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer
 
-from pipeline import data, formats, models, surgery
+from pipeline import data, formats, models, sparsity, surgery
 from pipeline.context import Context, begin
 from pipeline.data import DataConfig
 from pipeline.errors import StageError
@@ -29,6 +29,7 @@ from pipeline.training import (
     TrainConfig,
     clear_checkpoints,
     fit,
+    keep_sparse,
     training_args,
 )
 
@@ -345,6 +346,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
         kl=cfg.kl,
         teacher_dtype=t_dtype,
     )
+    sparse = keep_sparse(trainer, student, ctx.inputs["distill"], cfg.l1, "distill")
     metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     s_params = models.count_params(trainer.model)
     loss = {"alpha_kd": cfg.alpha_kd, "alpha_ce": cfg.alpha_ce, "alpha_cos": cfg.alpha_cos,
@@ -354,6 +356,9 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
                     "architecture": type(teacher).__name__}
     with staging(stage.out) as tmp:
         save_model(tmp, trainer.model, tokenizer)
+        kept = sparsity.trained_record(tmp, trainer.model, tokenizer, ctx.inputs["distill"], cfg.l1) if sparse else None
+        if kept is not None:
+            metrics.update(sparsity=kept["sparsity"])
         write_record(tmp, stage.record(
             ctx,
             metrics={"params": s_params, "teacher_params": t_params, "trained_params": trainable,
@@ -366,8 +371,10 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
                           "train_blocks": per_source, "block_size": text.block_size},
             loss=loss,
             unfrozen_parameters=cfg.unfrozen_parameters,
-            tags=["distillation"],
-            summary=_summary(keep, cfg, teacher_info, trainer.model, loss, pruned, text),
+            sparsity=kept,
+            tags=["distillation"] + (["sparse"] if kept is not None else []),
+            summary=_summary(keep, cfg, teacher_info, trainer.model, loss, pruned, text)
+            + (f"\n{sparsity.training_note(kept)}" if kept is not None else ""),
         ))
     clear_checkpoints(trainer.args.output_dir)
     return stage.out

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline import chat, data, dist, lora, models, qat
+from pipeline import chat, data, dist, lora, models, qat, sparsity
 from pipeline.context import Context, StageRun, begin
 from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
@@ -21,6 +21,7 @@ from pipeline.training import (
     TrainConfig,
     clear_checkpoints,
     fit,
+    keep_sparse,
     sharded,
     training_args,
 )
@@ -47,6 +48,9 @@ class FinetuneConfig(TrainConfig):
         problems = super().check()
         if self.method == "qlora" and lora.bitsandbytes_missing():
             problems.append("method: qlora needs bitsandbytes (pip install bitsandbytes); or use method: lora")
+        if self.l1 and self.method != "full":
+            problems.append(f"l1: the L1 penalty shrinks the full weights; with method {self.method} they stay "
+                            "frozen. Use method: full, or l1: 0")
         if self.qat.enabled and self.method != "full":
             problems.append(f"qat.enabled: quantization-aware training updates the full weights; with method "
                             f"{self.method} they stay frozen. Use method: full, or turn qat off")
@@ -135,6 +139,9 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         return ctx.run_dir / "finetune"
     set_seed(ctx.seed)  # before the adapter is initialised
     folder = ctx.inputs["finetune"]
+    if cfg.method != "full" and sparsity.record_of(folder) is not None:
+        raise StageError(f"finetune.method: '{folder}' is sparse (its record says so), and merging a {cfg.method} "
+                         "adapter would fill its zeros; use method: full (the zeros then stay fixed while it trains)")
     tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
     train_set, eval_set, collator = _datasets(ctx, tokenizer, evaluate=cfg.eval_steps is not None)
     model = _model(cfg, folder)
@@ -161,13 +168,18 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
         raise StageError("finetune.method qlora: a 4-bit base is not sharded with FSDP/DeepSpeed here; use "
                          "method: lora (the base is sharded in full precision), or plain DDP (`accelerate launch` "
                          "without an FSDP/DeepSpeed config)")
+    sparse = cfg.method == "full" and keep_sparse(trainer, model, folder, cfg.l1, "finetune")
     metrics = fit(trainer, cfg, stage.fingerprint, ctx.recipe, ctx.data.block_size, force=ctx.force)
     if cfg.qat.enabled:  # back to plain nn.Linear: the output is an ordinary float checkpoint
         qat.convert(trainer.model)
     with staging(stage.out) as tmp:
         saved = _save(cfg, trainer, tokenizer, tmp, stage, folder)
+        kept = None
         if dist.is_main():
             metrics = {"params": models.count_params(saved), "trainable_params": trainable, **metrics}
+            if sparse:
+                kept = sparsity.trained_record(tmp, saved, tokenizer, folder, cfg.l1)
+                metrics["sparsity"] = kept["sparsity"]
         write_record(tmp, stage.record(
             ctx,
             metrics=metrics,
@@ -175,8 +187,9 @@ def run(cfg: FinetuneConfig, ctx: Context) -> Path:
             lora_targets=targets,
             qat={**cfg.qat.grid, "fake_quant_after_n_steps": cfg.qat.fake_quant_after_n_steps}
             if cfg.qat.enabled else None,
-            tags=["fine-tuned"] + ([cfg.method] if cfg.method != "full" else []),
-            summary=_summary(cfg, metrics, targets),
+            sparsity=kept,
+            tags=["fine-tuned"] + ([cfg.method] if cfg.method != "full" else []) + (["sparse"] if kept else []),
+            summary=_summary(cfg, metrics, targets) + (f" {sparsity.training_note(kept)}" if kept else ""),
         ))
     clear_checkpoints(trainer.args.output_dir)
     return stage.out

@@ -16,11 +16,13 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, formats, models, surgery
+from pipeline import data, formats, models, sparsity, surgery
 from pipeline.context import Context, begin
 from pipeline.data import DataConfig
 from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
+from pipeline.sparsity import SparsitySettings
+from pipeline.training import ADDED
 
 log = logging.getLogger("pipeline")
 Axis = Literal["mlp", "heads", "hidden", "depth"]
@@ -68,6 +70,14 @@ class PruneConfig:
     # of lcm(8, heads) where lcm(round_to, heads) leaves under 8 sizes)
     round_to: int = 32
     batch_size: int = 8  # calibration blocks per forward pass
+    # weight sparsity (zeros inside the weights; the shapes stay): alone, or after a structured cut (then on the
+    # cut model). Wanda measures its activations on the same calibration blocks
+    sparsity: SparsitySettings = field(default_factory=SparsitySettings, metadata=ADDED)
+
+    @property
+    def structured(self) -> bool:
+        """A cut that changes shapes is asked for (target_params or an explicit size)."""
+        return self.target_params is not None or any(getattr(self, k) is not None for k in SIZE_KEYS)
 
     def check(self) -> list[str]:
         problems = []
@@ -75,9 +85,9 @@ class PruneConfig:
         if self.target_params is not None and explicit:
             problems.append(f"target_params: set either target_params or explicit sizes ({', '.join(explicit)}), "
                             "not both")
-        if self.enabled and self.target_params is None and not explicit:
-            problems.append("target_params: say how small the pruned model should be: target_params (e.g. 0.8) or "
-                            f"one of {', '.join(SIZE_KEYS)}")
+        if self.enabled and self.target_params is None and not explicit and not self.sparsity.enabled:
+            problems.append("target_params: say how small the pruned model should be: target_params (e.g. 0.8), "
+                            f"one of {', '.join(SIZE_KEYS)}, or sparsity.amount / sparsity.pattern")
         if self.target_params is not None and not 0 < self.target_params < 1:
             problems.append(f"target_params: {self.target_params} must be a fraction between 0 and 1")
         problems += [f"{k}: {getattr(self, k)} must be at least 1" for k in explicit if getattr(self, k) < 1]
@@ -241,43 +251,88 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     text = cfg.data or ctx.data
     blocks = data.calibration_blocks(text, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
     width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
-    log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
-    imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width,
-                          mlp_importance=cfg.mlp_importance)
-    cut = surgery.plan(model, imp, target, refit=cfg.refit and width)
-    student = surgery.apply(model, cut)
+    imp, cut = None, None
+    if cfg.structured:
+        log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
+        imp = surgery.measure(model, blocks, cfg.batch_size, width=width, grams=cfg.refit and width,
+                              mlp_importance=cfg.mlp_importance)
+        cut = surgery.plan(model, imp, target, refit=cfg.refit and width)
+        student = surgery.apply(model, cut)
+    else:
+        student = model
+    sparse = _sparsify(cfg.sparsity, student, blocks, cfg.batch_size) if cfg.sparsity.enabled else None
     after = surgery.sizes(student.config)
     params, t_params = models.count_params(student), models.count_params(model)
     # the body: what target_params counts by default (the vocabulary-sized matrices left out)
     body, t_body = (surgery.count_params(m.config, embeddings=False) for m in (student, model))
-    log.info("prune: %s → %s, %s → %s parameters (%.1f%%; %.1f%% of the non-embedding ones)",
-             _changed(before, after, True), _changed(before, after, False), f"{t_params:,}", f"{params:,}",
-             100 * params / t_params, 100 * body / t_body)
-    kept = {"layers": cut.layers, "hidden": cut.hidden, "mlp": {str(k): v for k, v in cut.mlp.items()},
-            "heads": {str(k): v for k, v in cut.heads.items()},
-            "head_dims": {str(k): v for k, v in cut.head_dims.items()}}
+    if cfg.structured:
+        log.info("prune: %s → %s, %s → %s parameters (%.1f%%; %.1f%% of the non-embedding ones)",
+                 _changed(before, after, True), _changed(before, after, False), f"{t_params:,}", f"{params:,}",
+                 100 * params / t_params, 100 * body / t_body)
+    kept = None if cut is None else {
+        "layers": cut.layers, "hidden": cut.hidden, "mlp": {str(k): v for k, v in cut.mlp.items()},
+        "heads": {str(k): v for k, v in cut.heads.items()},
+        "head_dims": {str(k): v for k, v in cut.head_dims.items()}}
+    metrics = {"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4),
+               "body_params": body, "teacher_body_params": t_body, "body_ratio": round(body / t_body, 4)}
     with staging(stage.out) as tmp:
         save_model(tmp, student, tokenizer)
+        if sparse is not None:
+            sparse.update(sparsity.finish(tmp, student, tokenizer, cfg.sparsity.write_compressed))
+            metrics.update(sparsity=sparse["sparsity"], nonzero_params=params - sparse["zeros"])
         write_record(tmp, stage.record(
             ctx,
-            metrics={"params": params, "teacher_params": t_params, "params_ratio": round(params / t_params, 4),
-                     "body_params": body, "teacher_body_params": t_body, "body_ratio": round(body / t_body, 4)},
+            metrics=metrics,
             sizes={"before": before, "after": after},
             calibration={"split": "train", "text": text.label, "mix": [m.source for m in text.mix],
                          "blocks": len(blocks), "tokens": int(blocks.numel())},
-            importance=imp.summary(),
+            importance=imp.summary() if imp is not None else None,
             kept=kept,
-            tags=["pruning"],
-            summary=(f"Pruned from `{ctx.inputs['prune']}` ({t_params:,} → {params:,} parameters, "
-                     f"{params / t_params:.0%}; {body / t_body:.0%} of the non-embedding ones): {_changed(before, after, True)} → {_changed(before, after, False)}. "
-                     f"Importance from activations on {blocks.numel():,} calibration tokens of the training split of "
-                     f"{text.label}" + "".join(f" + {m.source}" for m in text.mix) + " "
-                     f"(layers by block influence, MLP channels by {cfg.mlp_importance}, heads and hidden channels by "
-                     f"activation magnitude)"
-                     + ("; output projections re-fitted by least squares." if cfg.refit and width else ".")
-                     + " Distill it against the model it was cut from to recover quality."),
+            sparsity=sparse,
+            tags=["pruning"] + (["sparse"] if sparse is not None else []),
+            summary=_summary(cfg, ctx, before, after, params, t_params, body, t_body, blocks, text, width, sparse),
         ))
     return stage.out
+
+
+def _sparsify(settings: SparsitySettings, model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """Zero the least important block weights in place; what the record says about it (before the sizes)."""
+    norms = None
+    if settings.method == "wanda":
+        log.info("prune: measuring Wanda activation norms on %d calibration blocks", len(blocks))
+        norms = sparsity.input_norms(model, blocks, batch_size)
+    keep = sparsity.masks(model, settings, norms)
+    sparsity.apply(model, keep)
+    measured = sparsity.measure(model)
+    log.info("prune: %s sparsity (%s, %s): %.1f%% of the block linear weights are zero", settings.pattern,
+             settings.method, settings.scope, 100 * measured["sparsity"])
+    return {"target": settings.target, "pattern": settings.pattern, "method": settings.method,
+            "scope": settings.scope}
+
+
+def _summary(cfg: PruneConfig, ctx: Context, before, after, params, t_params, body, t_body, blocks, text, width,
+             sparse) -> str:
+    source = (f"the training split of {text.label}" + "".join(f" + {m.source}" for m in text.mix))
+    parts = []
+    if cfg.structured:
+        parts.append(
+            f"Pruned from `{ctx.inputs['prune']}` ({t_params:,} → {params:,} parameters, "
+            f"{params / t_params:.0%}; {body / t_body:.0%} of the non-embedding ones): "
+            f"{_changed(before, after, True)} → {_changed(before, after, False)}. "
+            f"Importance from activations on {blocks.numel():,} calibration tokens of {source} "
+            f"(layers by block influence, MLP channels by {cfg.mlp_importance}, heads and hidden channels by "
+            f"activation magnitude)" + ("; output projections re-fitted by least squares." if cfg.refit and width
+                                        else "."))
+    if sparse is not None:
+        how = ("|W| x activation norm (Wanda)" if sparse["method"] == "wanda" else "|W| (magnitude)")
+        made = "Then made it" if cfg.structured else f"Made `{ctx.inputs['prune']}`"
+        parts.append(
+            f"{made} sparse: {sparse['pattern']} by {how}, {sparse['scope'].replace('_', ' ')}"
+            + (f", on {blocks.numel():,} calibration tokens of {source}" if sparse["method"] == "wanda" else "")
+            + ". " + sparsity.describe(sparse))
+    parts.append("Distill it against the model it was cut from to recover quality"
+                 + (" (the zeros stay fixed while it trains)." if sparse is not None else "."))
+    return " ".join(parts)
 
 
 def _changed(before: dict, after: dict, old: bool) -> str:

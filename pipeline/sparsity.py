@@ -1,0 +1,475 @@
+"""Weight sparsity: unstructured and N:M (2:4) masks on the linear weights of the transformer blocks, kept fixed
+while training, grown by an L1 (proximal) penalty, and written in a bitmask form (Deep Compression's storage).
+
+The zeros in the weights are the mask: a sparse model is an ordinary model folder whose block weights hold
+exact zeros, so every stage, format and runtime reads it; the prune stage records how sparse it made each layer,
+and fine-tune / distill re-zero the masked weights after every optimizer step when their input is sparse.
+Embeddings and the LM head stay dense (they are shared with the input and sparsifying them costs the most).
+
+Importance: `magnitude` = |W|; `wanda` = |W| x ||X_j||_2, the input channel's activation norm over the
+calibration tokens (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), compared within each
+output row as the paper does. llm-compressor (which has Wanda and SparseGPT) needs transformers >= 5.15 and
+compressed-tensors 0.20 dropped its sparse-bitmask compressor, so the rule and the form are written here.
+
+What sparsity buys: on disk, the bitmask form stores one bit per weight plus the kept values; in time, only
+runtimes with sparse kernels gain (docs/reference.md, "Sparsity").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from pipeline.errors import StageError
+
+log = logging.getLogger("pipeline")
+COMPRESSED_DIR = "compressed"  # the bitmask form, inside the stage folder
+BITMASK_FILE = "model.bitmask.safetensors"
+FORMAT = "llm-pipeline-bitmask-v1"
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+@dataclass
+class SparsitySettings:
+    # fraction of the transformer blocks' linear weights set to exactly zero, in [0, 1); 0 = no sparsity. The
+    # embeddings and the LM head stay dense. With an N:M pattern leave it 0 (the pattern sets it: 2:4 = 0.5)
+    amount: float = 0.0
+    # `unstructured` (any weight may go) or `N:M`, e.g. `2:4`: N of every M consecutive weights along the input
+    # dimension are kept (2:4 is what NVIDIA's sparse tensor cores run). Unquoted, YAML reads 2:4 as the
+    # base-60 number 124; that is read back as 2:4
+    pattern: str | int = "unstructured"
+    # `wanda` = |W| x the input channel's activation norm on the calibration blocks (Wanda), `magnitude` = |W|
+    method: Literal["wanda", "magnitude"] = "wanda"
+    # `per_layer`: every linear weight gets `amount` zeros (Wanda: every output row of it); `global`: one
+    # threshold over all of them, so some layers end sparser than others (unstructured only)
+    scope: Literal["per_layer", "global"] = "per_layer"
+    # also write the bitmask form (one bit per weight + the kept values; reloads bit-exactly) in `compressed/`
+    # of the stage folder; the record gives the size of every form either way
+    write_compressed: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.pattern, int) and not isinstance(self.pattern, bool) and self.pattern >= 0:
+            self.pattern = f"{self.pattern // 60}:{self.pattern % 60}"  # YAML 1.1's sexagesimal 2:4 = 124
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        match = _NM.match(str(self.pattern))
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.amount > 0 or self.nm is not None
+
+    @property
+    def target(self) -> float:
+        """The fraction of zeros asked for."""
+        nm = self.nm
+        return (nm[1] - nm[0]) / nm[1] if nm else self.amount
+
+    def check(self) -> list[str]:
+        problems = []
+        if not 0 <= self.amount < 1:
+            problems.append(f"amount: {self.amount} must be a fraction of zeros in [0, 1), e.g. 0.5")
+        nm = self.nm
+        if self.pattern != "unstructured" and nm is None:
+            problems.append(f"pattern: '{self.pattern}' is not allowed; use unstructured or N:M, e.g. 2:4")
+        if nm is not None:
+            n, m = nm
+            if not 0 < n < m:
+                problems.append(f"pattern: {self.pattern} must keep N of M weights with 0 < N < M, e.g. 2:4")
+            elif self.amount and abs(self.amount - (m - n) / m) > 1e-9:
+                problems.append(f"amount: {self.amount} contradicts pattern {self.pattern}, which makes "
+                                f"{(m - n) / m:g} of the weights zero; leave amount at 0 with an N:M pattern")
+            if self.scope == "global":
+                problems.append(f"scope: global ranks all layers together, but {self.pattern} keeps N of every "
+                                "M weights in each group; use scope: per_layer")
+        return problems
+
+
+def block_linears(model) -> dict[str, tuple[torch.nn.Module, int]]:
+    """The 2-D weights of the decoder layers' linear layers: name -> (module, the weight's input dimension).
+    GPT-2's Conv1D stores [in, out] (input dim 0), nn.Linear [out, in] (input dim 1)."""
+    from pipeline.surgery import decoder_stack
+
+    prefix, stack = decoder_stack(model)
+    out = {}
+    for name, module in stack.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and "norm" not in type(module).__name__.lower():
+            if isinstance(module, torch.nn.Linear):
+                out[f"{prefix}.{name}"] = (module, 1)
+            elif type(module).__name__ == "Conv1D":
+                out[f"{prefix}.{name}"] = (module, 0)
+    return out
+
+
+@torch.no_grad()
+def input_norms(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over the calibration tokens for each input channel j of every block linear (Wanda's factor)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, (module, _) in block_linears(model).items():
+        def hook(mod, args, name=name):
+            x = args[0].detach().float()
+            s = x.reshape(-1, x.shape[-1]).pow(2).sum(0).double().cpu()
+            sums[name] = sums[name] + s if name in sums else s
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for start in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.sqrt() for k, v in sums.items()}
+
+
+def _rows_last(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """The weight as [out, in] (a view of Conv1D's [in, out] transposed)."""
+    return weight if in_dim == 1 else weight.T
+
+
+def scores(model, norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Importance of every block weight, as [out, in]: |W|, times the input channel's norm for Wanda."""
+    out = {}
+    for name, (module, in_dim) in block_linears(model).items():
+        s = _rows_last(module.weight.detach(), in_dim).abs().double().cpu()
+        if norms is not None:
+            if name not in norms:
+                raise StageError(f"prune.sparsity: no calibration activations reached {name}")
+            s = s * norms[name].unsqueeze(0)
+        out[name] = s
+    return out
+
+
+def masks(model, settings: SparsitySettings, norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """name -> bool keep-mask shaped like the module's weight; ties broken by position (deterministic)."""
+    imp = scores(model, norms if settings.method == "wanda" else None)
+    layout = {name: in_dim for name, (_, in_dim) in block_linears(model).items()}
+    keep: dict[str, torch.Tensor] = {}
+    nm = settings.nm
+    if nm is not None:
+        n, m = nm
+        for name, s in imp.items():
+            out_f, in_f = s.shape
+            if in_f % m:
+                raise StageError(f"prune.sparsity.pattern: {settings.pattern} needs input widths that are multiples "
+                                 f"of {m}; {name} has {in_f} inputs")
+            groups = s.reshape(out_f, in_f // m, m)
+            top = groups.topk(n, dim=-1).indices
+            k = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+            keep[name] = k.reshape(out_f, in_f)
+    elif settings.scope == "global":
+        flat = torch.cat([s.flatten() for s in imp.values()])
+        drop = int(round(settings.amount * flat.numel()))
+        chosen = torch.ones(flat.numel(), dtype=torch.bool)
+        if drop:
+            chosen[flat.argsort(stable=True)[:drop]] = False
+        start = 0
+        for name, s in imp.items():
+            keep[name] = chosen[start:start + s.numel()].reshape(s.shape)
+            start += s.numel()
+    else:
+        for name, s in imp.items():
+            # Wanda compares weights within each output row; magnitude within the whole matrix
+            groups = s if settings.method == "wanda" else s.reshape(1, -1)
+            drop = int(round(settings.amount * groups.shape[1]))
+            k = torch.ones_like(groups, dtype=torch.bool)
+            if drop:
+                k.scatter_(1, groups.argsort(dim=1, stable=True)[:, :drop], False)
+            keep[name] = k.reshape(s.shape)
+    return {name: k if layout[name] == 1 else k.T.contiguous() for name, k in keep.items()}
+
+
+@torch.no_grad()
+def apply(model, keep: dict[str, torch.Tensor]) -> None:
+    """Zero the weights outside the masks (+0.0, so the bitmask form stores no value for them)."""
+    modules = block_linears(model)
+    for name, k in keep.items():
+        w = modules[name][0].weight
+        w.data.masked_fill_(~k.to(w.device), 0.0)
+
+
+def nonzero(t: torch.Tensor) -> torch.Tensor:
+    """Where the bit pattern is not +0.0 (a -0.0 counts as a value, so the bitmask form stays bit-exact)."""
+    t = t.detach().cpu().contiguous()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(ints) != 0
+
+
+def from_zeros(model) -> dict[str, torch.Tensor]:
+    """The keep-masks a sparse model carries: its non-zero block weights."""
+    return {name: m.weight.detach() != 0 for name, (m, _) in block_linears(model).items()}
+
+
+def measure(model) -> dict:
+    """Fraction of exact zeros: overall (`sparsity`) and per block linear (`layers`)."""
+    layers, zeros, total = {}, 0, 0
+    for name, (module, _) in block_linears(model).items():
+        w = module.weight.detach()
+        z = int((w == 0).sum())
+        layers[name] = round(z / w.numel(), 4)
+        zeros, total = zeros + z, total + w.numel()
+    return {"sparsity": round(zeros / total, 4) if total else 0.0, "zeros": zeros, "weights": total,
+            "layers": layers}
+
+
+def check_pattern(model, keep_nm: tuple[int, int]) -> bool:
+    """Every group of M consecutive inputs of every block weight has at least M - N zeros."""
+    n, m = keep_nm
+    for module, in_dim in block_linears(model).values():
+        w = _rows_last(module.weight.detach(), in_dim)
+        if ((w != 0).reshape(w.shape[0], -1, m).sum(-1) > n).any():
+            return False
+    return True
+
+
+def record_of(folder: Path) -> dict | None:
+    """The `sparsity` a stage folder's record carries (its input was made sparse), else None."""
+    from pipeline.records import read_record
+
+    try:
+        rec = read_record(folder)
+    except Exception:  # noqa: BLE001 -- a folder without a readable record is simply not known to be sparse
+        return None
+    return (rec.details or {}).get("sparsity") if rec is not None else None
+
+
+class KeepMask(TrainerCallback):
+    """A Trainer callback: masked weights stay exactly zero after every optimizer step, and with `l1` > 0 every
+    block weight is soft-thresholded by lr x l1 after the step (the proximal step of an L1 penalty, which, unlike
+    a loss term under Adam, drives weights to exact zeros). Masks are the input's zeros (`keep`), or None."""
+
+    def __init__(self, model, keep: dict[str, torch.Tensor] | None, l1: float = 0.0):
+        modules = block_linears(model)
+        self.weights = {name: m.weight for name, (m, _) in modules.items()}
+        self.keep = dict(keep or {})
+        self.l1 = l1
+
+    @torch.no_grad()
+    def enforce(self, lr: float = 0.0) -> None:
+        if self.l1 > 0 and lr > 0:
+            step = lr * self.l1
+            for w in self.weights.values():
+                w.data.copy_(torch.sign(w.data) * (w.data.abs() - step).clamp_min(0))
+                w.data.masked_fill_(w.data == 0, 0.0)  # -0.0 from sign() * 0 is +0.0 now
+        for name, k in self.keep.items():
+            w = self.weights[name]
+            if k.device != w.device:  # the Trainer moved the model after the masks were taken
+                self.keep[name] = k = k.to(w.device)
+            w.data.masked_fill_(~k, 0.0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.enforce()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None and optimizer.param_groups else 0.0
+        self.enforce(lr)
+
+    def on_train_end(self, args, state, control, **kwargs):  # the best checkpoint, reloaded: masked too
+        self.enforce()
+
+
+# --- the bitmask form and the size of each form -----------------------------------------------------------
+
+
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(keep.flatten().numpy().astype(np.uint8)))
+
+
+def _unpack(bits: torch.Tensor, shape) -> torch.Tensor:
+    count = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(bits.numpy())[:count].astype(bool)).reshape(tuple(shape))
+
+
+def bitmask_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict with every block weight W as `W.bitmask` (1 bit a weight, packed), `W.values` (the
+    non-zero values in row-major order) and `W.shape`; the other tensors as they are. Tied weights once."""
+    sparse = {f"{name}.weight" for name in block_linears(model)}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        if t.data_ptr() in seen and t.numel():
+            tied[key] = seen[t.data_ptr()]
+            continue
+        seen[t.data_ptr()] = key
+        if key in sparse:
+            keep = nonzero(t)
+            out[f"{key}.bitmask"] = _pack(keep)
+            out[f"{key}.values"] = t.flatten()[keep.flatten()].clone()
+            out[f"{key}.shape"] = torch.tensor(t.shape, dtype=torch.int64)
+        else:
+            out[key] = t.clone()
+    return out, tied
+
+
+def dense_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back from `bitmask_state`: the block weights rebuilt, bit for bit."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith((".values", ".shape")):
+            continue
+        if key.endswith(".bitmask"):
+            base = key.removesuffix(".bitmask")
+            values, shape = tensors[f"{base}.values"], tensors[f"{base}.shape"].tolist()
+            keep = _unpack(t, shape)
+            dense = torch.zeros(shape, dtype=values.dtype)
+            dense[keep] = values
+            out[base] = dense
+        else:
+            out[key] = t
+    return out
+
+
+def save_bitmask(model, tokenizer, folder: Path) -> Path:
+    """The bitmask form in `folder`: config, tokenizer and `model.bitmask.safetensors`; `load_bitmask` reads it."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, tied = bitmask_state(model)
+    save_file(tensors, str(folder / BITMASK_FILE), metadata={"format": FORMAT, "tied": json.dumps(tied)})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder / BITMASK_FILE
+
+
+def load_bitmask(folder: Path):
+    """The model a `save_bitmask` folder holds, as an ordinary transformers model (dense in memory)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(folder) / BITMASK_FILE
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise StageError(f"{path} is not an {FORMAT} file")
+    state = dense_state(load_file(str(path)))
+    for key, source in json.loads(meta.get("tied", "{}")).items():
+        state[key] = state[source]
+    config = AutoConfig.from_pretrained(folder)
+    dtype = next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(f"{path}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def codec() -> tuple[str, callable]:
+    """zstd (level 10, the `zstandard` package) when installed, else zlib (level 6, stdlib): the entropy coder
+    whose size the record reports. Python has no zstd in the standard library before 3.14."""
+    try:
+        import zstandard
+
+        return "zstd", zstandard.ZstdCompressor(level=10).compress
+    except ImportError:
+        return "zlib", lambda b: zlib.compress(b, 6)
+
+
+def _bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def _int8(tensors: dict[str, torch.Tensor], sparse_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Deep Compression's quantization step, for sizes only: every block weight's values (dense, or the kept ones
+    of a bitmask form) as int8 with one fp32 scale per tensor row (symmetric, so zero stays zero)."""
+    out = {}
+    for key, t in tensors.items():
+        base = key.removesuffix(".values")
+        if key in sparse_keys or (key.endswith(".values") and base in sparse_keys):
+            x = t.float()
+            scale = x.abs().max().clamp_min(1e-12) / 127 if key.endswith(".values") else \
+                x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+            out[key] = (x / scale).round().clamp(-127, 127).to(torch.int8)
+            out[f"{key}.scale"] = scale.reshape(-1).clone()
+        else:
+            out[key] = t
+    return out
+
+
+def forms(model) -> dict:
+    """The size in bytes of each on-disk form of the weights (safetensors as written, without the tokenizer):
+    dense, bitmask, and each entropy-coded; then their int8 versions (block weights int8, the rest as stored),
+    the Deep Compression sequence: prune, quantize, entropy-code."""
+    name, compress = codec()
+    sparse_keys = {f"{n}.weight" for n in block_linears(model)}
+    dense = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    seen, unique = set(), {}
+    for k, v in dense.items():  # tied weights are written once, as save_pretrained does
+        if v.data_ptr() not in seen or not v.numel():
+            seen.add(v.data_ptr())
+            unique[k] = v
+    bitmask, _ = bitmask_state(model)
+    out = {"codec": name}
+    for label, tensors in (("dense", unique), ("bitmask", bitmask)):
+        raw = _bytes(tensors)
+        out[label] = len(raw)
+        out[f"{label}_{name}"] = len(compress(raw))
+        q = _bytes(_int8(tensors, sparse_keys))
+        out[f"{label}_int8"] = len(q)
+        out[f"{label}_int8_{name}"] = len(compress(q))
+    return out
+
+
+def finish(folder: Path, model, tokenizer, write: bool) -> dict:
+    """What a stage that writes a sparse model adds to its record: the measured sparsity per layer and the size
+    of every form; with `write`, the bitmask form in folder/compressed/ (checked to reload bit-exactly)."""
+    details = measure(model)
+    details["forms"] = forms(model)
+    if write:
+        target = folder / COMPRESSED_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        path = save_bitmask(model, tokenizer, target)
+        details["forms"]["bitmask_file"] = path.stat().st_size
+        details["compressed"] = {"folder": COMPRESSED_DIR, "format": FORMAT, "file": BITMASK_FILE}
+    return details
+
+
+def trained_record(folder: Path, model, tokenizer, source: Path, l1: float) -> dict:
+    """The `sparsity` of a model trained on a fixed mask or with an L1 penalty: the input's settings, the sparsity
+    now, and the size of each form (the bitmask form written when the input had one, or for an L1 run)."""
+    given = record_of(source) or {}
+    details = {k: given[k] for k in ("target", "pattern", "method", "scope") if k in given}
+    details.update(mask="fixed" if given else "none", l1=l1, input_sparsity=given.get("sparsity"))
+    details.update(finish(folder, model, tokenizer, write="compressed" in given or not given))
+    return details
+
+
+def training_note(details: dict) -> str:
+    how = []
+    if details.get("mask") == "fixed":
+        how.append(f"trained on the input's fixed mask ({details['input_sparsity']:.1%} zeros stayed zero)")
+    if details.get("l1"):
+        how.append(f"L1 penalty {details['l1']:g} (proximal step)")
+    return f"Sparse: {' and '.join(how)}. " + describe(details)
+
+
+def describe(details: dict) -> str:
+    f = details.get("forms", {})
+    codec_name = f.get("codec", "zstd")
+    mb = 1e6
+    if not f:
+        return f"{details['sparsity']:.1%} of the block linear weights are zero."
+    return (f"{details['sparsity']:.1%} of the block linear weights are zero. Sizes: dense {f['dense'] / mb:.1f} MB, "
+            f"bitmask {f['bitmask'] / mb:.1f} MB, bitmask + {codec_name} {f[f'bitmask_{codec_name}'] / mb:.1f} MB; "
+            f"int8: dense + {codec_name} {f[f'dense_int8_{codec_name}'] / mb:.1f} MB, bitmask + {codec_name} "
+            f"{f[f'bitmask_int8_{codec_name}'] / mb:.1f} MB.")
