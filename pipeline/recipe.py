@@ -54,7 +54,9 @@ class RecipeSettings:
     seed: int = 42  # data split, initialisation and data order
     trust_remote_code: bool = False  # let transformers run code shipped with a Hub model
     # the load stage refuses a source whose tokenizer splits words its own vocabulary holds whole, or leaves out a
-    # BOS token the model was trained with (a mis-converted GGUF file); false runs it anyway, and the report says so
+    # BOS token the model was trained with (a mis-converted GGUF file), or that predicts ~16 KB of the validation
+    # text worse than lzma packs it (bits per byte: wrong or random weights, a wrong tokenizer, a BOS it needs and
+    # does not get); false runs it anyway, and the report says so
     check_source: bool = True
     data: DataConfig = field(default_factory=DataConfig)  # what to train and evaluate on
     # general English the base model writes, scored by every report and the quantize gate (never trained on)

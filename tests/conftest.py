@@ -37,6 +37,13 @@ def tiny_models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return {arch: tiny.save_tiny(root / f"tiny-{arch}", arch, tokenizer) for arch in ("gpt2", "llama")}
 
 
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama trained (about 10 s) on the text the load stage checks a tiny recipe's model on: one that
+    has learned that text, so the source gate passes it."""
+    return tiny.save_trained(tmp_path_factory.mktemp("models") / "trained-llama", tokenizer)
+
+
 # Small but real: enough steps at a high learning rate that a random tiny model's loss clearly drops.
 TINY_SECTIONS = {
     "data": {"block_size": 64, "max_train_blocks": 96},
@@ -53,8 +60,10 @@ TINY_SECTIONS = {
 def make_recipe(tmp_path):
     """Write a recipe for a tiny model; `sections` are merged over TINY_SECTIONS."""
 
-    def make(model: Path | str, name: str = "tiny", **sections) -> Path:
-        body = {"model": str(model), "name": name, "output_dir": str(tmp_path / "runs")}
+    def make(model: Path | str, name: str = "tiny", check_source: bool = False, **sections) -> Path:
+        # check_source false by default: the tiny models are random, not trained, and the load stage's gate rightly
+        # refuses a model that predicts text worse than lzma packs it (tests/test_source_check.py tests it, with True)
+        body = {"model": str(model), "name": name, "output_dir": str(tmp_path / "runs"), "check_source": check_source}
         for key in set(TINY_SECTIONS) | set(sections):
             body[key] = {**TINY_SECTIONS.get(key, {}), **sections.get(key, {})}
         path = tmp_path / f"{name}.yaml"

@@ -36,6 +36,7 @@ def recipe(tiny_models, tmp_path_factory) -> Path:
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump({
         "model": str(tiny_models["gpt2"]), "name": "tiny", "output_dir": str(root / "runs"),
+        "check_source": False,  # a random tiny model: the source gate would refuse it
         "data": {"block_size": 64, "max_train_blocks": 16},
         "finetune": {"max_steps": 2, "batch_size": 8},
         "distill": {"enabled": False},

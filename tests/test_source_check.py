@@ -1,7 +1,12 @@
 """The load stage's source check: a tokenizer that splits words its own vocabulary holds whole, or that leaves
-out a BOS token the model was trained with, is refused (exit 2, no folder), or run with check_source: false
-and named at the top of the report."""
+out a BOS token the model was trained with, or a model that predicts the validation text worse than lzma packs
+it (random weights, a broken tokenizer, a BOS it needs and does not get), is refused (exit 2, no folder), or
+run with check_source: false and named at the top of the report."""
 import json
+import shutil
+
+import pytest
+import torch
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -24,9 +29,16 @@ def _without_merges(tokenizer) -> PreTrainedTokenizerFast:
                                    bos_token=tiny.EOS, pad_token=tiny.EOS)
 
 
-def _folder(tmp_path, tokenizer, name="m", **config) -> str:
+def _folder(tmp_path, tokenizer, name="m", weights=None, **config) -> str:
+    """A model folder with `tokenizer`: the weights of the model folder `weights`, else a random tiny Llama."""
     folder = tmp_path / name
-    tiny.build_model("llama", tokenizer).save_pretrained(folder)
+    if weights:
+        folder.mkdir()
+        for file in ("config.json", "model.safetensors", "generation_config.json"):
+            if (weights / file).is_file():
+                shutil.copy(weights / file, folder / file)
+    else:
+        tiny.build_model("llama", tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if config:
         path = folder / "tokenizer_config.json"
@@ -44,27 +56,30 @@ def test_whole_words_tells_a_sound_tokenizer_from_one_that_splits_its_own_words(
     assert source_check.check(Source("folder", "."), _without_merges(tokenizer), "The end.")[1] == []
 
 
-def test_a_broken_tokenizer_is_refused_and_with_check_source_false_the_report_says_so(tokenizer, make_recipe,
-                                                                                    tmp_path, capsys):
-    folder = _folder(tmp_path, _without_merges(tokenizer))
-    recipe = make_recipe(folder)
+def test_a_broken_tokenizer_is_refused_and_with_check_source_false_the_report_says_so(tokenizer, trained_llama,
+                                                                                    make_recipe, tmp_path, capsys):
+    folder = _folder(tmp_path, _without_merges(tokenizer), weights=trained_llama)  # trained, on the sound tokens
+    recipe = make_recipe(folder, check_source=True)
     assert main(["run", str(recipe), "--stages", "load"]) == 2
     err = capsys.readouterr().err
     assert "splits words its own vocabulary holds whole" in err and "check_source: false" in err
+    # and the model, given the text cut into characters, predicts it worse than lzma: the gate says why
+    assert "bits per byte" in err and "Likely cause: the tokenizer that splits words" in err
     assert "Traceback" not in err and not (tmp_path / "runs" / "tiny" / "base").exists()
     overrides = ["check_source=false", "evaluate.speed=false", "evaluate.samples=false", "evaluate.task.enabled=false",
                  "evaluate.models=[base]"]
     assert main(["run", str(recipe), "--stages", "load,evaluate", *overrides]) == 0
-    record = tiny.record(tmp_path / "runs" / "tiny" / "base")
-    assert record["source_check"]["kept_whole"] < source_check.MIN_WHOLE and record["source_check"]["problems"]
+    found = tiny.record(tmp_path / "runs" / "tiny" / "base")["source_check"]
+    assert found["kept_whole"] < source_check.MIN_WHOLE and len(found["problems"]) == 2
+    assert found["bits_per_byte"] > min(found["compressor_bits_per_byte"].values())
     report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Warning: the source model failed the load stage's check")
 
 
-def test_a_bos_the_source_asks_for_is_restored(tokenizer, make_recipe, tmp_path):
-    folder = _folder(tmp_path, tokenizer, add_bos_token=True)
+def test_a_bos_the_source_asks_for_is_restored(tokenizer, trained_llama, make_recipe, tmp_path):
+    folder = _folder(tmp_path, tokenizer, weights=trained_llama, add_bos_token=True)
     assert not source_check.adds_bos(AutoTokenizer.from_pretrained(folder))  # what transformers 5 loads
-    assert main(["run", str(make_recipe(folder)), "--stages", "load"]) == 0
+    assert main(["run", str(make_recipe(folder, check_source=True)), "--stages", "load"]) == 0
     base = tmp_path / "runs" / "tiny" / "base"
     assert tiny.record(base)["source_check"] == {**tiny.record(base)["source_check"], "bos_restored": True,
                                                  "adds_bos": True}
@@ -86,12 +101,64 @@ def test_a_bos_asked_for_by_a_gguf_file_is_restored(tokenizer, make_recipe, tmp_
     assert reloaded("The").input_ids[0] == reloaded.bos_token_id
 
 
-def test_a_bos_that_cannot_be_added_is_refused(tokenizer, make_recipe, tmp_path, capsys):
+def test_a_bos_that_cannot_be_added_is_refused(tokenizer, trained_llama, make_recipe, tmp_path, capsys):
     no_bos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tiny.EOS,
                                      pad_token=tiny.EOS)
-    folder = _folder(tmp_path, no_bos, add_bos_token=True)
-    assert main(["run", str(make_recipe(folder)), "--stages", "load"]) == 2
+    folder = _folder(tmp_path, no_bos, weights=trained_llama, add_bos_token=True)
+    assert main(["run", str(make_recipe(folder, check_source=True)), "--stages", "load"]) == 2
     assert "adds the BOS token" in capsys.readouterr().err
+
+
+def test_the_gate_passes_a_trained_model_and_refuses_the_same_model_untrained(tokenizer, trained_llama, make_recipe,
+                                                                             tmp_path, capsys):
+    assert main(["run", str(make_recipe(trained_llama, check_source=True)), "--stages", "load"]) == 0
+    found = tiny.record(tmp_path / "runs" / "tiny" / "base")["source_check"]
+    compressors = found["compressor_bits_per_byte"]
+    assert found["bits_per_byte"] < 0.8 * min(compressors.values()) and "problems" not in found
+    assert found["scored_tokens"] > 2000 and found["sample_tokens_per_word"] > 1  # a bounded sample, recorded
+    assert set(found["bos_bits_per_byte"]) == {"with", "without"}  # its tokenizer adds no BOS: tried with one
+    # the same architecture and tokenizer, weights never trained: worse than lzma, refused with the numbers
+    untrained = _folder(tmp_path, tokenizer, "untrained")
+    assert main(["run", str(make_recipe(untrained, name="untrained", check_source=True)), "--stages", "load"]) == 2
+    err = capsys.readouterr().err
+    assert "bits per byte" in err and f"lzma {compressors['lzma']:.2f}" in err and "check_source: false" in err
+    assert "initialised at random" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "untrained" / "base").exists()
+
+
+class _NeedsBos(torch.nn.Module):
+    """A model that predicts well only after its BOS token, as Gemma does: the trained model's logits when the
+    window starts with BOS, flat ones (no idea) when it does not."""
+
+    def __init__(self, model, bos: int):
+        super().__init__()
+        self.model, self.bos, self.config = model, bos, model.config
+
+    def forward(self, input_ids, **kwargs):
+        out = self.model(input_ids=input_ids, **kwargs)
+        if input_ids[0, 0] != self.bos:
+            out.logits = torch.zeros_like(out.logits)
+        return out
+
+
+@pytest.mark.parametrize("needs_bos", [False, True])
+def test_a_bos_the_model_needs_and_does_not_get_is_refused(needs_bos, tokenizer, trained_llama, make_recipe,
+                                                           tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import pipeline.stages.load as load
+
+    trained = AutoModelForCausalLM.from_pretrained(trained_llama)
+    model = _NeedsBos(trained, tokenizer.bos_token_id) if needs_bos else trained
+    monkeypatch.setattr(load.models, "load_model", lambda *a, **k: model)
+    assert not source_check.adds_bos(tokenizer)  # the tokenizer adds none, and its files do not ask for one
+    code = main(["run", str(make_recipe(trained_llama, check_source=True)), "--stages", "load"])
+    err = capsys.readouterr().err
+    assert code == (2 if needs_bos else 0), err
+    if needs_bos:
+        assert f"the model needs a BOS token its tokenizer does not add: with {tokenizer.bos_token!r} put first" in err
+        assert "add_bos_token: true" in err and "check_source: false" in err
+        assert "Likely cause: the missing BOS" in err  # flat logits: 9 bits per token, past lzma too
 
 
 def _spm_gguf(path, texts, vocab_size=800):

@@ -45,7 +45,7 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
     log.info("load: %s (%s)", source.label, source.kind)
     model = models.load_model(source, trust_remote_code=ctx.trust_remote_code)
     tokenizer = models.load_tokenizer(source, trust_remote_code=ctx.trust_remote_code)
-    findings, problems = source_check.check(source, tokenizer, _check_text(ctx))
+    findings, problems = source_check.check(source, tokenizer, _check_text(ctx), model)
     if problems and cfg.check_source:
         raise StageError(f"load: '{source.label}' does not look like the model it was trained as: "
                          + "; ".join(problems) + ". Every number the run reported would be wrong. If you are sure it "
@@ -69,8 +69,9 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
 
 
 def _check_text(ctx: Context) -> str:
-    """Text for the source check: the recipe's validation documents (the model's language), else the stdlib
-    corpus; a data problem is the data-reading stage's to report, not the load stage's."""
+    """Text for the source check: the recipe's validation documents (the model's language; the model is scored
+    on a bounded sample of them), else the stdlib corpus; a data problem is the data-reading stage's to report,
+    not the load stage's."""
     try:
         if ctx.data.format == "text":
             rows = data.load_splits(ctx.data, ctx.seed)["validation"][ctx.data.text_column]
