@@ -73,7 +73,7 @@ def chain_run(tiny_models, tmp_path_factory):
     from conftest import TINY_SECTIONS
 
     tmp = tmp_path_factory.mktemp("frontier")
-    body = {"model": str(tiny_models["llama"]), "name": "tiny", "output_dir": str(tmp / "runs"),
+    body = {"model": str(tiny_models["llama"]), "name": "tiny", "output_dir": str(tmp / "runs"), "check_source": False,
             **{k: dict(v) for k, v in TINY_SECTIONS.items()}}
     body["prune"] = {"enabled": True, "target_params": 0.7, "axes": ["mlp"], "calibration_blocks": 8}
     # the gate's windows equal evaluate's, so evaluate reuses what the gate measured
