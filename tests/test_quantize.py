@@ -185,7 +185,7 @@ def test_nothing_passes_fails_with_the_table_and_an_unavailable_backend_is_repor
     assert "| bnb-nf4 | bnb-nf4 | 4 | over budget: max_ppl_increase (" in err
     assert "Raise the budget that binds (quantize.max_ppl_increase)" in err
     run_dir = path.parent / "runs" / "tiny"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["base", "general"]  # no output, no candidate leftovers
+    assert sorted(p.name for p in run_dir.iterdir()) == ["base", "general", "measurements.json"]  # no output, no leftovers
 
 
 def test_lora_adapter_input_is_merged_before_quantizing(tiny_models, make_recipe, tmp_path):
