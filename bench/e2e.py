@@ -40,10 +40,18 @@ def report_summary(path: Path) -> dict:
             "params": row.get("params"), "disk_mb": row.get("disk_mb"), "perplexity": round(row["perplexity"], 3),
             "repetition_4gram": row.get("repetition_4gram"),
             "tasks": {t: v.get("acc") for t, v in (row.get("tasks") or {}).items() if "acc" in v},
+            # every text it was scored on (the validation split first, then general English): perplexity, and
+            # KL divergence / top-1 agreement against the run's reference (the fine-tuned model)
+            "texts": {e["dataset"]: {k: round(e[k], 4) for k in ("perplexity", "kl", "top1") if k in e}
+                      for e in row.get("evaluations", [])},
+            "speed_noisy": row.get("speed_noisy"),
         }
-        chosen = (row.get("quantization") or {}).get("chosen")
-        if chosen:  # which quantization the run shipped
-            out[row["name"]]["chosen"] = chosen
+        quantization = row.get("quantization") or {}
+        if quantization.get("chosen"):  # which quantization the run shipped, and every candidate the gate measured
+            out[row["name"]]["chosen"] = quantization["chosen"]
+            out[row["name"]]["candidates"] = [
+                {k: c.get(k) for k in ("name", "status", "disk_mb", "quality", "kl", "top1")}
+                for c in quantization.get("candidates") or [] if c.get("disk_mb") is not None]
     return out
 
 
@@ -70,6 +78,11 @@ def main(argv=None) -> dict:
         "max_peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
     }
     common.save("e2e", result, args.out)
+    plot = run.run_dir / "report.png"
+    if plot.is_file() and not args.smoke:  # the README shows the quick start's frontier from this run
+        import shutil
+
+        shutil.copy(plot, (args.out or common.RESULTS / "e2e.json").with_name("e2e-report.png"))
     print(f"stage folders and report: {out_dir}")
     return result
 

@@ -105,16 +105,42 @@ def _e2e(r: dict) -> list[str]:
     if report:
         ref = report.get("finetune", {}).get("perplexity")
         tasks = list(dict.fromkeys(t for m in report.values() for t in m["tasks"]))
-        rows += ["", "What that run's report says (validation split; repeated 4-grams of the greedy samples):", "",
-                 f"| model | params | disk MB | perplexity | × finetune | repeated 4-grams | {' | '.join(tasks)} |",
-                 "|---" * (6 + len(tasks)) + "|"]
+        texts = list(dict.fromkeys(t for m in report.values() for t in (m.get("texts") or {})))[1:]  # besides validation
+        ref_texts = report.get("finetune", {}).get("texts") or {}
+        kl = any("kl" in v for m in report.values() for v in (m.get("texts") or {}).values())
+        head = ["model", "params", "disk MB", "perplexity", "× finetune"]
+        head += [h for t in texts for h in (f"ppl {t}", "× finetune")] + (["KL", "top-1"] if kl else [])
+        head += ["repeated 4-grams", *tasks]
+        rows += ["", "What that run's report says (validation split first; KL divergence from and top-1 agreement "
+                 "with the fine-tuned model on it; repeated 4-grams of the greedy samples):", "",
+                 "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for name, m in report.items():
             times = f"{m['perplexity'] / ref:.2f}×" if ref else "–"
             rep = f"{m['repetition_4gram']:.0%}" if m.get("repetition_4gram") is not None else "–"
-            acc = " | ".join(f"{m['tasks'][t]:.3f}" if t in m["tasks"] else "–" for t in tasks)
+            acc = [f"{m['tasks'][t]:.3f}" if t in m["tasks"] else "–" for t in tasks]
+            mine = m.get("texts") or {}
+            other = []
+            for t in texts:
+                ppl, base = (mine.get(t) or {}).get("perplexity"), (ref_texts.get(t) or {}).get("perplexity")
+                other += [f"{ppl:.3f}" if ppl else "–", f"{ppl / base:.2f}×" if ppl and base else "–"]
+            first = next(iter(mine.values()), {})
+            other += [f"{first['kl']:.4f}" if "kl" in first else "–", f"{first['top1']:.1%}" if "top1" in first else "–"
+                      ] if kl else []
             shown = f"{name} ({m['chosen']})" if m.get("chosen") else name
             rows.append(f"| {shown} | {m['params'] / 1e6:.1f}M | {m['disk_mb']:.1f} | {m['perplexity']:.3f} | {times} | "
-                        f"{rep} | {acc} |")
+                        + " | ".join(other + [rep, *acc]) + " |")
+        candidates = [c for m in report.values() for c in m.get("candidates") or []]
+        if candidates:
+            rows += ["", "Every candidate the quantize gate measured (quality: perplexity on the validation split / "
+                     "on general English; the run ships the smallest that meets its budgets):", "",
+                     "| candidate | status | disk MB | perplexity | general | KL |", "|---|---|---|---|---|---|"]
+            for c in sorted(candidates, key=lambda c: c["disk_mb"]):
+                quality = [*(c.get("quality") or {}).values(), None, None][:2]
+                cells = [c["name"], c["status"], f"{c['disk_mb']:.1f}",
+                         *(f"{x:.3f}" if x is not None else "–" for x in quality),
+                         f"{c['kl']:.4f}" if c.get("kl") is not None else "–"]
+                rows.append("| " + " | ".join(cells) + " |")
+            rows += ["", "![quick start frontier](bench/results/e2e-report.png)"]
     return rows + ["", _machine(r["machine"])]
 
 
