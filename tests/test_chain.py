@@ -183,6 +183,12 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
         assert 0 <= row["tasks"]["heldout_continuation"]["acc"] <= 1, row["name"]
     assert rows["base"]["tasks"]["heldout_continuation"]["acc"] > 0.35  # chance: 0.25
     assert "heldout_continuation acc" in (tmp_path / "quickstart" / "report.md").read_text()
+    # the frontier: the student and the fine-tuned model both quantized, every model scored on general English too
+    quantized = json.loads((tmp_path / "quickstart" / "quantize" / "pipeline.json").read_text())
+    assert [i["name"] for i in quantized["inputs"]] == ["finetune", "distill"]
+    for row in rows.values():
+        texts = [e["dataset"] for e in row["evaluations"]]
+        assert texts[1] == "general (base samples)" and all("kl" in e for e in row["evaluations"]), row["name"]
 
 
 FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox"]
