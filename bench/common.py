@@ -74,3 +74,15 @@ def tiny_folder(tmp: Path, arch: str = "llama") -> Path:
     import tiny
 
     return tiny.save_tiny(tmp / f"tiny-{arch}", arch, tiny.build_tokenizer())
+
+
+def variant_args(p, argv, variants) -> object:
+    """Parse the arguments of a bench that runs named variants of the quick start: unknown `--variants` are an
+    argparse error, and `--smoke` shrinks the scored texts and windows to a quick check."""
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(variants)
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
+    if args.smoke:
+        args.max_tokens, args.wiki_tokens, args.context, args.stride = 256, 256, 32, 16
+    return args

@@ -69,13 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(common.RESULTS / "compress.json"))
     p.add_argument("--zero-shot-only", action="store_true", help="score the cuts without distilling them")
     p.add_argument("--smoke", action="store_true", help="tiny Llama teacher and sizes, for a quick check")
-    args = p.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    if args.smoke:
-        args.max_tokens, args.wiki_tokens, args.context, args.stride = 256, 256, 32, 16
-    return args
+    return common.variant_args(p, argv, VARIANTS)
 
 
 def scores(model, tokenizer, val_ids: list[int], wiki_text: str, args) -> dict:

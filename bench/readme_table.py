@@ -97,10 +97,19 @@ def _e2e(r: dict) -> list[str]:
     if student and teacher:
         summary += (f" Its student, at {student['params'] / teacher['params']:.0%} of the fine-tuned model's "
                     f"parameters, has {student['perplexity'] / teacher['perplexity']:.2f}× its perplexity")
+        general_texts = [t for t in (student.get("texts") or {}) if t in (teacher.get("texts") or {})][1:]
+        for t in general_texts:  # what the cut forgot outside the recipe's domain
+            summary += (f" ({student['texts'][t]['perplexity'] / teacher['texts'][t]['perplexity']:.2f}× on "
+                        f"{t})")
         if student.get("repetition_4gram") is not None and teacher.get("repetition_4gram") is not None:
             summary += (f"; {student['repetition_4gram']:.0%} of the student's sample 4-grams repeat, against "
                         f"{teacher['repetition_4gram']:.0%} of the teacher's")
         summary += "."
+    shipped = report.get("quantize")
+    if shipped and shipped.get("chosen") and teacher:
+        summary += (f" It ships `{shipped['chosen']}`: {shipped['disk_mb']:.0f} MB "
+                    f"({shipped['disk_mb'] / report.get('base', teacher)['disk_mb']:.0%} of the base) at "
+                    f"{shipped['perplexity'] / teacher['perplexity']:.2f}× the fine-tuned model's perplexity.")
     rows = [summary, "", *rows]
     if report:
         ref = report.get("finetune", {}).get("perplexity")

@@ -45,13 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-sparsity"), help="where the variants' runs go")
     p.add_argument("--out", default=str(common.RESULTS / "sparsity.json"))
     p.add_argument("--smoke", action="store_true", help="tiny Llama teacher, for a quick check")
-    args = p.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    if args.smoke:
-        args.max_tokens, args.wiki_tokens, args.context, args.stride = 256, 256, 32, 16
-    return args
+    return common.variant_args(p, argv, VARIANTS)
 
 
 def main(argv=None) -> None:

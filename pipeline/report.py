@@ -169,8 +169,10 @@ def markdown(recipe: str, rows: list[dict]) -> str:
 def points(rows: list[dict]) -> list[dict]:
     """Every model the run measured: the stage folders and the quantize stage's candidates (scored by its gate on
     the same texts and windows when the recipe keeps `quantize` and `evaluate` windows equal)."""
+    folders = {r.get("folder"): r["name"] for r in rows}
     out = [{"name": r["name"], "disk_mb": r["disk_mb"], "quality": frontier.quality(r), "gen_tok_s": r.get("gen_tok_s"),
-            "shipped": r["name"] == "quantize", "kind": "stage"} for r in rows if r.get("disk_mb") is not None]
+            "shipped": r["name"] == "quantize", "kind": "stage", "parent": folders.get(r.get("parent"))}
+           for r in rows if r.get("disk_mb") is not None]
     for r in rows:
         q = r.get("quantization") or {}
         for c in q.get("candidates") or []:
@@ -302,8 +304,12 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
                 label = p["name"] + (f"\n{gen:.1f} tok/s" if gen else "") + (" (shipped)" if p["shipped"] else "")
                 ax.annotate(label, (p["disk_mb"], p["quality"][text]), textcoords="offset points", xytext=(10, 6),
                             fontsize=9)
-        chain = [p for p in shown if p["kind"] == "stage"]
-        for a, b in zip(chain, chain[1:]):  # base → finetune → prune → distill → quantize
+        chain = {p["name"]: p for p in shown if p["kind"] == "stage"}
+        # each model's arrow comes from the one it was made from (quantize: the input it shipped); a report
+        # without parents (older runs) follows pipeline order
+        links = [(chain[b["parent"]], b) for b in chain.values() if b.get("parent") in chain]
+        links = links or list(zip(list(chain.values()), list(chain.values())[1:]))
+        for a, b in links:
             ax.annotate("", xy=(b["disk_mb"], b["quality"][text]), xytext=(a["disk_mb"], a["quality"][text]),
                         arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "shrinkA": 8, "shrinkB": 8})
         values = [p["quality"][text] for p in shown]

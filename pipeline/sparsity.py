@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.errors import StageError
+from pipeline.surgery import decoder_stack, run_hooked
 
 log = logging.getLogger("pipeline")
 COMPRESSED_DIR = "compressed"  # the bitmask form, inside the stage folder
@@ -98,8 +99,6 @@ class SparsitySettings:
 def block_linears(model) -> dict[str, tuple[torch.nn.Module, int]]:
     """The 2-D weights of the decoder layers' linear layers: name -> (module, the weight's input dimension).
     GPT-2's Conv1D stores [in, out] (input dim 0), nn.Linear [out, in] (input dim 1)."""
-    from pipeline.surgery import decoder_stack
-
     prefix, stack = decoder_stack(model)
     out = {}
     for name, module in stack.named_modules():
@@ -125,12 +124,7 @@ def input_norms(model, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, t
             s = x.reshape(-1, x.shape[-1]).pow(2).sum(0).double().cpu()
             sums[name] = sums[name] + s if name in sums else s
         hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        for start in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, blocks, batch_size, device, hooks)
     return {k: v.sqrt() for k, v in sums.items()}
 
 

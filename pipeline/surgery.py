@@ -288,6 +288,17 @@ REFIT_NAMES = {("gpt2", "attn_out"): "attn.c_proj.weight", ("gpt2", "mlp_out"): 
                **{(fam, "mlp_out"): "mlp.down_proj.weight" for fam in ("llama", "phi3")}}
 
 
+def run_hooked(model, blocks: torch.Tensor, batch_size: int, device, hooks: list) -> None:
+    """Run the calibration blocks through the model, `batch_size` at a time, for the forward hooks to measure what
+    they need; the hooks are removed whatever happens."""
+    try:
+        for start in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True, grams: bool = False,
             mlp_importance: str = "energy") -> Importance:
@@ -352,12 +363,7 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
                     add(("q2", i), q.reshape(-1, heads, dim).pow(2).sum(0))
                     add(("k2", i), k.reshape(-1, heads, dim).pow(2).sum(0))
                 hooks.append(mods["attn_in"].register_forward_hook(qk_hook))
-    try:
-        for start in range(0, len(blocks), batch_size):
-            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, blocks, batch_size, device, hooks)
     tokens = blocks.numel()
     imp = Importance(tokens=tokens, layers=(acc["bi"] / tokens).tolist())
     if fam is None:

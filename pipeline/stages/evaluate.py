@@ -253,6 +253,7 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
         suspect = (record.details.get("source_check") or {}).get("problems")
         if suspect:  # loaded with check_source: false: the report says so at its top
             row["source_problems"] = suspect
+        row["parent"] = record.parent  # the report's plot draws each model's arrow from the one it was made from
         if name == "prune":  # so the report can set the cut against the model it was cut from
             row["pruned_from"] = record.parent
         if name == "quantize":  # which candidate won and what the others scored: the stage's own summary

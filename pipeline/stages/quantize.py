@@ -148,7 +148,8 @@ def measure(model, tokenizer, texts, cfg: QuantizeConfig, reference: scoring.Ref
         out["general_perplexity"] = general_row["perplexity"]
     if cfg.speed_tokens:  # the evaluate stage's prompts and prefill length, one timed run after a warm-up
         timed = speed(model, tokenizer, DEFAULT_PROMPTS, EvaluateConfig.prefill_tokens, cfg.speed_tokens, 1)
-        out.update(prefill_tok_s=timed["prefill_tok_s"], gen_tok_s=timed["gen_tok_s"])
+        out.update(prefill_tok_s=timed["prefill_tok_s"], gen_tok_s=timed["gen_tok_s"], speed_noisy=timed["speed_noisy"],
+                   speed_noise=timed["speed_noise"])
     return out
 
 
@@ -257,7 +258,8 @@ def table(reference: dict, rows: list[dict], winner: dict | None, inputs: list[d
             out += [num(r, "general_perplexity", "{:.3f}"), num(r, "general_ppl_increase_pct", "{:+.2f}%")]
         if kl_col:
             out += [num(r, "kl", "{:.4f}"), num(r, "top1", "{:.1%}")]
-        return out + [num(r, "disk_mb", "{:.1f}"), num(r, "size_ratio", "{:.0%}"), num(r, "gen_tok_s", "{:.1f}")]
+        gen = num(r, "gen_tok_s", "{:.1f}") + (" (noisy)" if r.get("speed_noisy") else "")
+        return out + [num(r, "disk_mb", "{:.1f}"), num(r, "size_ratio", "{:.0%}"), gen]
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| " + " | ".join(cells({**reference, "size_ratio": 1.0}, f"{reference['name']} (reference)",
@@ -457,5 +459,5 @@ def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cf
         f"context {cfg.context}, stride {cfg.stride}, {reference['scored_tokens']} tokens; KL divergence "
         f"KL(reference ‖ candidate) on the first {cfg.kl_tokens} scored positions of the validation split. Generation "
         f"speed: greedy, {cfg.speed_tokens} new tokens for each of {len(DEFAULT_PROMPTS)} prompts, one timed run "
-        "(noisy on a shared machine).")
+        "after a warm-up; (noisy): taken while other work loaded the machine (1-minute load above 1.5 per core).")
     return "\n".join(lines)
