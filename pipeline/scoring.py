@@ -94,10 +94,12 @@ class Measurements:
             self.entries = {}
 
     @staticmethod
-    def key(folder_fp: str, ids: list[int], context: int, stride: int, reference: Reference, device: str) -> str:
+    def key(folder_fp: str, stamps: list, ids: list[int], context: int, stride: int, reference: Reference,
+            device: str) -> str:
         digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        # the weight files' stamps too: a stage forced to run again writes new weights under the same fingerprint;
         # batch size is left out: windows batched differently give the same sums to float rounding
-        return fingerprint("measurement", folder_fp, digest, context, stride,
+        return fingerprint("measurement", folder_fp, stamps, digest, context, stride,
                            reference.fingerprint if reference else None, reference.tokens if reference else 0,
                            device.split(":")[0])
 
@@ -111,11 +113,13 @@ class Measurements:
         tmp.write_text(json.dumps(self.entries))
         tmp.replace(self.path)
 
-    def remember(self, folder_fp: str, texts, context: int, stride: int, reference: Reference, device: str,
-                 evaluations: list[dict]) -> None:
-        """Keep measurements taken of a folder before it got its final record (the shipped quantize candidate)."""
+    def remember(self, folder_fp: str, folder: Path, texts, context: int, stride: int, reference: Reference,
+                 device: str, evaluations: list[dict]) -> None:
+        """Keep measurements taken of a folder before it got its final record and place (the shipped quantize
+        candidate, moved into the stage folder)."""
+        stamps = formats.weight_stamps(folder)
         for (_, ids, _), result in zip(texts, evaluations):
-            self.put(self.key(folder_fp, ids, context, stride, reference, device), result)
+            self.put(self.key(folder_fp, stamps, ids, context, stride, reference, device), result)
 
 
 def measure(model, texts: list[tuple[str, list[int], str]], context: int, stride: int, batch_size: int,
@@ -126,10 +130,11 @@ def measure(model, texts: list[tuple[str, list[int], str]], context: int, stride
     a text this folder was already measured on is not scored again (`measured_in` says by which stage)."""
     own = bool(reference) and folder is not None and reference.is_(folder)
     record = read_record(folder) if store is not None and folder is not None else None
+    stamps = formats.weight_stamps(folder) if record else None
     device = str(model_device(model))
     out = []
     for name, ids, _ in texts:
-        key = store.key(record.fingerprint, ids, context, stride, reference, device) if record else None
+        key = store.key(record.fingerprint, stamps, ids, context, stride, reference, device) if record else None
         result = store.get(key) if key else None
         if result is None:
             refs = reference.logprobs(texts) if reference and not own else {}

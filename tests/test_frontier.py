@@ -221,3 +221,12 @@ def test_a_measurement_is_taken_once(chain_run, monkeypatch):
     # --force measures again
     assert main(["run", str(path), "--stages", "evaluate", "evaluate.samples=true", "--force"]) == 0
     assert len(calls) >= 2 * len(rows)
+
+
+def test_a_stage_forced_to_run_again_is_measured_again(chain_run):
+    """Same recipe, same record fingerprint, new weight files: the measurement store does not answer for them."""
+    path, run_dir = chain_run
+    assert main(["run", str(path), "--stages", "finetune", "--force"]) == 0
+    assert main(["run", str(path), "--stages", "evaluate"]) == 0
+    rows = {r["name"]: r for r in json.loads((run_dir / "report.json").read_text())["models"]}
+    assert {e["measured_in"] for e in rows["finetune"]["evaluations"]} == {"evaluate"}

@@ -46,6 +46,13 @@ def disk_size(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in _format(folder).weight_files(folder))
 
 
+def weight_stamps(folder: str | Path) -> list[tuple[str, int, int]]:
+    """(name, bytes, modification time) of each weight file: changes whenever the weights are written again, and
+    survives moving the folder on one disk (a rename keeps both)."""
+    files = sorted(_format(Path(folder)).weight_files(Path(folder)))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def usage(folder: str | Path, ref: str) -> str:
     """A loading snippet for the folder's format, naming `ref` (a path or repo id) as the model."""
     return _format(folder).usage(Path(folder), ref)

@@ -379,8 +379,8 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         dominated = [frontier.describe(r, next(x for x in rows if x["name"] == r["dominated_by"]))
                      for r in rows if r.get("dominated_by")]
         # what the gate measured of the shipped candidate is what evaluate would measure of the stage folder
-        store.remember(stage.fingerprint, texts, cfg.context, cfg.stride, reference, str(device),
-                       winner["evaluations"])
+        store.remember(stage.fingerprint, folders[winner["name"]], texts, cfg.context, cfg.stride, reference,
+                       str(device), winner["evaluations"])
         with staging(stage.out) as tmp:
             for item in folders[winner["name"]].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
