@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import chat, errors
-from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, require_text_column
+from pipeline.columns import LOCAL_FORMATS, cap_train, csv_problem, local_files, require_text_column
 from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -94,6 +94,7 @@ def local_problems(source: str, files: list[Path]) -> list[str]:
     problems = [f"file '{p}' does not exist" for p in files if not p.is_file()]
     problems += [f"unsupported file type '{p.suffix or p.name}' ('{p}'); use one of {kinds}"
                  for p in files if p.suffix not in LOCAL_FORMATS]
+    problems += [problem for p in files if p.suffix == ".csv" and p.is_file() and (problem := csv_problem(p))]
     builders = {LOCAL_FORMATS[p.suffix] for p in files if p.suffix in LOCAL_FORMATS}
     if len(builders) > 1:
         problems.append(f"'{source}' mixes file types ({', '.join(sorted({p.suffix for p in files}))}); "

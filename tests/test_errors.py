@@ -620,3 +620,17 @@ def test_signal_from_outside_a_real_run(sig, code, stage, tiny_models, make_reci
     assert subprocess.run(cmd[:5] + ["--until", stage, "finetune.max_steps=2"], env=env, cwd=tmp_path,
                           capture_output=True).returncode == 0
     assert (tmp_path / "runs" / "tiny" / stage / "pipeline.json").is_file()
+
+
+@pytest.mark.parametrize("sep,name", [(";", "semicolons"), ("\t", "tabs")])
+def test_a_csv_not_separated_by_commas_is_refused_at_validate_with_the_fix(sep, name, tiny_models, make_recipe,
+                                                                         tmp_path, capsys):
+    source = write(tmp_path / "d.csv", f"id{sep}text\n1{sep}Hello there, a row.\n2{sep}Another row.\n")
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), "text_column": "text"})
+    err = fails(["validate", recipe], capsys)
+    assert f"is separated by {name}, not commas" in err and "save it comma-separated" in err
+    # the run refuses it before loading anything, and a comma-separated file with a comma in its text passes
+    fails(["run", recipe], capsys)
+    assert not (tmp_path / "runs").exists()
+    write(source, 'id,text\n1,"Hello; there"\n2,Another row.\n')
+    assert main(["validate", str(recipe)]) == 0
