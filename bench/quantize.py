@@ -125,7 +125,7 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
     from pipeline import quant_backends as qb
 
     started = time.perf_counter()
-    fp32 = {"input": str(folder), "disk_mb": round(formats.disk_size(folder) / 2**20, 2),
+    fp32 = {"input": str(folder), "disk_mb": formats.disk_mb(folder),
             "ppl": ppl(load(folder, args.threads), texts, args), "eval_seconds": round(time.perf_counter() - started, 1)}
     report(f"{work.name} fp32", fp32)
     # One calibration per model folder: its float export, collected inputs and nncf statistics are shared.
@@ -146,7 +146,7 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
             tokenizer.save_pretrained(out)
             del model
             row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
-                   "disk_mb": round(formats.disk_size(out) / 2**20, 2)}
+                   "disk_mb": formats.disk_mb(out)}
             started = time.perf_counter()
             row["ppl"] = ppl(load(out, args.threads), texts, args)
             row["eval_seconds"] = round(time.perf_counter() - started, 1)

@@ -37,8 +37,8 @@ class Context:
     # the model every other is compared with (KL divergence, top-1 agreement, quality budgets): the fine-tuned
     # model, or the base model when fine-tuning is off
     reference: Path | None = None
-    stale: dict[str, str] = field(default_factory=dict)
-    skipped: set[str] = field(default_factory=set)  # stages whose output was already current  # model folder -> why it does not match the recipe now
+    stale: dict[str, str] = field(default_factory=dict)  # model folder -> why it does not match the recipe now
+    skipped: set[str] = field(default_factory=set)  # stages whose output was already current
 
 
 @dataclass

@@ -110,12 +110,12 @@ def sample(model, tokenizer, prompts: list[str], new_tokens: int, top_p: float, 
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None:  # batched prompts need one; the tokenizer is this function's own copy
+        tokenizer.pad_token_id = pad
     paragraphs = []
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token_id = pad
             enc = tokenizer(chunk, return_tensors="pt", padding=True).to(getattr(model, "device", "cpu"))
             out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                                  top_p=top_p, top_k=0, temperature=1.0, pad_token_id=pad)

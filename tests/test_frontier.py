@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import data, frontier, general, recipe
+from pipeline import data, formats, frontier, general, recipe
 from pipeline.cli import main
 from pipeline.metrics import perplexity, score
 from pipeline.stages import quantize
@@ -121,7 +121,7 @@ def test_each_budget_type_binds_the_winner(chain_run):
     rec = _record(run_dir / "quantize")
     rows, ref = rec["candidates"], rec["reference"]
     cfg = quantize.QuantizeConfig
-    base_mb = _record(run_dir / "base")["metrics"].get("disk_mb")
+    base_mb = formats.disk_mb(run_dir / "base")
 
     def winner(**budget):
         fresh = [dict(r) for r in rows]
@@ -150,9 +150,10 @@ def test_each_budget_type_binds_the_winner(chain_run):
     assert w is None and all(any(v.startswith("min_gen_tok_s") for v in r["violates"]) for r in fresh)
     w, _ = winner(min_gen_tok_s=slowest)
     assert w is not None
-    if base_mb:
-        w, _ = winner(max_size_share=by_size[0]["disk_mb"] / base_mb)
-        assert w["disk_mb"] == by_size[0]["disk_mb"]
+    w, _ = winner(max_size_share=by_size[0]["disk_mb"] / base_mb)
+    assert w["disk_mb"] == by_size[0]["disk_mb"]
+    w, fresh = winner(max_size_share=by_size[0]["disk_mb"] / base_mb / 2)
+    assert w is None and all(any(v.startswith("max_size_share") for v in r["violates"]) for r in fresh)
 
 
 def test_general_text_is_written_once_scored_and_never_trained_on(chain_run):

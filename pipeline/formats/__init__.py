@@ -46,6 +46,11 @@ def disk_size(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in _format(folder).weight_files(folder))
 
 
+def disk_mb(folder: str | Path) -> float:
+    """`disk_size` in MB (2^20 bytes), to the hundredth, as every table shows it."""
+    return round(disk_size(folder) / 2**20, 2)
+
+
 def weight_stamps(folder: str | Path) -> list[tuple[str, int, int]]:
     """(name, bytes, modification time) of each weight file: changes whenever the weights are written again, and
     survives moving the folder on one disk (a rename keeps both)."""

@@ -110,7 +110,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
     metrics = {k: v if isinstance(v, str) else "loaded" for k, v in (answer_plan or {}).get("metrics", {}).items()}
     # the plans (which tasks and metrics run, which are skipped) too: installing lm-eval re-runs the tasks
     files = data.stamps(ctx.data)  # the validation text edited in place is scored again
-    reference = reference or _reference(cfg, ctx)
+    if reference is None:  # (a Reference without a KL comparison is falsy but still the one to use)
+        reference = _reference(cfg, ctx)
     general_text = general.text(ctx.general, ctx.run_dir, ctx.seed)  # written once per base model
     compared = [reference.fingerprint, general_text] if reference or general_text else []
     eval_fp = fingerprint("evaluate", dataclasses.asdict(cfg), dataclasses.asdict(ctx.data), ctx.seed,
@@ -142,7 +143,7 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         "reference": reference.folder.name if reference else None,
         # an OpenVINO model has no torch parameters; its stage record knows the count
         "params": models.count_params(model) or record.params,
-        "disk_mb": round(formats.disk_size(folder) / 2**20, 2),
+        "disk_mb": formats.disk_mb(folder),
         "peak_mem_mb": round(mem.peak_mb, 1),
         "device": str(model_device(model)),  # OpenVINO runs on the CPU whatever torch could use
     }

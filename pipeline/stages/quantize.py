@@ -143,9 +143,8 @@ def measure(model, tokenizer, texts, cfg: QuantizeConfig, reference: scoring.Ref
            "quality": {e["dataset"]: e["perplexity"] for e in evaluations}, "evaluations": evaluations}
     if "kl" in first:
         out.update(kl=first["kl"], top1=first["top1"])
-    general_row = next((e for e in evaluations if e["dataset"] == general.LABEL), None)
-    if general_row:
-        out["general_perplexity"] = general_row["perplexity"]
+    if general.LABEL in out["quality"]:
+        out["general_perplexity"] = out["quality"][general.LABEL]
     if cfg.speed_tokens:  # the evaluate stage's prompts and prefill length, one timed run after a warm-up
         timed = speed(model, tokenizer, DEFAULT_PROMPTS, EvaluateConfig.prefill_tokens, cfg.speed_tokens, 1)
         out.update(prefill_tok_s=timed["prefill_tok_s"], gen_tok_s=timed["gen_tok_s"], speed_noisy=timed["speed_noisy"],
@@ -183,7 +182,7 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, texts,
         log.warning("quantize: %s failed: %s", row["name"], err)
         message = " ".join(str(err).strip().splitlines()[:2])[:300]
         return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}
-    row.update(disk_mb=round(formats.disk_size(folder) / 2**20, 2), seconds=round(time.time() - started, 1))
+    row.update(disk_mb=formats.disk_mb(folder), seconds=round(time.time() - started, 1))
     return row
 
 
@@ -298,10 +297,8 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
             raise StageError(f"quantize: input folder '{folder}' (quantize.inputs) is missing or incomplete (no "
                              "pipeline.json). Run the stage that writes it first, or leave it out of quantize.inputs.")
     several = len(inputs) > 1
-    base_record = read_record(ctx.run_dir / "base")
-    base_mb = base_record and base_record.metrics.get("disk_mb")
-    if base_mb is None and (ctx.run_dir / "base").is_dir():
-        base_mb = round(formats.disk_size(ctx.run_dir / "base") / 2**20, 2)
+    base = ctx.run_dir / "base"  # what max_size_share is a share of
+    base_mb = formats.disk_mb(base) if read_record(base) is not None else None
     # Candidate folders live next to the run (same disk, so the winner is moved, not copied) and are
     # removed whatever happens.
     with tempfile.TemporaryDirectory(prefix=".quantize-candidates-", dir=ctx.run_dir) as work:
@@ -320,7 +317,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         store = scoring.Measurements(ctx.run_dir, ctx.force)
         if not any(reference.is_(f) for f in inputs):
             model, _ = formats.load_folder(ref_folder, device_map=str(device))
-            ref_row = {"name": ref_folder.name, "disk_mb": round(formats.disk_size(ref_folder) / 2**20, 2),
+            ref_row = {"name": ref_folder.name, "disk_mb": formats.disk_mb(ref_folder),
                        **measure(model, tokenizer, texts, cfg, reference, ref_folder, store)}
             del model
         for i in order:
@@ -330,7 +327,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
             model, _ = formats.load_folder(source, device_map=str(device))
             params[label] = models.count_params(model)
             measured_inputs[label] = {"name": label, "folder": str(folder),
-                                      "disk_mb": round(formats.disk_size(source) / 2**20, 2),
+                                      "disk_mb": formats.disk_mb(source),
                                       **measure(model, tokenizer, texts, cfg, reference,
                                                 folder if source == folder else None, store)}
             del model
