@@ -337,8 +337,12 @@ def test_two_process_run_writes_once(tiny_models, make_recipe, tmp_path):
     assert m["train_tokens"] == 6 * 4 * 64 * 2  # each step saw a batch on each process
     assert m["train_loss_last"] < m["train_loss_first"] - 0.1
     assert done.stderr.count("finetune: reading") == 1  # only rank 0 logs
-    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "report.json", "report.md",
-                                                         "report.png", "tasks"]  # tasks/: evaluate's offline task
+    # tasks/: evaluate's offline task; general/: the base model's general-English text; measurements.json: the
+    # measure-once store. Each written once, by rank 0 (a second writer would leave a .partial or a torn file).
+    assert sorted(p.name for p in run_dir.iterdir()) == [".trainer", "base", "finetune", "general",
+                                                         "measurements.json", "report.json", "report.md",
+                                                         "report.png", "tasks"]
+    json.loads((run_dir / "measurements.json").read_text())
     assert not list(tmp_path.rglob(".*.partial"))
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report["models"]] == ["base", "finetune"]

@@ -231,3 +231,36 @@ def test_a_stage_forced_to_run_again_is_measured_again(chain_run):
     assert main(["run", str(path), "--stages", "evaluate"]) == 0
     rows = {r["name"]: r for r in json.loads((run_dir / "report.json").read_text())["models"]}
     assert {e["measured_in"] for e in rows["finetune"]["evaluations"]} == {"evaluate"}
+
+
+def test_an_input_over_a_quality_budget_is_not_quantized(chain_run, tmp_path):
+    """Quantizing adds error: an input that breaks a quality budget unquantized gets no conversions (its rows say
+    why), unless try_over_budget_inputs asks for them. Runs last in this file and restores the quantize folder."""
+    import shutil
+
+    path, run_dir = chain_run
+    rec = _record(run_dir / "quantize")
+    inputs = {i["name"]: i for i in rec["inputs"]}
+    int8 = next(r for r in rec["candidates"] if r["name"] == "finetune/bnb-int8")
+    assert inputs["distill"]["kl"] > int8["kl"]
+    limit = (inputs["distill"]["kl"] + int8["kl"]) / 2  # the fine-tuned model's int8 meets it, the student cannot
+    shutil.copytree(run_dir / "quantize", tmp_path / "kept")
+    try:
+        assert main(["run", str(path), "--stages", "quantize", f"quantize.max_kl={limit}"]) == 0
+        rows = {r["name"]: r for r in _record(run_dir / "quantize")["candidates"]}
+        for name in ("distill/bnb-int8", "distill/bnb-nf4"):
+            assert rows[name]["status"] == "skipped" and "disk_mb" not in rows[name]
+            assert "distill itself breaks max_kl" in rows[name]["error"]
+        assert rows["finetune/bnb-int8"]["status"] == "passed"
+        assert _record(run_dir / "quantize")["parent"] == str(run_dir / "finetune")
+        # asked for: the student's candidates are converted and scored, and fail the budget on their own numbers
+        assert main(["run", str(path), "--stages", "quantize", f"quantize.max_kl={limit}",
+                     "quantize.try_over_budget_inputs=true"]) == 0
+        rows = {r["name"]: r for r in _record(run_dir / "quantize")["candidates"]}
+        assert rows["distill/bnb-int8"]["status"] == "over budget" and rows["distill/bnb-int8"]["kl"] > limit
+        # every input over budget: a clear error, not "no candidate could be made"
+        assert main(["run", str(path), "--stages", "quantize", "quantize.inputs=[distill]",
+                     f"quantize.max_kl={limit}"]) == 2
+    finally:
+        shutil.rmtree(run_dir / "quantize", ignore_errors=True)
+        shutil.copytree(tmp_path / "kept", run_dir / "quantize")

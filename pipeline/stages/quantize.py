@@ -70,6 +70,11 @@ class QuantizeConfig:
     kl_tokens: int = EvaluateConfig.kl_tokens  # ditto: positions per text compared with the reference (0 = none)
     # greedy tokens generated per prompt (evaluate's default prompts) to time each candidate; 0 = no timing
     speed_tokens: int = 16
+    # also try the candidates on an input that itself breaks a quality budget (max_ppl_increase,
+    # max_general_ppl_increase, max_kl); false: its candidates are skipped, and the table says why
+    # why: quantizing adds error: no candidate of bench/results/quantize.json scored more than 1% below its input,
+    # so an input over a quality budget by itself cannot ship, and skipping it saves its conversions
+    try_over_budget_inputs: bool = False
 
     def check(self) -> list[str]:
         problems = EvaluateConfig(context=self.context, stride=self.stride, max_tokens=self.max_tokens).check()
@@ -212,18 +217,36 @@ PREFER = {  # the order each preference ranks candidates in: first = best
 }
 
 
+def compare(row: dict, reference: dict) -> dict:
+    """`row`'s losses against the reference: perplexity increases (validation, general English), size ratio,
+    speed-up."""
+    row["ppl_increase_pct"] = round(100 * (row["perplexity"] / reference["perplexity"] - 1), 3)
+    if row.get("general_perplexity") and reference.get("general_perplexity"):
+        row["general_ppl_increase_pct"] = round(
+            100 * (row["general_perplexity"] / reference["general_perplexity"] - 1), 3)
+    row["size_ratio"] = round(row["disk_mb"] / reference["disk_mb"], 4)
+    if reference.get("gen_tok_s") and row.get("gen_tok_s"):
+        row["speedup"] = round(row["gen_tok_s"] / reference["gen_tok_s"], 2)
+    return row
+
+
+QUALITY_BUDGETS = ("max_ppl_increase", "max_general_ppl_increase", "max_kl")
+
+
+def hopeless(input_row: dict, reference: dict, cfg: QuantizeConfig) -> list[str]:
+    """The quality budgets an (unquantized) input already breaks: none of its candidates can meet them."""
+    if cfg.try_over_budget_inputs:
+        return []
+    return [v for v in violations(compare(dict(input_row), reference), reference, cfg)
+            if v.split(" ")[0] in QUALITY_BUDGETS]
+
+
 def gate(rows: list[dict], reference: dict, cfg: QuantizeConfig, base_mb: float | None = None) -> dict | None:
     """Mark each measured row passed / over budget against `reference` and the budgets; mark dominated rows;
     return the preferred passing row."""
     measured = [r for r in rows if "perplexity" in r]
     for row in measured:
-        row["ppl_increase_pct"] = round(100 * (row["perplexity"] / reference["perplexity"] - 1), 3)
-        if row.get("general_perplexity") and reference.get("general_perplexity"):
-            row["general_ppl_increase_pct"] = round(
-                100 * (row["general_perplexity"] / reference["general_perplexity"] - 1), 3)
-        row["size_ratio"] = round(row["disk_mb"] / reference["disk_mb"], 4)
-        if reference.get("gen_tok_s") and row.get("gen_tok_s"):
-            row["speedup"] = round(row["gen_tok_s"] / reference["gen_tok_s"], 2)
+        compare(row, reference)
         row["violates"] = violations(row, reference, cfg, base_mb)
         row["status"] = "over budget" if row["violates"] else "passed"
     frontier.mark(measured)
@@ -345,8 +368,18 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
             # what formats name the model by (the GGUF file) and the source its lineage was loaded from (whose
             # GGUF pre-tokenizer a GGUF export keeps)
             name = (record.recipe if record else None) or folder.name
+            broken = hopeless(measured_inputs[label], ref_row, cfg) if ref_row else []
+            if broken:
+                log.info("quantize: input %s already breaks %s unquantized: its %d candidate(s) are skipped "
+                         "(quantize.try_over_budget_inputs: true tries them anyway)", label, "; ".join(broken),
+                         len(cfg.candidates))
             for j, cand in enumerate(cfg.candidates):
                 row_label = f"{label}/{cand.label}" if several else cand.label
+                if broken:
+                    rows.append({"name": row_label, "candidate": cand.label, "input": label, "method": cand.method,
+                                 "backend": cand.backend, "bits": cand.bits, "description": backends.describe(cand),
+                                 "status": "skipped", "error": f"the input {label} itself breaks " + "; ".join(broken)})
+                    continue
                 folders[row_label] = work / f"candidate-{i}-{j}"
                 rows.append(try_candidate(cand, source, folders[row_label], tokenizer, texts, cfg, device, ctx,
                                           calibration, reference, name, origin(folder), row_label, label))
@@ -354,7 +387,14 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         input_rows = list(measured_inputs.values())
         scores = table(ref_row, rows, winner, input_rows)
         log.info("quantize: candidates (%s, prefer %s):\n%s", budgets(cfg), cfg.prefer, scores)
-        if winner is None and not any(r["status"] == "over budget" for r in rows):
+        if winner is None and all(r["status"] == "skipped" for r in rows):
+            raise StageError(
+                f"quantize: every input already breaks a quality budget before quantization ({budgets(cfg)}), "
+                f"measured against the reference {ref_row['name']} (perplexity {ref_row['perplexity']:.3f}):\n"
+                f"{scores}\nRaise the budget the inputs break, add the reference itself to quantize.inputs, or "
+                "improve the inputs (e.g. a longer distill)."
+            )
+        if winner is None and not any(r["status"] in ("over budget", "skipped") for r in rows):
             raise StageError(  # nothing was even scored: the budget is not what to change
                 f"quantize: no candidate could be made (every one is unavailable or failed; the status column "
                 f"says why):\n{scores}\nFix what it names, or add a candidate this model and machine support "
