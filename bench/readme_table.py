@@ -85,8 +85,8 @@ def _evaluate(r: dict) -> list[str]:
 def _e2e(r: dict) -> list[str]:
     s = r["settings"]
     over = f" with `{' '.join(s['overrides'])}`" if s["overrides"] else ""
-    rows = [f"**End to end** (`bench/e2e.py`): `make all` on `recipes/{s['recipe']}`{over}, each stage in "
-            "its own process.", "", "| stage | wall s | peak RSS MB |", "|---|---|---|"]
+    rows = [f"**End to end** (`bench/e2e.py`): `make all` on `recipes/{s['recipe']}`{over}: "
+            f"{s['note']}.", "", "| stage | wall s | peak RSS MB |", "|---|---|---|"]
     rows += [f"| {name} | {x['seconds']:.1f} | {x['peak_rss_mb']:.0f} |" for name, x in r["stages"].items()]
     rows.append(f"| **total** | **{r['total_seconds']:.1f}** | {r['max_peak_rss_mb']:.0f} (max) |")
     report = r.get("report") or {}

@@ -212,8 +212,9 @@ def peek_config(source: Source | None, trust_remote_code: bool = False):
     if source is None or source.kind == "hub" or not Path(source.path).exists():
         return None
     try:
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+        if source.gguf_file:
+            return gguf_config(source)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 -- a damaged file (a GGUF reader's IndexError, ...) is the load stage's to report
         return None
 
@@ -265,16 +266,27 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     return tok
 
 
+_GGUF_CONFIGS: dict[tuple, object] = {}
+
+
 def gguf_config(source: Source):
     """The config transformers reads from a GGUF file's metadata, with GPT-2's context length put where
     GPT2Config keeps it: the loader maps `gpt2.context_length` to `n_ctx` only, so `n_positions` (the
     position-embedding rows) would stay at its default 1024 and any other length fail to load."""
+    import copy
+
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-    if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
-        config.n_positions = config.n_ctx
-    return config
+    # why: reading a GGUF's metadata parses its whole vocabulary (about 1M small reads for 49K tokens, seconds of
+    # pure Python); validate, load and the tokenizer each want the config: parsed once per file version
+    path = Path(source.path) / source.gguf_file
+    key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+    if key not in _GGUF_CONFIGS:
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        if config.model_type == "gpt2" and getattr(config, "n_ctx", None):
+            config.n_positions = config.n_ctx
+        _GGUF_CONFIGS[key] = config
+    return copy.deepcopy(_GGUF_CONFIGS[key])  # callers may edit theirs
 
 
 def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
