@@ -159,6 +159,15 @@ def test_sparse_prune_then_distill_keeps_the_mask_through_training_and_saving(ti
         assert torch.equal(t, back.state_dict()[key]), key
     assert torch.equal(tiny.logits(distilled.eval(), IDS), tiny.logits(back, IDS))
     assert d["sparsity"]["forms"]["bitmask_file"] < 0.8 * (run_dir / "distill" / "model.safetensors").stat().st_size
+    # the report: a zeros column for the sparse models (none for the dense base), and what the zeros buy
+    report = (run_dir / "report.md").read_text()
+    lines = report.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    table = [line for line in lines[first:lines.index("", first)] if line.startswith("| ")]  # the main table
+    column = table[0].split(" | ").index("zeros")
+    cells = {row.split(" | ")[0].strip("| "): row.split(" | ")[column] for row in table[1:]}
+    assert cells["base"] == "–" and cells["prune"] == "50%" and cells["distill"] == "50%", cells
+    assert "Sparsity saves disk, not time" in report and "`distill` (unstructured, wanda): dense" in report
 
 
 def test_two_four_prune_stage_writes_the_pattern_and_distill_keeps_it(tiny_models, make_recipe, tmp_path):
