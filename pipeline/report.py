@@ -19,11 +19,39 @@ COLUMNS = [  # (key, header, format)
     ("prefill_tok_s", "prefill tok/s", "{:.0f}"),
     ("gen_tok_s", "generate tok/s", "{:.1f}"),
     ("peak_mem_mb", "peak mem MB", "{:.0f}"),
+    ("sparsity", "zeros", "{:.0%}"),  # of the block linear weights, for a model with a mask (prune.sparsity)
     ("repetition_4gram", "repeated 4-grams", "{:.0%}"),  # of the samples' words: high = a looping model
 ]
 
 
 SPEED = ("prefill_tok_s", "gen_tok_s")
+
+
+def sparsity_note(rows: list[dict]) -> list[str]:
+    """What the zeros of a sparse model buy: its compressed forms' sizes; and that the speeds ran dense kernels
+    (none of this pipeline's runtimes skips zeros: "saves disk, not time")."""
+    sparse = [r for r in rows if r.get("sparsity")]
+    if not sparse:
+        return []
+    lines = ["", "Zeros: share of the transformer blocks' linear weights that are exactly zero (`prune.sparsity`, "
+             "kept fixed by training on the mask)."]
+    for row in sparse:
+        info = row.get("sparse") or {}
+        f = info.get("forms") or {}
+        c = f.get("codec")
+        if c and f.get(f"bitmask_int8_{c}"):
+            mb = 1e6
+            lines.append(f"- `{row['name']}` ({info.get('pattern')}, {info.get('method')}): dense {f['dense'] / mb:.1f} MB, "
+                         f"bitmask form {f['bitmask'] / mb:.1f} MB, bitmask + {c} {f[f'bitmask_{c}'] / mb:.1f} MB; "
+                         f"int8 + {c}: bitmask {f[f'bitmask_int8_{c}'] / mb:.1f} MB against dense "
+                         f"{f[f'dense_int8_{c}'] / mb:.1f} MB"
+                         + (f" (written to `{info['compressed']['folder']}/`)." if info.get("compressed") else "."))
+    device = rows[0].get("device") or "this machine"
+    lines.append(f"\nSparsity saves disk, not time: the perplexity and speed columns run dense kernels over the zeros "
+                 f"on {device} (no sparse kernel applies: llama.cpp has no sparse types, OpenVINO decompresses "
+                 "sparse weights only for int8 activations on AMX CPUs, 2:4 kernels need a CUDA GPU of compute "
+                 "capability 8.0+; docs/reference.md, Sparsity).")
+    return lines
 
 
 def noise_note(rows: list[dict]) -> list[str]:
@@ -122,6 +150,7 @@ def markdown(recipe: str, rows: list[dict]) -> str:
         lines += ["", f"`{GENERAL}`: English the base model wrote from everyday openings (see the run's "
                   "general/general.txt), never trained on: how much each model forgot outside the recipe's domain."]
     lines += noise_note(rows)
+    lines += sparsity_note(rows)
     lines += frontier_section(rows)
     for row in rows:
         teacher = next((t for t in rows if row.get("teacher") and t["folder"] == row["teacher"]), None)

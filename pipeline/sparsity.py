@@ -8,8 +8,12 @@ Embeddings and the LM head stay dense (they are shared with the input and sparsi
 
 Importance: `magnitude` = |W|; `wanda` = |W| x ||X_j||_2, the input channel's activation norm over the
 calibration tokens (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"), compared within each
-output row as the paper does. llm-compressor (which has Wanda and SparseGPT) needs transformers >= 5.15 and
-compressed-tensors 0.20 dropped its sparse-bitmask compressor, so the rule and the form are written here.
+output row as the paper does; `sparsegpt` = SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language
+Models Can Be Accurately Pruned in One-Shot"): layer by layer, OBS saliency w^2 / [H^-1]_jj^2 with the damped
+Hessian H = X^T X of the layer's inputs, and the kept weights updated to reconstruct the layer's output.
+llm-compressor (which has Wanda and SparseGPT) needs transformers >= 5.15, neural-compressor 3.x dropped its
+pruners, sparseml 1.9 is an empty deprecated package, and compressed-tensors 0.20 dropped its sparse-bitmask
+compressor, so the rules and the form are written here.
 
 What sparsity buys: on disk, the bitmask form stores one bit per weight plus the kept values; in time, only
 runtimes with sparse kernels gain (docs/reference.md, "Sparsity").
@@ -48,8 +52,10 @@ class SparsitySettings:
     # dimension are kept (2:4 is what NVIDIA's sparse tensor cores run). Unquoted, YAML reads 2:4 as the
     # base-60 number 124; that is read back as 2:4
     pattern: str | int = "unstructured"
-    # `wanda` = |W| x the input channel's activation norm on the calibration blocks (Wanda), `magnitude` = |W|
-    method: Literal["wanda", "magnitude"] = "wanda"
+    # `wanda` = |W| x the input channel's activation norm on the calibration blocks (Wanda), `magnitude` = |W|,
+    # `sparsegpt` = SparseGPT: layer by layer, drops the weights of least OBS saliency and updates the kept ones
+    # to reconstruct the layer's output on the calibration blocks (damped Hessian of its inputs; slower)
+    method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
     # `per_layer`: every linear weight gets `amount` zeros (Wanda: every output row of it); `global`: one
     # threshold over all of them, so some layers end sparser than others (unstructured only)
     scope: Literal["per_layer", "global"] = "per_layer"
@@ -93,6 +99,9 @@ class SparsitySettings:
             if self.scope == "global":
                 problems.append(f"scope: global ranks all layers together, but {self.pattern} keeps N of every "
                                 "M weights in each group; use scope: per_layer")
+        if self.method == "sparsegpt" and self.scope == "global" and nm is None:
+            problems.append("scope: global ranks all layers together, but sparsegpt prunes and reconstructs one "
+                            "layer at a time; use scope: per_layer")
         return problems
 
 
@@ -144,6 +153,141 @@ def scores(model, norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tens
             s = s * norms[name].unsqueeze(0)
         out[name] = s
     return out
+
+
+class _Caught(Exception):
+    """Raised by the hook that catches the first decoder layer's inputs: the rest of the forward is not needed."""
+
+
+def _layer_inputs(model, blocks: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
+    """The first decoder layer's (args, kwargs) for each calibration batch: hidden states plus what every layer
+    is called with (attention mask, position embeddings), so the layers can then be run one at a time."""
+    _, stack = decoder_stack(model)
+    device = next(model.parameters()).device
+    caught: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    hook = stack[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, len(blocks), batch_size):
+            try:
+                model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        hook.remove()
+    return caught
+
+
+def _call_layer(layer, args: tuple, kwargs: dict, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's output hidden states for `hidden` in place of the caught ones."""
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, amount: float, nm: tuple[int, int] | None,
+                    damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """SparseGPT's rule (Frantar & Alistarh 2023) for one weight [out, in] and H = X^T X of its inputs [in, in]:
+    columns are visited left to right; in each block of `block` columns the weights with the smallest
+    w^2 / [H^-1]_jj^2 (the OBS saliency) go (`amount` of the block, or N:M per group of M inputs), and the error of
+    each removed or kept column is spread onto the columns not yet visited through the Cholesky factor of the
+    damped inverse Hessian, so the layer's output on the calibration inputs is reconstructed. Returns the new
+    weight (float32, exact zeros where pruned)."""
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    h = hessian.double().clone()
+    rows, cols = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    mean_diag = torch.diag(h).mean()
+    for attempt in range(4):  # a Hessian from few tokens may need more damping to be positive definite
+        damped = h + (damp * 10 ** attempt) * mean_diag * torch.eye(cols, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if not info:
+            break
+    else:
+        raise StageError("prune.sparsity: sparsegpt: the inputs' Hessian is not positive definite even damped")
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    total_drop, done = amount * rows * cols, 0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diag(h1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:  # this block's share of the layer's zeros, rounded so that the layer's total is exact
+            drop = int(round(total_drop * i2 / cols)) - done
+            done += drop
+            if drop:
+                saliency = (w1 ** 2 / d1.unsqueeze(0) ** 2).flatten()
+                mask1.view(-1)[saliency.argsort(stable=True)[:drop]] = True
+        n, m = nm or (0, 0)
+        for i in range(count):
+            col = w1[:, i]
+            if nm is not None and i % m == 0:
+                saliency = w1[:, i:i + m] ** 2 / d1[i:i + m].unsqueeze(0) ** 2
+                mask1.scatter_(1, i + saliency.topk(m - n, dim=1, largest=False).indices, True)
+            q = col.masked_fill(mask1[:, i], 0.0)
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        pruned[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w[pruned] = 0.0  # +0.0 exactly (a kept weight may also have come out as zero: it stays in the mask)
+    return w
+
+
+@torch.no_grad()
+def sparsegpt(model, settings: SparsitySettings, blocks: torch.Tensor, batch_size: int = 8,
+              damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """Prune every block linear by SparseGPT, in place, layer after layer: each decoder layer's linears are
+    reconstructed on the inputs that the already-pruned layers before it produce (the paper's sequential
+    procedure), then the layer is run again to give the next one its inputs. Returns the keep-masks."""
+    model.eval()
+    prefix, stack = decoder_stack(model)
+    linears = block_linears(model)
+    caught = _layer_inputs(model, blocks, batch_size)
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in caught]
+    keep: dict[str, torch.Tensor] = {}
+    nm = settings.nm
+    for i, layer in enumerate(stack):
+        mine = {name: lin for name, lin in linears.items() if name.startswith(f"{prefix}.{i}.")}
+        grams: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, (module, _) in mine.items():
+            def hook(mod, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                g = x.T @ x
+                grams[name] = grams[name] + g if name in grams else g
+            hooks.append(module.register_forward_pre_hook(hook))
+        try:
+            for (args, kwargs), x in zip(caught, hidden):
+                _call_layer(layer, args, kwargs, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, (module, in_dim) in mine.items():
+            if name not in grams:
+                raise StageError(f"prune.sparsity: no calibration activations reached {name}")
+            weight = module.weight
+            new = sparsegpt_prune(_rows_last(weight.detach(), in_dim), grams.pop(name), settings.amount, nm, damp)
+            new = new if in_dim == 1 else new.T
+            weight.data.copy_(new.to(weight.dtype))
+            keep[name] = nonzero(weight.data).to(weight.device)
+        hidden = [_call_layer(layer, args, kwargs, x) for (args, kwargs), x in zip(caught, hidden)]
+    return keep
 
 
 def masks(model, settings: SparsitySettings, norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -383,18 +527,36 @@ def _bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
-def _int8(tensors: dict[str, torch.Tensor], sparse_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Deep Compression's quantization step, for sizes only: every block weight's values (dense, or the kept ones
-    of a bitmask form) as int8 with one fp32 scale per tensor row (symmetric, so zero stays zero)."""
+def _rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row (so zero stays zero)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale.reshape(-1).clone()
+
+
+def _int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Deep Compression's quantization step, for sizes only: every 2-D weight (the block linears, the embeddings
+    and an untied LM head, as an int8 model such as openvino-int8 stores them) as int8 with one fp32 scale per
+    row; a bitmask form keeps its bitmask and stores the int8 values of the kept weights (scales from the same
+    rows as the dense form's, so the two differ only by the zeros)."""
     out = {}
     for key, t in tensors.items():
-        base = key.removesuffix(".values")
-        if key in sparse_keys or (key.endswith(".values") and base in sparse_keys):
-            x = t.float()
-            scale = x.abs().max().clamp_min(1e-12) / 127 if key.endswith(".values") else \
-                x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
-            out[key] = (x / scale).round().clamp(-127, 127).to(torch.int8)
-            out[f"{key}.scale"] = scale.reshape(-1).clone()
+        if key.endswith((".values", ".shape")):
+            continue
+        if key.endswith(".bitmask"):
+            base = key.removesuffix(".bitmask")
+            shape = tensors[f"{base}.shape"].tolist()
+            keep = _unpack(t, shape)
+            dense = torch.zeros(shape, dtype=torch.float32)
+            dense[keep] = tensors[f"{base}.values"].float()
+            rows = dense if len(shape) == 2 else dense.reshape(shape[0], -1)
+            q, scale = _rows_int8(rows)
+            out[key] = t
+            out[f"{base}.values"] = q.reshape(shape)[keep].clone()
+            out[f"{base}.shape"] = tensors[f"{base}.shape"]
+            out[f"{base}.scale"] = scale
+        elif t.dim() == 2 and t.is_floating_point():
+            out[key], out[f"{key}.scale"] = _rows_int8(t)
         else:
             out[key] = t
     return out
@@ -402,10 +564,9 @@ def _int8(tensors: dict[str, torch.Tensor], sparse_keys: set[str]) -> dict[str, 
 
 def forms(model) -> dict:
     """The size in bytes of each on-disk form of the weights (safetensors as written, without the tokenizer):
-    dense, bitmask, and each entropy-coded; then their int8 versions (block weights int8, the rest as stored),
-    the Deep Compression sequence: prune, quantize, entropy-code."""
+    dense, bitmask, and each entropy-coded; then their int8 versions (every 2-D weight int8, the norms and biases
+    as stored), the Deep Compression sequence: prune, quantize, entropy-code."""
     name, compress = codec()
-    sparse_keys = {f"{n}.weight" for n in block_linears(model)}
     dense = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     seen, unique = set(), {}
     for k, v in dense.items():  # tied weights are written once, as save_pretrained does
@@ -418,7 +579,7 @@ def forms(model) -> dict:
         raw = _bytes(tensors)
         out[label] = len(raw)
         out[f"{label}_{name}"] = len(compress(raw))
-        q = _bytes(_int8(tensors, sparse_keys))
+        q = _bytes(_int8(tensors))
         out[f"{label}_int8"] = len(q)
         out[f"{label}_int8_{name}"] = len(compress(q))
     return out

@@ -125,8 +125,19 @@ def test_sparsity_bench_schema_on_a_tiny_teacher(tmp_path):
     bench_sparsity = bench_module("sparsity")
     with pytest.raises(SystemExit):
         bench_sparsity.parse_args(["--variants", "3:4-sparsegpt"])
-    result = _smoke("sparsity", tmp_path, "--work", str(tmp_path / "runs"), "--variants", "2:4-wanda")
-    variant = result["variants"]["2:4-wanda"]
-    assert variant["sparsity"] == pytest.approx(0.5, abs=0.01) and set(variant["ppl"]) == set(result["teacher"]["ppl"])
-    codec = variant["forms"]["codec"]
-    assert variant["forms"][f"bitmask_int8_{codec}"] < result["teacher"]["forms"][f"dense_int8_{codec}"]
+    result = _smoke("sparsity", tmp_path, "--work", str(tmp_path / "runs"), "--variants", "2:4-sparsegpt")
+    variant = result["variants"]["2:4-sparsegpt"]
+    assert variant["sparsity"] == pytest.approx(0.5, abs=0.01)
+    for row in ("zero_shot", "healed"):  # healing on the fixed mask keeps the zeros
+        assert set(variant[row]["ppl"]) == set(result["teacher"]["ppl"])
+        codec = variant[row]["forms"]["codec"]
+        assert variant[row]["forms"][f"bitmask_int8_{codec}"] < result["teacher"]["forms"][f"dense_int8_{codec}"]
+    assert variant["healed"]["sparsity"] >= variant["sparsity"]
+    assert set(variant["targets_met"]) >= {"validation", "size"}
+    assert variant["int8_compressed_vs_dense_int8_compressed"] < 1
+    assert {"size_share", "dominates", "dominated_by"} <= set(variant["frontier"])
+    # the frontier: a cut no bigger and no worse on every scored text dominates a row; a bigger, worse one is beaten
+    cuts = {"small-good": {"params_ratio": 0.4, "ratio": {"validation": 1.0}},
+            "big-bad": {"params_ratio": 0.9, "ratio": {"validation": 3.0}}}
+    place = bench_sparsity.frontier(0.6, {"validation": 1.5}, cuts)
+    assert place["dominated_by"] == ["small-good"] and place["dominates"] == ["big-bad"]

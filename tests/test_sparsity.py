@@ -159,6 +159,15 @@ def test_sparse_prune_then_distill_keeps_the_mask_through_training_and_saving(ti
         assert torch.equal(t, back.state_dict()[key]), key
     assert torch.equal(tiny.logits(distilled.eval(), IDS), tiny.logits(back, IDS))
     assert d["sparsity"]["forms"]["bitmask_file"] < 0.8 * (run_dir / "distill" / "model.safetensors").stat().st_size
+    # the report: a zeros column for the sparse models (none for the dense base), and what the zeros buy
+    report = (run_dir / "report.md").read_text()
+    lines = report.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    table = [line for line in lines[first:lines.index("", first)] if line.startswith("| ")]  # the main table
+    column = table[0].split(" | ").index("zeros")
+    cells = {row.split(" | ")[0].strip("| "): row.split(" | ")[column] for row in table[1:]}
+    assert cells["base"] == "–" and cells["prune"] == "50%" and cells["distill"] == "50%", cells
+    assert "Sparsity saves disk, not time" in report and "`distill` (unstructured, wanda): dense" in report
 
 
 def test_two_four_prune_stage_writes_the_pattern_and_distill_keeps_it(tiny_models, make_recipe, tmp_path):
@@ -203,7 +212,9 @@ def test_new_keys_leave_the_fingerprint_of_older_runs_alone():
     ({"sparsity": {"pattern": "2:4", "amount": 0.3}}, {}, "prune.sparsity.amount: 0.3 contradicts pattern 2:4"),
     ({"sparsity": {"pattern": "2:4", "scope": "global"}}, {}, "prune.sparsity.scope: global ranks all layers"),
     ({"sparsity": {"pattern": "3:7"}}, {}, "prune.sparsity.pattern: 3:7 groups 7 consecutive inputs"),
-    ({"sparsity": {"method": "sparsegpt", "amount": 0.5}}, {}, "prune.sparsity.method: 'sparsegpt' is not allowed"),
+    ({"sparsity": {"method": "obs", "amount": 0.5}}, {}, "prune.sparsity.method: 'obs' is not allowed"),
+    ({"sparsity": {"method": "sparsegpt", "amount": 0.5, "scope": "global"}}, {},
+     "prune.sparsity.scope: global ranks all layers together, but sparsegpt prunes"),
     ({"sparsity": {"amount": 0.5}}, {"finetune": {"method": "lora", "l1": 0.1}},
      "finetune.l1: the L1 penalty shrinks the full weights"),
     ({"sparsity": {"amount": 0.5}}, {"distill": {"l1": -1}}, "distill.l1: -1.0 must be 0 (off) or positive"),
@@ -254,3 +265,84 @@ def test_a_sparse_model_is_quantized_like_any_other_and_its_int8_weights_keep_th
     assert len(block) == 28 and all(v.dtype == torch.int8 for v in block.values())
     # absmax int8 maps 0 to 0: the quantized model holds the mask too (bitsandbytes' outlier columns aside)
     assert all((v == 0).float().mean() >= 0.5 for v in block.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("pattern,amount", [("unstructured", 0.5), ("2:4", 0.0)])
+def test_sparsegpt_masks_have_the_requested_sparsity_and_pattern(arch, pattern, amount, tokenizer):
+    model = tiny.build_model(arch, tokenizer).eval()
+    embed = model.get_input_embeddings().weight.detach().clone()
+    settings = SparsitySettings(amount=amount, pattern=pattern, method="sparsegpt")
+    keep = sparsity.sparsegpt(model, settings, IDS, batch_size=4)
+    linears = sparsity.block_linears(model)
+    assert set(keep) == set(linears)
+    for name, (module, in_dim) in linears.items():
+        w = _rows(module, in_dim)
+        assert torch.equal(keep[name], module.weight.detach() != 0), name  # the mask is the weight's zeros
+        if pattern == "2:4":
+            assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all(), name
+        else:  # each layer's zeros are exact: the blocks' shares of them are rounded to add up
+            assert int((w == 0).sum()) == round(0.5 * w.numel()), name
+    assert sparsity.measure(model)["sparsity"] == pytest.approx(0.5, abs=0.005)
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+
+
+def _layer_output_errors(model, ids, dense_weights) -> float:
+    """Sum over the block linears of ||(W - W_dense) X||^2 / ||W_dense X||^2 on the dense model's inputs X."""
+    inputs = {}
+    linears = sparsity.block_linears(model)
+
+    def keep_input(name):
+        def hook(mod, args):
+            inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep_input(n)) for n, (m, _) in linears.items()]
+    current = {n: m.weight.detach().clone() for n, (m, _) in linears.items()}
+    with torch.no_grad():
+        for n, (m, _) in linears.items():
+            m.weight.copy_(dense_weights[n])
+        model(input_ids=ids)
+        for n, (m, _) in linears.items():
+            m.weight.copy_(current[n])
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for n, (m, in_dim) in linears.items():
+        x = inputs[n]
+        w, w0 = _rows(m, in_dim), (dense_weights[n] if in_dim == 1 else dense_weights[n].T)
+        total += float(((x @ (w - w0).T) ** 2).sum() / (x @ w0.T).pow(2).sum())
+    return total
+
+
+@pytest.mark.parametrize("pattern,amount", [("unstructured", 0.5), ("2:4", 0.0)])
+def test_sparsegpt_reconstructs_layer_outputs_better_than_magnitude_on_a_trained_model(pattern, amount,
+                                                                                        trained_llama):
+    """The point of SparseGPT: at the same sparsity its re-fitted weights reproduce each layer's output on the
+    calibration text more closely than magnitude pruning's (and its logits follow the dense model's better)."""
+    from pipeline.source_check import SAMPLE_CHARS
+
+    tok = tiny.build_tokenizer()
+    ids = torch.tensor(tok(tiny.check_text()[:SAMPLE_CHARS], verbose=False).input_ids)
+    blocks = ids[: (len(ids) // 64) * 64].reshape(-1, 64)[:16]
+    errors, kl = {}, {}
+    dense_logits = None
+    for method in ("magnitude", "sparsegpt"):
+        model = AutoModelForCausalLM.from_pretrained(trained_llama, dtype=torch.float32).eval()
+        dense = {n: m.weight.detach().clone() for n, (m, _) in sparsity.block_linears(model).items()}
+        with torch.no_grad():
+            dense_logits = model(input_ids=blocks).logits
+        settings = SparsitySettings(amount=amount, pattern=pattern, method=method)
+        if method == "sparsegpt":
+            sparsity.sparsegpt(model, settings, blocks, batch_size=8)
+        else:
+            sparsity.apply(model, sparsity.masks(model, settings))
+        assert sparsity.measure(model)["sparsity"] == pytest.approx(0.5, abs=0.005)
+        errors[method] = _layer_output_errors(model, blocks, dense)
+        with torch.no_grad():
+            logp = model(input_ids=blocks).logits.log_softmax(-1)
+        kl[method] = float(torch.nn.functional.kl_div(logp, dense_logits.log_softmax(-1), log_target=True,
+                                                      reduction="batchmean"))
+    assert errors["sparsegpt"] < 0.8 * errors["magnitude"], errors
+    assert kl["sparsegpt"] < kl["magnitude"], kl
+

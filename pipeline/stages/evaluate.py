@@ -261,6 +261,10 @@ def run(cfg: EvaluateConfig, ctx: Context) -> Path:
             keep = ("name", "input", "method", "status", "disk_mb", "perplexity", "quality", "kl", "top1", "gen_tok_s")
             row["quantization"] = {"chosen": record.chosen, "summary": record.summary,  # for the report's frontier
                                    "candidates": [{k: c.get(k) for k in keep} for c in record.details.get("candidates") or []]}
+        sparse = (record.details or {}).get("sparsity")
+        if sparse and "sparsity" in sparse:  # zeros in the block weights: the report's zeros column and its note
+            row["sparsity"] = sparse["sparsity"]
+            row["sparse"] = {k: sparse.get(k) for k in ("pattern", "method", "forms", "compressed")}
         if name == "distill":  # so the report can set the student against its teacher
             row["teacher"] = (record.teacher or {}).get("folder") or record.parent
         rows.append(row)

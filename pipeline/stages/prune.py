@@ -298,11 +298,14 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
 def _sparsify(settings: SparsitySettings, model, blocks: torch.Tensor, batch_size: int) -> dict:
     """Zero the least important block weights in place; what the record says about it (before the sizes)."""
     norms = None
-    if settings.method == "wanda":
-        log.info("prune: measuring Wanda activation norms on %d calibration blocks", len(blocks))
-        norms = sparsity.input_norms(model, blocks, batch_size)
-    keep = sparsity.masks(model, settings, norms)
-    sparsity.apply(model, keep)
+    if settings.method == "sparsegpt":
+        log.info("prune: SparseGPT, layer by layer, on %d calibration blocks", len(blocks))
+        sparsity.sparsegpt(model, settings, blocks, batch_size)
+    else:
+        if settings.method == "wanda":
+            log.info("prune: measuring Wanda activation norms on %d calibration blocks", len(blocks))
+            norms = sparsity.input_norms(model, blocks, batch_size)
+        sparsity.apply(model, sparsity.masks(model, settings, norms))
     measured = sparsity.measure(model)
     log.info("prune: %s sparsity (%s, %s): %.1f%% of the block linear weights are zero", settings.pattern,
              settings.method, settings.scope, 100 * measured["sparsity"])
@@ -324,11 +327,12 @@ def _summary(cfg: PruneConfig, ctx: Context, before, after, params, t_params, bo
             f"activation magnitude)" + ("; output projections re-fitted by least squares." if cfg.refit and width
                                         else "."))
     if sparse is not None:
-        how = ("|W| x activation norm (Wanda)" if sparse["method"] == "wanda" else "|W| (magnitude)")
+        how = {"wanda": "|W| x activation norm (Wanda)", "magnitude": "|W| (magnitude)",
+               "sparsegpt": "SparseGPT (OBS saliency, kept weights re-fitted layer by layer)"}[sparse["method"]]
         made = "Then made it" if cfg.structured else f"Made `{ctx.inputs['prune']}`"
         parts.append(
             f"{made} sparse: {sparse['pattern']} by {how}, {sparse['scope'].replace('_', ' ')}"
-            + (f", on {blocks.numel():,} calibration tokens of {source}" if sparse["method"] == "wanda" else "")
+            + (f", on {blocks.numel():,} calibration tokens of {source}" if sparse["method"] != "magnitude" else "")
             + ". " + sparsity.describe(sparse))
     parts.append("Distill it against the model it was cut from to recover quality"
                  + (" (the zeros stay fixed while it trains)." if sparse is not None else "."))
