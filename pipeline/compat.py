@@ -1,5 +1,6 @@
-"""Workarounds for releases of the libraries the pipeline uses that are wrong with the versions it installs: one
-place, each naming the versions that need it; tests/test_compat.py fails when one breaks or is no longer needed.
+"""Workarounds for library releases the pipeline uses that are wrong with newer releases of the libraries under
+them: one place, each naming the versions that need it (newer transformers than pyproject.toml pins today, see
+docs/reference.md, stage quantize); tests/test_compat.py fails when one breaks or is no longer needed.
 
 optimum-intel's vision-language module (`optimum.intel.openvino.modeling_visual_language`). optimum-intel 2.2.0
 (the newest release; its main branch of 2026-08 too) imports it eagerly, from `optimum.intel.openvino` and from
