@@ -285,7 +285,8 @@ def family_table() -> str:
         for fmt in (formats.gguf, formats.openvino):
             problem = fmt.unsupported(config)
             if problem is not None:  # one note per distinct reason, below the table
-                problem = problem.split("; this model is")[0]
+                # the notes name no installed version, so one table holds for every version the pins allow
+                problem = problem.split("; this model is")[0].split("; this is ")[0]
                 reasons.setdefault(problem, len(reasons) + 1)
             cells.append("yes" if problem is None else f"no [{reasons[problem]}]")
         cells.append("; ".join(f.quirks))

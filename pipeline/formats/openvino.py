@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import models
+from pipeline import compat, models
+
+# optimum-intel 2.2.0 imports its vision-language module eagerly, and that module fails to import with
+# transformers >= 5.17: the hook keeps it from taking OVModelForCausalLM down with it (see pipeline/compat.py)
+compat.install()
 
 NAME = "openvino"
 BACKEND = "openvino"

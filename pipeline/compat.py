@@ -1,0 +1,119 @@
+"""Workarounds for library releases the pipeline uses that are wrong with newer releases of the libraries under
+them: one place, each naming the versions that need it (newer transformers than pyproject.toml pins today, see
+docs/reference.md, stage quantize); tests/test_compat.py fails when one breaks or is no longer needed.
+
+optimum-intel's vision-language module (`optimum.intel.openvino.modeling_visual_language`). optimum-intel 2.2.0
+(the newest release; its main branch of 2026-08 too) imports it eagerly, from `optimum.intel.openvino` and from
+its quantization module, and the module binds transformers' vision-language internals when it is imported.
+transformers 5.17 renamed or removed two of them (qwen2_vl's `VisionRotaryEmbedding`, now
+`Qwen2VLVisionRotaryEmbedding` with another signature, and `Qwen3VLVisionModel.rot_pos_emb`), so from 5.17 on
+`from optimum.intel import OVModelForCausalLM` fails although exporting, compressing and running a causal LM never
+uses that module. `install()` puts an import hook in front of that one module: the module is imported as
+usual, and only if importing it fails, it is replaced by a stand-in whose classes refuse to be used, naming the
+original error (so optimum-intel's vision-language models stay unavailable, as they were).
+
+optimum-intel's `OVModelForCausalLM.generate`. From transformers 5.14 on, `GenerationMixin.generate` asks the model
+for `get_experts_implementation()` (to switch mixture-of-experts kernels for decoding), a method of
+`PreTrainedModel`; `OVModelForCausalLM` is a `GenerationMixin` but no `PreTrainedModel`, so every `generate` fails
+with AttributeError. The same hook, once optimum-intel's decoder module is imported, gives the class that method,
+answering that it has no experts kernels to switch (`{"": None}`: OpenVINO runs the compiled graph), so
+generate goes on as before. Only where the class lacks it.
+
+optimum-intel itself and transformers are otherwise left as they are."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+import traceback
+
+VISUAL_LANGUAGE = "optimum.intel.openvino.modeling_visual_language"
+DECODER = "optimum.intel.openvino.modeling_decoder"
+# The first transformers releases that need each workaround with optimum-intel 2.2.0
+NEEDED_FROM = {"visual_language": "5.17", "generate": "5.14"}
+# Why the stand-in replaced the vision-language module (None: it imported, or has not been imported yet)
+stood_in: str | None = None
+# Whether OVModelForCausalLM was given get_experts_implementation
+gave_experts: bool = False
+
+
+class _Unavailable:
+    """A stand-in for one of optimum-intel's vision-language classes: isinstance checks against it are False,
+    using it raises ImportError with the reason."""
+    reason = ""
+
+    def __init__(self, *args, **kwargs):
+        raise ImportError(self.reason)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ImportError(cls.reason)
+
+
+def _stand_in(module, err: BaseException) -> None:
+    global stood_in
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    stood_in = (f"optimum-intel's vision-language models are unavailable: {VISUAL_LANGUAGE} does not import with "
+                f"this transformers ({type(err).__name__}: {err}, {where.filename}:{where.lineno}); "
+                "see pipeline/compat.py")
+    for name in [n for n in vars(module) if not n.startswith("__")]:  # what it defined before it failed
+        delattr(module, name)
+    module.MODEL_TYPE_TO_CLS_MAPPING = {}  # the vision-language model types; none here
+
+    def __getattr__(name: str):
+        if not name.startswith("OV"):
+            raise AttributeError(f"module {VISUAL_LANGUAGE!r} (a stand-in: {stood_in}) has no attribute {name!r}")
+        cls = type(name, (_Unavailable,), {"reason": stood_in, "__module__": VISUAL_LANGUAGE})
+        setattr(module, name, cls)
+        return cls
+
+    module.__getattr__ = __getattr__
+
+
+def _no_experts(self) -> dict:
+    """OVModelForCausalLM.get_experts_implementation (pipeline/compat.py): no torch experts kernels to switch."""
+    return {"": None}
+
+
+def _give_experts(module) -> None:
+    global gave_experts
+    from transformers import PreTrainedModel
+
+    cls = module.OVModelForCausalLM
+    if hasattr(PreTrainedModel, "get_experts_implementation") and not hasattr(cls, "get_experts_implementation"):
+        cls.get_experts_implementation = _no_experts
+        gave_experts = True
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, real):
+        self.real = real
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):
+        if module.__name__ == DECODER:
+            self.real.exec_module(module)
+            _give_experts(module)
+            return
+        try:
+            self.real.exec_module(module)
+        except (ImportError, AttributeError) as err:
+            _stand_in(module, err)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in (VISUAL_LANGUAGE, DECODER):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    """Put the hook in front of the import system (once); a no-op for imports done before."""
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
