@@ -183,9 +183,18 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
         assert 0 <= row["tasks"]["heldout_continuation"]["acc"] <= 1, row["name"]
     assert rows["base"]["tasks"]["heldout_continuation"]["acc"] > 0.35  # chance: 0.25
     assert "heldout_continuation acc" in (tmp_path / "quickstart" / "report.md").read_text()
-    # the frontier: the student and the fine-tuned model both quantized, every model scored on general English too
+    # the frontier: the student and the fine-tuned model both measured as quantize inputs; an input that already
+    # breaks a quality budget unquantized (a student healed for only 4 steps, on general English) gets no
+    # conversions, and its rows say so; every model scored on general English too
     quantized = json.loads((tmp_path / "quickstart" / "quantize" / "pipeline.json").read_text())
     assert [i["name"] for i in quantized["inputs"]] == ["finetune", "distill"]
+    student = next(i for i in quantized["inputs"] if i["name"] == "distill")
+    ref = quantized["reference"]  # the recipe's budgets: +10% validation, +25% general English
+    over = (student["perplexity"] > 1.10 * ref["perplexity"]
+            or student["general_perplexity"] > 1.25 * ref["general_perplexity"])
+    for row in quantized["candidates"]:
+        if row["input"] == "distill":
+            assert (row["status"] == "skipped") == over, row
     for row in rows.values():
         texts = [e["dataset"] for e in row["evaluations"]]
         assert texts[1] == "general (base samples)" and all("kl" in e for e in row["evaluations"]), row["name"]
