@@ -10,7 +10,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import formats, models, quant_backends, sparsity, surgery
+from pipeline import formats, ignored, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -85,9 +85,14 @@ class RecipeSettings:
                 problems.append(f"{stage.name}.input: '{value}' is not a model folder; use auto or a stage output "
                                 "folder")
         problems += self._check_quantize_input() + self._check_output_dir()
+        made = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
-            problems += [f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}"
-                         for i, name in enumerate(names or []) if name not in MODEL_FOLDERS]
+            for i, name in enumerate(names or []):
+                if name not in MODEL_FOLDERS:
+                    problems.append(f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}")
+                elif name not in made:  # evaluate would skip it (or score a stale folder), push would leave it out
+                    problems.append(f"{key}[{i}]: '{name}' is not a model this recipe makes ({name}.enabled is "
+                                    f"false); enable it or remove it from {key}")
         return problems
 
     def _check_quantize_input(self) -> list[str]:
@@ -148,12 +153,7 @@ class RecipeSettings:
 
     def _check_prune(self, source) -> list[str]:
         """Prune targets against the model's config, when it can be read without loading the model."""
-        problems = []
-        if self.distill.enabled and self.distill.input == "auto":
-            set_keys = [k for k in ("every", "keep", "layers", "config") if getattr(self.distill, k) is not None]
-            if set_keys:
-                problems.append(f"distill.{set_keys[0]}: with prune enabled the student is the pruned model; "
-                                f"remove distill.{', distill.'.join(set_keys)} or set prune.enabled: false")
+        problems = []  # (distill's every/keep/layers/config, which the pruned student makes moot: pipeline.ignored)
         if not self._prune_sizable():
             return problems
         folder = self.prune.input if self.prune.input != "auto" else None
@@ -276,6 +276,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    given = ignored.given_keys(raw)  # before <stage>.data takes the recipe's data keys: what the user wrote
     raw.setdefault("name", path.stem)
     for stage in [s.name for s in SECTIONS if "data" in {f.name for f in fields(s.config)}]:
         section = raw.get(stage)
@@ -284,6 +285,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
             section["data"] = {**(raw.get("data") or {}), **section["data"]}
     errors: list[str] = []
     recipe = parse(Recipe, raw, "", errors)
+    errors += ignored.problems(recipe, given, errors)  # keys another key would make the run ignore
     if errors:
         raise RecipeError(errors, str(path))
     return recipe
