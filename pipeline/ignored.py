@@ -101,6 +101,16 @@ RULES = (
          lambda r, o: f"{{p}}.messages_column is '{o.messages_column}' (rows hold either a list of turns or a prompt "
          "and a response)" if o.format == "chat" and o.messages_column != "messages" else None,
          "keep the key(s) naming the columns your data has, and remove the others", on=("messages_column", "format")),
+    Rule("prune.data", ("validation_split",),
+         lambda r, o: "prune calibrates on the training split only" if not _local(o.source) else None,
+         "remove prune.data.validation_split", on=("source",)),
+    Rule("prune.data", ("max_train_blocks",),
+         lambda r, o: "prune.data.mix is empty: prune.calibration_blocks blocks are drawn from the whole training "
+         "split" if not o.mix else None, "set prune.calibration_blocks instead", on=("mix",)),
+    Rule("distill.data", ("validation_split",),
+         lambda r, o: "distill.eval_steps is null: distill does not evaluate while training (evaluate scores the "
+         "recipe's validation split)" if r.distill.eval_steps is None and not _local(o.source) else None,
+         "set distill.eval_steps, or remove distill.data.validation_split", on=("source", "distill.eval_steps")),
     Rule("*.mix[]", ("config", "split"),
          lambda r, o: f"{{p}}.source is {_local(o.source)} (these choose among a Hub dataset's configurations and "
          "splits)" if _local(o.source) else None, "remove them", on=("source",)),
@@ -196,6 +206,10 @@ RULES = (
          lambda r, o: f"evaluate.generation.strategy is {o.strategy} (they shape sampling)"
          if o.strategy != "sample" else None, "set strategy: sample, or remove them", on=("strategy",),
          switch="evaluate.samples"),
+    Rule("evaluate.task", ("context_words", "continuation_words"),
+         lambda r, o: "data.format is chat (the offline task then picks each held-out prompt's answer: it uses docs "
+         "and choices)" if r.data.format == "chat" else None, "remove them", on=("data.format",),
+         switch="enabled"),
     Rule("evaluate", ("answer_metrics", "answer_tokens", "max_answers"),
          lambda r, o: "data.format is text (held-out answers are scored for chat data only)"
          if r.data.format != "chat" else None, "remove them, or use chat data (data.format: chat)",

@@ -84,6 +84,10 @@ class RecipeSettings:
             if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
                 problems.append(f"{stage.name}.input: '{value}' is not a model folder; use auto or a stage output "
                                 "folder")
+            elif value != "auto" and not adapter:
+                problems += self._tokenizer_of(f"{stage.name}.input", value)
+        if self.distill.teacher != "auto" and (Path(self.distill.teacher) / "config.json").is_file():
+            problems += self._tokenizer_of("distill.teacher", self.distill.teacher)
         problems += self._check_quantize_input() + self._check_output_dir()
         made = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
@@ -114,7 +118,18 @@ class RecipeSettings:
                                 f"one of {', '.join(sorted(runs - {'quantize'}))}, or a folder holding config.json")
             else:
                 problems += self._quantized(key, value)
+                if (Path(value) / "config.json").is_file() and not (Path(value) / "adapter_config.json").is_file():
+                    problems += self._tokenizer_of(key, value)
         return problems
+
+    @staticmethod
+    def _tokenizer_of(key: str, folder: str) -> list[str]:
+        """A folder a stage reads must hold its tokenizer, as the recipe's model must (models.check_tokenizer)."""
+        try:
+            models.check_tokenizer(folder)
+        except models.ModelSourceError as err:
+            return [f"{key}: {err}"]
+        return []
 
     def _quantized(self, key: str, value: str) -> list[str]:
         folder = Path(value)

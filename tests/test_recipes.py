@@ -225,6 +225,16 @@ IGNORED_CASES = [
     ("hub-settings-of-a-stage-s-local-data", ["prune.enabled=true", "prune.intermediate_size=64",
                                               "prune.data={config: x}"],
      ["prune.data.config: has no effect while prune.data.source is stdlib"]),
+    ("a-validation-split-prune-does-not-read", ["prune.enabled=true", "prune.intermediate_size=64",
+                                                "prune.data={source: wikitext, validation_split: test}"],
+     ["prune.data.validation_split: has no effect while prune calibrates on the training split only"]),
+    ("a-block-cap-prune-does-not-read", ["prune.enabled=true", "prune.intermediate_size=64",
+                                         "prune.data={max_train_blocks: 4}"],
+     ["prune.data.max_train_blocks: has no effect while prune.data.mix is empty"]),
+    ("a-validation-split-distill-does-not-read", ["distill.data={source: wikitext, validation_split: test}"],
+     ["distill.data.validation_split: has no effect while distill.eval_steps is null"]),
+    ("continuation-settings-of-the-chat-task", ["data.format=chat", "evaluate.task.context_words=12"],
+     ["evaluate.task.context_words: has no effect while data.format is chat"]),
     ("evaluating-a-stage-the-recipe-disables", ["evaluate.models=[base, prune]"],
      ["evaluate.models[1]: 'prune' is not a model this recipe makes (prune.enabled is false)"]),
     ("pushing-a-stage-the-recipe-disables", ["push.stages=[finetune, prune]"],
@@ -287,3 +297,16 @@ def test_every_contradiction_is_listed_at_once(tiny_models, make_recipe, capsys)
         assert key in err, (key, err)
     assert "finetune.epochs" not in err  # max_steps is wrong: its own message, not also a contradiction
     assert "6 problem(s)" in err, err
+
+
+def test_a_stage_input_without_a_tokenizer_is_refused_at_validation(tiny_models, make_recipe, tmp_path, capsys):
+    """As the recipe's model is: transformers would build an empty default tokenizer for it (run refuses it too)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models["llama"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"distill.input={bare}",
+                 f"distill.teacher={bare}", f"quantize.inputs=[{bare}]"]) == 2
+    err = capsys.readouterr().err
+    for key in ("distill.input", "distill.teacher", "quantize.inputs[0]"):
+        assert f"{key}: model folder '{bare}' has no tokenizer" in err, (key, err)
