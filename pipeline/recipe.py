@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import tempfile
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import get_args
@@ -150,7 +151,9 @@ class RecipeSettings:
 
     def _check_output_dir(self) -> list[str]:
         """What `run` would refuse about output_dir, said by `validate` too: a file in the way, a folder that
-        cannot be created or written (checked without creating anything)."""
+        cannot be created or written. Permissions do not say it all (root passes them; /proc and /sys refuse new
+        folders anyway), so a folder is made in the nearest existing one and removed at once, as `run` makes its
+        run folder; nothing is left behind."""
         path = Path(self.output_dir).expanduser()
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
@@ -159,6 +162,12 @@ class RecipeSettings:
         if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             return [f"output_dir: cannot write '{path}' ('{existing}' is read-only for this user); set output_dir to "
                     "a folder you can write, e.g. output_dir=runs"]
+        if existing is not None:
+            try:
+                Path(tempfile.mkdtemp(prefix=".pipeline-write-test-", dir=existing)).rmdir()
+            except OSError as err:
+                return [f"output_dir: cannot write '{path}' (a folder cannot be made in '{existing}': "
+                        f"{err.strerror or err}); set output_dir to a folder you can write, e.g. output_dir=runs"]
         return []
 
     def _prune_sizable(self) -> bool:

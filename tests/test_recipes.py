@@ -134,11 +134,18 @@ def test_an_already_quantized_input_is_named_at_validation(tiny_models, make_rec
         assert f"quantize.input: '{folder}' is already quantized ({kind} weights)" in err, err
 
 
-def test_validate_sees_an_output_dir_run_would_refuse(tiny_models, make_recipe, tmp_path, capsys):
+@pytest.mark.parametrize("where, needle", [("{tmp}/a-file/runs", "a-file' is a file"),
+                                           ("/proc/llm-pipeline-runs", "a folder cannot be made in '/proc'"),
+                                           ("/sys/llm-pipeline-runs", "'/sys'")])
+def test_validate_sees_an_output_dir_run_would_refuse(tiny_models, make_recipe, tmp_path, capsys, where, needle):
+    """The folders tests/test_errors.py's FS_CASES show `run` refusing: `validate` refuses them too, and leaves
+    nothing behind (root passes the permission check; /proc and /sys refuse new folders anyway)."""
     (tmp_path / "a-file").write_text("x")
-    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"output_dir={tmp_path}/a-file/runs"]) == 2
+    out = where.format(tmp=tmp_path)
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"output_dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "output_dir: cannot write" in err and "a-file' is a file" in err
+    assert "output_dir: cannot write" in err and needle in err, err
+    assert not Path(out).exists() and not list(tmp_path.glob(".pipeline-write-test-*"))
 
 
 # Every pair of keys that cannot both take effect (pipeline/ignored.py's table, and the stage lists): (case id,
