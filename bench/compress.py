@@ -49,7 +49,8 @@ DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("hidden-mlp")]
 # Set by the script for every variant (besides output_dir): the README's reproduce line leaves them out
 OWN_OVERRIDES = ("quantize.enabled=false", "evaluate.enabled=false")
 SMOKE_OVERRIDES = ["data.block_size=32", "data.max_train_blocks=16", "distill.max_steps=2", "distill.batch_size=2",
-                   "prune.calibration_blocks=4", "prune.round_to=8"]
+                   "prune.calibration_blocks=4"]
+SMOKE_FRACTION_OVERRIDES = ["prune.round_to=8"]  # the tiny teacher's widths; only a target_params cut rounds them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,9 +137,14 @@ def main(argv=None) -> None:
             out = None if args.zero_shot_only else runner.run(r, ["distill"], force=True)["distill"]
         else:
             # the variants are named by their share of all parameters, as compress.json measured them
-            keys = [f"prune.{k}={v}" for k, v in settings.items()] + ["prune.count_embeddings=true"]
+            # a depth-only cut rounds no width and has no output projection to re-fit: the recipe refuses round_to
+            # and refit: false with it as meaningless, and count_embeddings with an explicit size
+            width = settings.get("axes", ["depth"]) != ["depth"]
+            keys = [f"prune.{k}={v}" for k, v in settings.items()]
+            if "target_params" in settings:
+                keys += ["prune.count_embeddings=true", *(SMOKE_FRACTION_OVERRIDES if args.smoke and width else [])]
             zero = {}
-            for refit in ([True, False] if args.refit == "both" else [args.refit == "on"]):
+            for refit in ([True, False] if args.refit == "both" and width else [args.refit != "off" or not width]):
                 r = recipe.load(ROOT / "recipes" / "quickstart.yaml",
                                 [*common_overrides, "prune.enabled=true", f"prune.input={teacher_folder}",
                                  "prune.target_params=null", f"prune.refit={refit}", *keys])

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import os
 import string
+import tempfile
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import get_args
 
 import yaml
 
-from pipeline import formats, models, quant_backends, sparsity, surgery
+from pipeline import formats, ignored, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -84,10 +85,19 @@ class RecipeSettings:
             if value != "auto" and not (Path(value) / "config.json").is_file() and not adapter:
                 problems.append(f"{stage.name}.input: '{value}' is not a model folder; use auto or a stage output "
                                 "folder")
+            elif value != "auto" and not adapter:
+                problems += self._tokenizer_of(f"{stage.name}.input", value)
+        if self.distill.teacher != "auto" and (Path(self.distill.teacher) / "config.json").is_file():
+            problems += self._tokenizer_of("distill.teacher", self.distill.teacher)
         problems += self._check_quantize_input() + self._check_output_dir()
+        made = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
-            problems += [f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}"
-                         for i, name in enumerate(names or []) if name not in MODEL_FOLDERS]
+            for i, name in enumerate(names or []):
+                if name not in MODEL_FOLDERS:
+                    problems.append(f"{key}[{i}]: {name!r} is not allowed; use one of: {', '.join(MODEL_FOLDERS)}")
+                elif name not in made:  # evaluate would skip it (or score a stale folder), push would leave it out
+                    problems.append(f"{key}[{i}]: '{name}' is not a model this recipe makes ({name}.enabled is "
+                                    f"false); enable it or remove it from {key}")
         return problems
 
     def _check_quantize_input(self) -> list[str]:
@@ -109,7 +119,18 @@ class RecipeSettings:
                                 f"one of {', '.join(sorted(runs - {'quantize'}))}, or a folder holding config.json")
             else:
                 problems += self._quantized(key, value)
+                if (Path(value) / "config.json").is_file() and not (Path(value) / "adapter_config.json").is_file():
+                    problems += self._tokenizer_of(key, value)
         return problems
+
+    @staticmethod
+    def _tokenizer_of(key: str, folder: str) -> list[str]:
+        """A folder a stage reads must hold its tokenizer, as the recipe's model must (models.check_tokenizer)."""
+        try:
+            models.check_tokenizer(folder)
+        except models.ModelSourceError as err:
+            return [f"{key}: {err}"]
+        return []
 
     def _quantized(self, key: str, value: str) -> list[str]:
         folder = Path(value)
@@ -130,7 +151,9 @@ class RecipeSettings:
 
     def _check_output_dir(self) -> list[str]:
         """What `run` would refuse about output_dir, said by `validate` too: a file in the way, a folder that
-        cannot be created or written (checked without creating anything)."""
+        cannot be created or written. Permissions do not say it all (root passes them; /proc and /sys refuse new
+        folders anyway), so a folder is made in the nearest existing one and removed at once, as `run` makes its
+        run folder; nothing is left behind."""
         path = Path(self.output_dir).expanduser()
         existing = next((p for p in (path, *path.parents) if p.exists()), None)
         if existing is not None and not existing.is_dir():
@@ -139,6 +162,12 @@ class RecipeSettings:
         if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             return [f"output_dir: cannot write '{path}' ('{existing}' is read-only for this user); set output_dir to "
                     "a folder you can write, e.g. output_dir=runs"]
+        if existing is not None:
+            try:
+                Path(tempfile.mkdtemp(prefix=".pipeline-write-test-", dir=existing)).rmdir()
+            except OSError as err:
+                return [f"output_dir: cannot write '{path}' (a folder cannot be made in '{existing}': "
+                        f"{err.strerror or err}); set output_dir to a folder you can write, e.g. output_dir=runs"]
         return []
 
     def _prune_sizable(self) -> bool:
@@ -148,12 +177,7 @@ class RecipeSettings:
 
     def _check_prune(self, source) -> list[str]:
         """Prune targets against the model's config, when it can be read without loading the model."""
-        problems = []
-        if self.distill.enabled and self.distill.input == "auto":
-            set_keys = [k for k in ("every", "keep", "layers", "config") if getattr(self.distill, k) is not None]
-            if set_keys:
-                problems.append(f"distill.{set_keys[0]}: with prune enabled the student is the pruned model; "
-                                f"remove distill.{', distill.'.join(set_keys)} or set prune.enabled: false")
+        problems = []  # (distill's every/keep/layers/config, which the pruned student makes moot: pipeline.ignored)
         if not self._prune_sizable():
             return problems
         folder = self.prune.input if self.prune.input != "auto" else None
@@ -276,6 +300,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    given = ignored.given_keys(raw)  # before <stage>.data takes the recipe's data keys: what the user wrote
     raw.setdefault("name", path.stem)
     for stage in [s.name for s in SECTIONS if "data" in {f.name for f in fields(s.config)}]:
         section = raw.get(stage)
@@ -284,6 +309,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
             section["data"] = {**(raw.get("data") or {}), **section["data"]}
     errors: list[str] = []
     recipe = parse(Recipe, raw, "", errors)
+    errors += ignored.problems(recipe, given, errors)  # keys another key would make the run ignore
     if errors:
         raise RecipeError(errors, str(path))
     return recipe

@@ -91,6 +91,19 @@ def stale_folders(recipe: Recipe, ctx: Context) -> dict[str, str]:
     return out
 
 
+def _warn_stale_inputs(recipe: Recipe, ctx: Context, stage: str) -> None:
+    """Say so when `stage` is about to read a run folder that the recipe, as it is now, would not make (`--stages
+    quantize` after distill's settings changed): what it makes from it is marked stale by evaluate in turn."""
+    reads = [Path(ctx.inputs[stage]), *map(Path, ctx.also.get(stage, []))]
+    reads = [f for f in reads if f.parent == ctx.run_dir]
+    if not reads:
+        return
+    stale = stale_folders(recipe, ctx)
+    for folder in reads:
+        if folder.name in stale:
+            log.warning("%s: reads %s, which is stale: %s", stage, folder.name, stale[folder.name])
+
+
 def enabled_stages(recipe: Recipe) -> list[str]:
     return [s.name for s in STAGES if enabled(s, recipe)]
 
@@ -138,6 +151,8 @@ def _run(recipe: Recipe, stages: list[str] | None, force: bool, until: str | Non
         log.info("=== %s ===", stage)
         if not row.folder:  # a stage that reads every folder (evaluate) marks those the recipe would not make now
             ctx.stale = stale_folders(recipe, ctx)
+        elif row.chained:  # one that reads an earlier stage's folder names it when the recipe would not make it now
+            _warn_stale_inputs(recipe, ctx, stage)
         outputs[stage] = row.run(settings(row, recipe), ctx)
         if together:
             dist.barrier()

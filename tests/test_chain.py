@@ -102,7 +102,7 @@ def test_a_data_file_edited_in_place_makes_the_stages_that_read_it_run_again(tin
     assert rescored[0]["perplexity"] != scored[0]["perplexity"]  # base scored again, on the new validation text
 
 
-def test_evaluate_marks_folders_the_recipe_would_not_make_now(tiny_models, make_recipe, tmp_path):
+def test_evaluate_marks_folders_the_recipe_would_not_make_now(tiny_models, make_recipe, tmp_path, caplog):
     fast = {"speed": False, "samples": False, "task": {"enabled": False}}
     path = make_recipe(tiny_models["gpt2"], prune={"enabled": True, "intermediate_size": 128, "calibration_blocks": 4},
                        evaluate=fast)
@@ -110,6 +110,11 @@ def test_evaluate_marks_folders_the_recipe_would_not_make_now(tiny_models, make_
     run_dir = tmp_path / "runs" / "tiny"
     report = (run_dir / "report.md").read_text()
     assert "stale" not in report.lower()  # everything current
+    # a stage that reads a folder the recipe would not make now names it (new distill settings, distill not re-run)
+    caplog.clear()
+    assert main(["run", str(path), "distill.temperature=3", "--stages", "quantize"]) == 0
+    assert "quantize: reads distill, which is stale: made with other settings" in caplog.text
+    assert "--stages distill" in caplog.text
     # new quantize settings whose run never finished (Ctrl-C, a crash): the old quantize folder stays
     assert main(["run", str(path), "quantize.max_ppl_increase=9", "--stages", "evaluate"]) == 0
     report = (run_dir / "report.md").read_text()

@@ -344,6 +344,26 @@ def test_disk_full_while_the_trainer_writes_a_checkpoint(tiny_models, make_recip
     assert main(["run", str(recipe), "--stages", "finetune"]) == 0
 
 
+def test_disk_full_while_evaluate_writes_the_report(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    """Any other write the pipeline causes (here the report) ends with the disk-full message too, not a bug."""
+    import pipeline.report as report
+
+    recipe = make_recipe(tiny_models["gpt2"], evaluate={"models": ["base"], "speed": False, "samples": False,
+                                                        "task": {"enabled": False}})
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    target = tmp_path / "runs" / "tiny" / "report.md"
+
+    def fill_up(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(report, "write", fill_up)
+    err = fails(["run", recipe, "--stages", "evaluate"], capsys)
+    for needle in [f"disk full while writing '{target}'", "MB free", "output_dir", "run the same command again"]:
+        assert needle in err, (needle, err)
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", "evaluate"]) == 0 and target.is_file()
+
+
 def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
     """A real size-limited folder (a 256 KiB tmpfs): the stage says how much it needs, writes nothing."""
     mnt = tmp_path / "small-disk"

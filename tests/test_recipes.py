@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import recipe
+from pipeline import models, qat, recipe
 from pipeline.cli import main
 from pipeline.config import RecipeError
 
@@ -134,8 +134,186 @@ def test_an_already_quantized_input_is_named_at_validation(tiny_models, make_rec
         assert f"quantize.input: '{folder}' is already quantized ({kind} weights)" in err, err
 
 
-def test_validate_sees_an_output_dir_run_would_refuse(tiny_models, make_recipe, tmp_path, capsys):
+@pytest.mark.parametrize("where, needle", [("{tmp}/a-file/runs", "a-file' is a file"),
+                                           ("/proc/llm-pipeline-runs", "a folder cannot be made in '/proc'"),
+                                           ("/sys/llm-pipeline-runs", "'/sys'")])
+def test_validate_sees_an_output_dir_run_would_refuse(tiny_models, make_recipe, tmp_path, capsys, where, needle):
+    """The folders tests/test_errors.py's FS_CASES show `run` refusing: `validate` refuses them too, and leaves
+    nothing behind (root passes the permission check; /proc and /sys refuse new folders anyway)."""
     (tmp_path / "a-file").write_text("x")
-    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"output_dir={tmp_path}/a-file/runs"]) == 2
+    out = where.format(tmp=tmp_path)
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"output_dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "output_dir: cannot write" in err and "a-file' is a file" in err
+    assert "output_dir: cannot write" in err and needle in err, err
+    assert not Path(out).exists() and not list(tmp_path.glob(".pipeline-write-test-*"))
+
+
+# Every pair of keys that cannot both take effect (pipeline/ignored.py's table, and the stage lists): (case id,
+# overrides over a tiny recipe, what the message must say). Each names the ignored key, the key that makes it so
+# with its value, and the fix.
+NO_SAMPLE = "evaluate.generation"
+IGNORED_CASES = [
+    ("lora-settings-with-full-fine-tuning", ["finetune.lora.r=16"],
+     ["finetune.lora.r: has no effect while finetune.method is full", "set finetune.method: lora"]),
+    ("qlora-settings-with-lora", ["finetune.method=lora", "finetune.qlora.quant_type=fp4"],
+     ["finetune.qlora.quant_type: has no effect while finetune.method is lora", "set finetune.method: qlora"]),
+    ("qat-settings-with-qat-off-by-default", ["finetune.qat.bits=8", "finetune.qat.group_size=32"],
+     ["finetune.qat.bits (and finetune.qat.group_size): have no effect while finetune.qat.enabled is false (the "
+      "default); set finetune.qat.enabled: true"]),
+    pytest.param(["finetune.qat.enabled=true", "finetune.qat.group_size=16",
+                        "finetune.qat.fake_quant_after_n_steps=12"],
+                 ["finetune.qat.fake_quant_after_n_steps: has no effect while finetune.max_steps is 12: no step would "
+                  "train on the grid"], id="qat-starting-after-the-last-step",
+                 marks=pytest.mark.skipif(qat.missing(), reason="torchao is not installed")),
+    ("epochs-with-max-steps", ["finetune.epochs=3"],
+     ["finetune.epochs: has no effect while finetune.max_steps is 12", "set finetune.max_steps: -1"]),
+    ("warmup-with-a-constant-schedule", ["distill.lr_scheduler=constant", "distill.warmup_ratio=0.1"],
+     ["distill.warmup_ratio: has no effect while distill.lr_scheduler is constant", "constant_with_warmup"]),
+    ("evaluation-after-the-last-step", ["finetune.eval_steps=20"],
+     ["finetune.eval_steps: has no effect while finetune.max_steps is 12: training ends before the first evaluation"]),
+    ("checkpoint-after-the-last-step", ["distill.save_steps=50"],
+     ["distill.save_steps: has no effect while distill.max_steps is 12: training ends before the first checkpoint"]),
+    ("checkpoint-limit-without-checkpoints", ["finetune.save_steps=null", "finetune.save_total_limit=5"],
+     ["finetune.save_total_limit: has no effect while finetune.save_steps is null"]),
+    pytest.param(["finetune.precision=fp16"],
+                 ["finetune.precision: has no effect while this machine trains on the CPU", "fp16 would train in fp32",
+                  "use finetune.precision: bf16"], id="fp16-on-the-cpu",
+                 marks=pytest.mark.skipif(models.pick_device().type != "cpu", reason="fp16 works on accelerators")),
+    ("prune-settings-with-prune-off-by-default", ["prune.target_params=0.8"],
+     ["prune.target_params: has no effect while prune.enabled is false (the default); set prune.enabled: true"]),
+    ("fraction-settings-with-explicit-sizes", ["prune.enabled=true", "prune.num_hidden_layers=2", "prune.axes=[depth]",
+                                               "prune.count_embeddings=true"],
+     ["prune.axes (and prune.count_embeddings): have no effect while prune.target_params is not set"]),
+    ("round-to-without-a-width-axis", ["prune.enabled=true", "prune.target_params=0.8", "prune.axes=[depth]",
+                                       "prune.round_to=16"],
+     ["prune.round_to: has no effect while prune.axes is ['depth']"]),
+    ("mlp-ranking-and-refit-without-a-width-cut", ["prune.enabled=true", "prune.num_hidden_layers=2",
+                                                   "prune.mlp_importance=activation", "prune.refit=false"],
+     ["prune.mlp_importance: has no effect while prune.intermediate_size is not set: no MLP channel is cut",
+      "prune.refit: has no effect while the prune cut changes no width"]),
+    ("calibration-for-magnitude-sparsity", ["prune.enabled=true", "prune.sparsity.amount=0.5",
+                                            "prune.sparsity.method=magnitude", "prune.calibration_blocks=8"],
+     ["prune.calibration_blocks: has no effect while prune.sparsity.method is magnitude"]),
+    ("sparsity-settings-without-sparsity", ["prune.enabled=true", "prune.num_hidden_layers=2",
+                                            "prune.sparsity.method=magnitude"],
+     ["prune.sparsity.method: has no effect while prune.sparsity.amount is 0 and pattern is unstructured"]),
+    ("student-layers-with-prune", ["prune.enabled=true", "prune.intermediate_size=64", "distill.keep=2"],
+     ["distill.keep: has no effect while prune.enabled is true: the student is the pruned model",
+      "set prune.enabled: false"]),
+    ("kd-settings-without-kd", ["distill.alpha_kd=0", "distill.temperature=3", "distill.kl=reverse",
+                                "distill.teacher_precision=fp32"],
+     ["distill.kl (and distill.temperature): have no effect while distill.alpha_kd is 0",
+      "distill.teacher_precision: has no effect while distill.alpha_kd and alpha_cos are 0: the teacher never runs"]),
+    ("calibration-tokens-without-calibration",
+     ["quantize.candidates=[{method: openvino-int4, calibration_tokens: 64}]"],
+     ["quantize.candidates[0].calibration_tokens: has no effect while quantize.candidates[0] (openvino-int4) is "
+      "not data-aware", "add calibration_samples"]),
+    ("general-budget-without-general-text", ["general.tokens=0", "quantize.max_general_ppl_increase=5"],
+     ["quantize.max_general_ppl_increase: has no effect while general.tokens is 0"]),
+    ("beams-without-beam-search", [f"{NO_SAMPLE}.num_beams=3"],
+     ["evaluate.generation.num_beams: has no effect while evaluate.generation.strategy is greedy"]),
+    ("sampling-settings-with-beam-search", [f"{NO_SAMPLE}.strategy=beam", f"{NO_SAMPLE}.top_k=5"],
+     ["evaluate.generation.top_k: has no effect while evaluate.generation.strategy is beam"]),
+    ("answer-settings-with-text-data", ["evaluate.answer_tokens=10"],
+     ["evaluate.answer_tokens: has no effect while data.format is text"]),
+    ("hub-settings-of-local-data", ["data.split=test", "data.validation_split=v"],
+     ["data.split (and data.validation_split): have no effect while data.source is stdlib"]),
+    ("held-out-share-with-a-validation-split", ["data.source=wikitext", "data.validation_split=validation",
+                                                "data.validation_percent=5"],
+     ["data.validation_percent: has no effect while data.validation_split is 'validation'"]),
+    ("chat-settings-of-text-data", ["data.chat_template=x", "data.prompt_column=q"],
+     ["data.chat_template (and data.prompt_column): have no effect while data.format is text"]),
+    ("text-column-of-chat-data", ["data.format=chat", "data.text_column=body"],
+     ["data.text_column: has no effect while data.format is chat"]),
+    ("messages-and-prompt-columns", ["data.format=chat", "data.messages_column=conv", "data.prompt_column=q"],
+     ["data.prompt_column: has no effect while data.messages_column is 'conv'"]),
+    ("hub-split-of-a-local-mix-source", ["data.mix=[{source: stdlib, split: test}]"],
+     ["data.mix[0].split: has no effect while data.mix[0].source is stdlib"]),
+    ("hub-settings-of-a-stage-s-local-data", ["prune.enabled=true", "prune.intermediate_size=64",
+                                              "prune.data={config: x}"],
+     ["prune.data.config: has no effect while prune.data.source is stdlib"]),
+    ("a-validation-split-prune-does-not-read", ["prune.enabled=true", "prune.intermediate_size=64",
+                                                "prune.data={source: wikitext, validation_split: test}"],
+     ["prune.data.validation_split: has no effect while prune calibrates on the training split only"]),
+    ("a-block-cap-prune-does-not-read", ["prune.enabled=true", "prune.intermediate_size=64",
+                                         "prune.data={max_train_blocks: 4}"],
+     ["prune.data.max_train_blocks: has no effect while prune.data.mix is empty"]),
+    ("a-validation-split-distill-does-not-read", ["distill.data={source: wikitext, validation_split: test}"],
+     ["distill.data.validation_split: has no effect while distill.eval_steps is null"]),
+    ("continuation-settings-of-the-chat-task", ["data.format=chat", "evaluate.task.context_words=12"],
+     ["evaluate.task.context_words: has no effect while data.format is chat"]),
+    ("evaluating-a-stage-the-recipe-disables", ["evaluate.models=[base, prune]"],
+     ["evaluate.models[1]: 'prune' is not a model this recipe makes (prune.enabled is false)"]),
+    ("pushing-a-stage-the-recipe-disables", ["push.stages=[finetune, prune]"],
+     ["push.stages[1]: 'prune' is not a model this recipe makes (prune.enabled is false)"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", [pytest.param(*c[1:], id=c[0]) if isinstance(c[0], str) else c
+                                                for c in IGNORED_CASES])
+def test_keys_that_would_not_take_effect_are_refused(tiny_models, make_recipe, capsys, overrides, needles):
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    problems = sum("no effect while" in n or "is not a model" in n for n in needles)
+    assert f"{problems} problem(s)" in err, err  # nothing else is said about these keys
+
+
+# A key left at its default contradicts nothing; a feature switched off in writing keeps its settings for later.
+ACCEPTED_CASES = [
+    ("defaults-written-out", ["finetune.lora.r=8", "finetune.qlora.quant_type=nf4", f"{NO_SAMPLE}.temperature=0.8",
+                              "prune.round_to=32", "data.split=train"]),
+    ("a-stage-switched-off", ["prune.enabled=false", "prune.target_params=0.8", "distill.enabled=false",
+                              "distill.lr_scheduler=constant", "distill.warmup_ratio=0.1"]),
+    ("qat-switched-off", ["finetune.qat.enabled=false", "finetune.qat.bits=8"]),
+    ("samples-speed-and-answers-switched-off", ["evaluate.samples=false", f"{NO_SAMPLE}.num_beams=3",
+                                                "evaluate.speed=false", "evaluate.repeats=5", "evaluate.answers=false",
+                                                "evaluate.answer_tokens=10"]),
+]
+
+
+@pytest.mark.parametrize("overrides", [c[1] for c in ACCEPTED_CASES], ids=[c[0] for c in ACCEPTED_CASES])
+def test_defaults_and_switched_off_settings_are_accepted(tiny_models, make_recipe, capsys, overrides):
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), *overrides]) == 0, capsys.readouterr().err
+
+
+def test_student_layers_for_a_pruned_input_are_refused(tiny_models, make_recipe, tmp_path, capsys):
+    """distill.input naming a pruned folder makes that folder the student, as prune.enabled does."""
+    import shutil
+
+    from pipeline.folders import write_record
+    from pipeline.records import StageRecord
+
+    pruned = tmp_path / "pruned"
+    shutil.copytree(tiny_models["llama"], pruned)
+    write_record(pruned, StageRecord(stage="prune", recipe="other", fingerprint="x", parent=str(tiny_models["llama"])))
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"distill.input={pruned}", "distill.every=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"distill.every: has no effect while distill.input '{pruned}' is a pruned model" in err, err
+
+
+def test_every_contradiction_is_listed_at_once(tiny_models, make_recipe, capsys):
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), "finetune.lora.r=16", "finetune.epochs=2",
+                 "prune.target_params=0.8", "distill.alpha_kd=0", "distill.kl=reverse", "data.split=test",
+                 f"{NO_SAMPLE}.top_p=0.5", "finetune.max_steps=many"]) == 2
+    err = capsys.readouterr().err
+    for key in ("finetune.lora.r", "prune.target_params", "distill.kl", "data.split", "evaluate.generation.top_p",
+                "finetune.max_steps: expected int"):
+        assert key in err, (key, err)
+    assert "finetune.epochs" not in err  # max_steps is wrong: its own message, not also a contradiction
+    assert "6 problem(s)" in err, err
+
+
+def test_a_stage_input_without_a_tokenizer_is_refused_at_validation(tiny_models, make_recipe, tmp_path, capsys):
+    """As the recipe's model is: transformers would build an empty default tokenizer for it (run refuses it too)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_models["llama"], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert main(["validate", str(make_recipe(tiny_models["llama"])), f"distill.input={bare}",
+                 f"distill.teacher={bare}", f"quantize.inputs=[{bare}]"]) == 2
+    err = capsys.readouterr().err
+    for key in ("distill.input", "distill.teacher", "quantize.inputs[0]"):
+        assert f"{key}: model folder '{bare}' has no tokenizer" in err, (key, err)
