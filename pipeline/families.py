@@ -15,7 +15,9 @@ class Family:
     model_types: tuple[str, ...]
     # how width cuts slice it: "gpt2" (fused Conv1D q|k|v, weights stored [in, out]), "llama" (separate q/k/v/o
     # and gate/up/down projections; grouped-query attention keeps or drops whole KV groups), "phi3" (the
-    # llama layout with q|k|v and gate|up fused); None: depth cuts only, for the reason in `no_width`
+    # llama layout with q|k|v and gate|up fused), "neox" (one Linear query_key_value whose rows are per head
+    # [q | k | v], attention as wide as hidden as in GPT-2, partial rotary kept whole in each head, biases on every
+    # Linear and LayerNorm); None: depth cuts only, for the reason in `no_width`
     layout: str | None
     lora_targets: tuple[str, ...]  # every projection of every block, as QLoRA does
     gguf_arch: str | None = None  # what the GGUF writer writes it as (None: it writes no GGUF for this family)
@@ -74,9 +76,9 @@ FAMILIES = (
     Family("Phi-3", ("phi3",), "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3",
            ("fused qkv_proj and gate_up_proj", "untied head"),
            gguf_unread=("rope_parameters",)),
-    Family("GPT-NeoX", ("gpt_neox",), None, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), None,
-           ("per-head interleaved query_key_value", "parallel residual", "partial rotary", "LayerNorm with biases"),
-           no_width="its per-head interleaved query_key_value and biased LayerNorms are not cut yet",
+    Family("GPT-NeoX", ("gpt_neox",), "neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), None,
+           ("per-head interleaved query_key_value", "parallel residual", "partial rotary", "LayerNorm with biases",
+            "tied or untied head"),
            gguf_no="transformers' GGUF loader reads no 'gptneox' architecture (no GGUF_CONFIG_MAPPING entry), so "
                    "the file could not be reloaded and scored; llama.cpp runs it"),
 )

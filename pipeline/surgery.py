@@ -8,12 +8,14 @@ custom code. Importance is measured by `measure` with forward hooks on calibrati
 
 Width cuts follow each family's weight layout (pipeline/families.py): GPT-2's fused `Conv1D` layers (stored
 [in, out]); the Llama layout (Llama, Mistral, Qwen2/3, Gemma 1/2/3: grouped-query attention keeps or drops whole
-KV groups); Phi-3's, the same with q|k|v and gate|up fused. Depth cuts (dropping layers) work on any
+KV groups); Phi-3's, the same with q|k|v and gate|up fused; GPT-NeoX's (one Linear q|k|v interleaved per head,
+partial rotary), whose attention is as wide as the residual stream, as GPT-2's is. Depth cuts (dropping layers) work on any
 architecture whose decoder layers are one `ModuleList`.
 """
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -24,9 +26,40 @@ from pipeline.errors import StageError
 
 
 def layout(config) -> str | None:
-    """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3"; None if they cannot."""
+    """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3", "neox"; None if they
+    cannot."""
     described = families.of(config)
     return described.layout if described else None
+
+
+# layouts whose attention is exactly as wide as the residual stream (their configs have no head_dim):
+# num_attention_heads x head size = hidden_size, so cutting heads narrows hidden and cutting hidden narrows every
+# head (`Cut.head_dims`); there is no grouped-query attention
+TIED = ("gpt2", "neox")
+
+
+def tied(config) -> bool:
+    """Whether the model's attention width is its hidden size (see TIED)."""
+    return layout(config) in TIED
+
+
+def rotary_dims(config) -> int:
+    """The leading dimensions of each head that GPT-NeoX's partial rotary embedding rotates (0 for the other
+    layouts, whose rotary covers the whole head or which have none). A cut keeps them all, in order: the rotary
+    pairs dimension i with i + rotary / 2 and its frequencies depend on how many there are."""
+    if layout(config) != "neox":
+        return 0
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(head_dim(config) * factor)
+
+
+def _rotary_factor(rotary: int, dim: int) -> float:
+    """The partial_rotary_factor with which a head of `dim` dimensions rotates exactly `rotary` of them
+    (transformers computes int(dim * factor))."""
+    factor = min(1.0, rotary / dim)
+    while int(dim * factor) < min(rotary, dim):
+        factor = math.nextafter(factor, 2.0)
+    return factor
 
 
 def family(config) -> str:
@@ -100,6 +133,15 @@ def config_for(config, target: dict):
         config.max_window_layers = min(config.max_window_layers, n)
     if config.model_type == "gpt2":
         config.n_inner, config.n_embd, config.n_head = s["intermediate_size"], s["hidden_size"], s["num_attention_heads"]
+    elif layout(config) == "neox":
+        # no head_dim: the attention computes it as hidden_size / heads (and the rotary embedding would read a
+        # head_dim set here instead); a narrower head keeps its rotary dimensions by a larger rotary factor
+        rotary, old_dim = rotary_dims(config), head_dim(config)
+        config.intermediate_size, config.hidden_size = s["intermediate_size"], s["hidden_size"]
+        config.num_attention_heads = s["num_attention_heads"]
+        dim = s["hidden_size"] // s["num_attention_heads"]
+        if dim != old_dim:
+            config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": _rotary_factor(rotary, dim)}
     else:
         config.intermediate_size, config.hidden_size = s["intermediate_size"], s["hidden_size"]
         config.num_attention_heads, config.num_key_value_heads = s["num_attention_heads"], s["num_key_value_heads"]
@@ -118,7 +160,7 @@ def new_config(model, cut: Cut):
         target["hidden_size"] = len(cut.hidden)
     if cut.heads:
         kept = len(cut.heads[first])
-        if config.model_type == "gpt2":
+        if tied(config):
             target["num_attention_heads"] = kept
         else:
             s = sizes(config)
@@ -181,6 +223,8 @@ def _head_rows(heads: list[int], dim: int) -> list[int]:
 def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Tensor) -> torch.Tensor:
     """The kept part of one weight. `name` is the key inside its decoder layer, or the full key outside."""
     hid = cut.hidden
+    if fam == "neox":
+        return _slice_neox(config, cut, layer, name, t)
     if fam != "gpt2":  # the Llama layout, and Phi-3's with fused q|k|v and gate|up
         if layer is None:  # embed_tokens [V, H], norm [H], lm_head [V, H]
             return _take(t, t.dim() - 1, hid)
@@ -240,6 +284,37 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
     return t
 
 
+def _slice_neox(config, cut: Cut, layer: int | None, name: str, t: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX: query_key_value's output rows are per head [q | k | v], each head_dim wide (the attention views
+    them as [heads, 3 x head_dim] and chunks that); Linear weights [out, in], every one with a bias."""
+    hid = cut.hidden
+    if layer is None:  # embed_in [V, H], final_layer_norm [H], embed_out [V, H]
+        return _take(t, t.dim() - 1, hid)
+    if name.startswith(("input_layernorm.", "post_attention_layernorm.")):
+        return _take(t, 0, hid)
+    s = sizes(config)
+    dim = s["head_dim"]
+    heads = cut.heads.get(layer) or list(range(s["num_attention_heads"]))
+    dims = cut.head_dims.get(layer) or [(list(range(dim)), list(range(dim)))] * len(heads)
+    inner = bool(cut.heads or cut.head_dims)
+    v = [h * dim + d for h, (_, keep) in zip(heads, dims) for d in keep] if inner else None
+    mlp = cut.mlp.get(layer)
+    module, _, kind = name.rpartition(".")
+    if module == "attention.query_key_value":
+        rows = [h * 3 * dim + offset + d for h, (qk, vd) in zip(heads, dims)
+                for offset, keep in ((0, qk), (dim, qk), (2 * dim, vd)) for d in keep] if inner else None
+        out = _take(t, 0, rows)
+        new_dim = len(dims[0][0])
+        if new_dim != dim:  # the attention scale is 1/sqrt(head_dim): keep q·k/sqrt(d) as the teacher computed it
+            out = out.clone()
+            out.view(len(heads), 3 * new_dim, *out.shape[1:])[:, :new_dim] *= (new_dim / dim) ** 0.5
+        return _take(out, 1, hid) if kind == "weight" else out
+    rows, cols = {"attention.dense": (hid, v), "mlp.dense_h_to_4h": (mlp, hid),
+                  "mlp.dense_4h_to_h": (hid, mlp)}.get(module, (None, None))
+    t = _take(t, 0, rows)
+    return _take(t, 1, cols) if kind == "weight" else t
+
+
 def count_params(config, embeddings: bool = True) -> int:
     """Parameters of a model built from `config`, counted on the meta device (no memory, no init); without
     `embeddings`, the vocabulary-sized matrices (the token embedding, an untied LM head) are left out."""
@@ -264,8 +339,8 @@ class Importance:
     hidden: list[float] | None = None  # per residual channel: mean |output| of every norm, summed (Minitron)
     mlp: list[list[float]] | None = None  # per layer, per MLP channel: its energy or mean |activation| (measure)
     heads: list[list[float]] | None = None  # per layer, per head (Llama: per KV group): mean L2 norm of its output
-    qk: list[list[list[float]]] | None = None  # GPT-2: per layer, head, dim: sqrt(E[q^2] E[k^2])
-    v: list[list[list[float]]] | None = None  # GPT-2: per layer, head, dim: mean |attention output|
+    qk: list[list[list[float]]] | None = None  # GPT-2, GPT-NeoX: per layer, head, dim: sqrt(E[q^2] E[k^2])
+    v: list[list[list[float]]] | None = None  # GPT-2, GPT-NeoX: per layer, head, dim: mean |attention output|
     grams: dict = field(default_factory=dict)  # (layer, module) -> X^T X of that projection's input (refit)
 
     def summary(self, digits: int = 5) -> dict:
@@ -280,10 +355,14 @@ def _modules(fam: str, layer) -> dict:
     """The projections a width cut touches in one decoder layer."""
     if fam == "gpt2":
         return {"attn_in": layer.attn.c_attn, "attn_out": layer.attn.c_proj, "mlp_out": layer.mlp.c_proj}
+    if fam == "neox":
+        return {"attn_in": layer.attention.query_key_value, "attn_out": layer.attention.dense,
+                "mlp_out": layer.mlp.dense_4h_to_h}
     return {"attn_out": layer.self_attn.o_proj, "mlp_out": layer.mlp.down_proj}
 
 
 REFIT_NAMES = {("gpt2", "attn_out"): "attn.c_proj.weight", ("gpt2", "mlp_out"): "mlp.c_proj.weight",
+               ("neox", "attn_out"): "attention.dense.weight", ("neox", "mlp_out"): "mlp.dense_4h_to_h.weight",
                **{(fam, "attn_out"): "self_attn.o_proj.weight" for fam in ("llama", "phi3")},
                **{(fam, "mlp_out"): "mlp.down_proj.weight" for fam in ("llama", "phi3")}}
 
@@ -357,11 +436,14 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
 
             hooks.append(mods["mlp_out"].register_forward_pre_hook(pre("mlp_out")))
             hooks.append(mods["attn_out"].register_forward_pre_hook(pre("attn_out")))
-            if fam == "gpt2":
+            if fam in TIED:
                 def qk_hook(module, args, out, i=i):
-                    q, k, _ = out.float().split(cfg.n_embd, dim=-1)
-                    add(("q2", i), q.reshape(-1, heads, dim).pow(2).sum(0))
-                    add(("k2", i), k.reshape(-1, heads, dim).pow(2).sum(0))
+                    if fam == "gpt2":  # [q | k | v], each n_embd wide
+                        q, k, _ = (x.reshape(-1, heads, dim) for x in out.float().split(cfg.n_embd, dim=-1))
+                    else:  # GPT-NeoX: per head [q | k | v], each head_dim wide
+                        q, k, _ = out.float().reshape(-1, heads, 3 * dim).split(dim, dim=-1)
+                    add(("q2", i), q.pow(2).sum(0))
+                    add(("k2", i), k.pow(2).sum(0))
                 hooks.append(mods["attn_in"].register_forward_hook(qk_hook))
     run_hooked(model, blocks, batch_size, device, hooks)
     tokens = blocks.numel()
@@ -372,7 +454,7 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
     imp.mlp = [(acc[("mlp", i)] / tokens * (1 if mlp_importance == "activation" else _out_norms2(fam, stack[i])))
                .tolist() for i in range(n_layers)]
     head_scores = [acc[("heads", i)] / tokens for i in range(n_layers)]
-    if fam != "gpt2":  # a KV group goes as a whole: its query heads' scores added up
+    if fam not in TIED:  # a KV group goes as a whole: its query heads' scores added up
         groups = sizes(cfg)["num_key_value_heads"]
         head_scores = [h.view(groups, -1).sum(-1) for h in head_scores]
     else:
@@ -408,13 +490,15 @@ def plan(model, imp: Importance, target: dict, refit: bool = False) -> Cut:
     for i in cut.layers:
         if t["intermediate_size"] < s["intermediate_size"]:
             cut.mlp[i] = _top(imp.mlp[i], t["intermediate_size"])
-        kept_heads = t["num_key_value_heads"] if fam != "gpt2" else t["num_attention_heads"]
+        kept_heads = t["num_key_value_heads"] if fam not in TIED else t["num_attention_heads"]
         if kept_heads < len(imp.heads[i]):
             cut.heads[i] = _top(imp.heads[i], kept_heads)
-        if fam == "gpt2" and t["hidden_size"] // t["num_attention_heads"] < s["head_dim"]:
+        if fam in TIED and t["hidden_size"] // t["num_attention_heads"] < s["head_dim"]:
             new_dim = t["hidden_size"] // t["num_attention_heads"]
             heads = cut.heads.get(i) or list(range(s["num_attention_heads"]))
-            cut.head_dims[i] = [(_top(imp.qk[i][h], new_dim), _top(imp.v[i][h], new_dim)) for h in heads]
+            rotary = rotary_dims(model.config)  # kept whole, first; the other q/k dimensions by importance
+            cut.head_dims[i] = [([*range(rotary), *(rotary + d for d in _top(imp.qk[i][h][rotary:], new_dim - rotary))],
+                                 _top(imp.v[i][h], new_dim)) for h in heads]
     if refit:
         cut.refit = refit_weights(model, imp, cut)
     return cut
@@ -434,7 +518,7 @@ def refit_weights(model, imp: Importance, cut: Cut, ridge: float = 1e-3) -> dict
             else:
                 if i not in cut.heads and i not in cut.head_dims:
                     kept = None
-                elif fam != "gpt2":
+                elif fam not in TIED:
                     per_group = s["num_attention_heads"] // s["num_key_value_heads"]
                     heads = [g * per_group + j for g in cut.heads[i] for j in range(per_group)]
                     kept = _head_rows(heads, s["head_dim"])

@@ -212,7 +212,7 @@ FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox"]
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_the_chain_on_every_family(arch, tokenizer, make_recipe, tmp_path):
     """Each family of pipeline/families.py beyond GPT-2 and Llama (tested everywhere else) through load, LoRA
-    fine-tuning, a width cut (depth for GPT-NeoX), distillation, bitsandbytes and OpenVINO candidates (where
+    fine-tuning, a width cut, distillation, bitsandbytes and OpenVINO candidates (where
     optimum-intel exports the family) and evaluate: every folder reloads and the student generates."""
     import tiny
     from pipeline import families, formats

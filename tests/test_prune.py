@@ -1,4 +1,5 @@
-"""Pruning: every width and depth cut on tiny GPT-2, Llama (GQA), Qwen2 and Mistral; importance, targets, the stage."""
+"""Pruning: every width and depth cut on tiny GPT-2, Llama (GQA), the rest of the Llama layout, Phi-3 and GPT-NeoX;
+importance, targets, the stage."""
 import json
 
 import pytest
@@ -29,6 +30,11 @@ CUTS = [
         {"num_attention_heads": 2, "num_key_value_heads": 1}, {"hidden_size": 40},
         {"num_hidden_layers": 3, "intermediate_size": 64, "hidden_size": 48, "num_attention_heads": 2,
          "num_key_value_heads": 1})],
+    # GPT-NeoX: q|k|v interleaved per head in one Linear, biases everywhere, attention as wide as hidden (as GPT-2),
+    # partial rotary (a narrower head keeps its 4 rotary dimensions)
+    ("gpt_neox", {"intermediate_size": 96}), ("gpt_neox", {"hidden_size": 48}),
+    ("gpt_neox", {"num_attention_heads": 2, "hidden_size": 32}),
+    ("gpt_neox", {"num_hidden_layers": 3, "intermediate_size": 64, "num_attention_heads": 3, "hidden_size": 36}),
 ]
 
 
@@ -54,6 +60,13 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
         assert layer.mlp.gate_up_proj.weight.shape == (2 * s["intermediate_size"], s["hidden_size"])
         width = (s["num_attention_heads"] + 2 * s["num_key_value_heads"]) * s["head_dim"]
         assert layer.self_attn.qkv_proj.weight.shape == (width, s["hidden_size"])
+    elif arch == "gpt_neox":  # one [heads x (q | k | v)] Linear, as wide as hidden; the rotary dimensions kept
+        s = got
+        assert layer.mlp.dense_h_to_4h.weight.shape == (s["intermediate_size"], s["hidden_size"])
+        assert layer.attention.query_key_value.weight.shape == (3 * s["hidden_size"], s["hidden_size"])
+        assert layer.attention.query_key_value.bias.shape == (3 * s["hidden_size"],)
+        assert s["num_attention_heads"] * s["head_dim"] == s["hidden_size"]
+        assert layer.attention.rotary_ndims == surgery.decoder_stack(teacher)[1][0].attention.rotary_ndims == 4
     elif arch != "gpt2":
         s = got
         assert layer.mlp.up_proj.weight.shape == (s["intermediate_size"], s["hidden_size"])
@@ -70,7 +83,8 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
     assert torch.equal(cached, uncached) and cached.shape[1] == 12
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+                                  "gpt_neox"])
 def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     imp = surgery.measure(teacher, IDS, grams=True)
@@ -78,13 +92,18 @@ def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     assert torch.equal(tiny.logits(same, IDS), tiny.logits(teacher, IDS))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
 def test_importance_finds_what_was_zeroed(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     with torch.no_grad():
         stack = surgery.decoder_stack(teacher)[1]
         for layer in stack:  # MLP channels 5 and 9 never fire; residual channel 7 is silenced by every norm
-            if arch != "gpt2":
+            if arch == "gpt_neox":  # query_key_value's rows: per head [q | k | v], 16 each
+                layer.mlp.dense_h_to_4h.weight[[5, 9]] = 0
+                layer.mlp.dense_h_to_4h.bias[[5, 9]] = -1e4  # GELU(-1e4) = 0
+                layer.attention.query_key_value.weight[32:48] = 0  # head 0's values
+                layer.attention.query_key_value.bias[32:48] = 0
+            elif arch != "gpt2":
                 layer.mlp.up_proj.weight[[5, 9]] = 0
                 layer.self_attn.v_proj.weight[:16] = 0  # KV group 0 outputs nothing
                 if layer.self_attn.v_proj.bias is not None:  # Qwen2
@@ -101,15 +120,16 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
                     m.bias[7] = 0
         # layer 2 does nothing: its output projections are zero, so its output equals its input
         for name, p in stack[2].named_parameters():
-            if any(k in name for k in ("o_proj", "down_proj", "attn.c_proj", "mlp.c_proj")):
+            if any(k in name for k in ("o_proj", "down_proj", "attn.c_proj", "mlp.c_proj", "attention.dense.",
+                                       "dense_4h_to_h")):
                 p.zero_()
     imp = surgery.measure(teacher, IDS)
     assert imp.layers[2] < 1e-6 < min(imp.layers[i] for i in (0, 1, 3))
     assert imp.hidden[7] == 0
     s = surgery.sizes(teacher.config)
     target = {"num_hidden_layers": 3, "intermediate_size": s["intermediate_size"] - 2}
-    target.update({"num_attention_heads": 2, "num_key_value_heads": 1} if arch != "gpt2"
-                  else {"num_attention_heads": 3, "hidden_size": 48})
+    target.update({"num_attention_heads": 3, "hidden_size": 48} if surgery.tied(teacher.config)
+                  else {"num_attention_heads": 2, "num_key_value_heads": 1})
     cut = surgery.plan(teacher, imp, target)
     assert cut.layers == [0, 1, 3]
     assert all(5 not in kept and 9 not in kept for kept in cut.mlp.values())
@@ -118,7 +138,7 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
     assert 7 not in cut.hidden
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "gpt_neox"])
 def test_refit_brings_the_cut_closer_to_the_teacher(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     calib = torch.randint(1, 500, (48, 32), generator=torch.Generator().manual_seed(1))  # 1,536 tokens
@@ -218,15 +238,15 @@ def test_target_params_gives_a_llama_hidden_size_its_config_accepts(tokenizer, m
 
 
 def test_unsupported_architecture_fails_at_validation(tokenizer, tmp_path, capsys):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
-    folder = tmp_path / "neox"
-    GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                                     num_attention_heads=4, vocab_size=len(tokenizer))).save_pretrained(folder)
+    folder = tmp_path / "opt"  # a family pipeline/families.py does not describe
+    OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                             vocab_size=len(tokenizer), word_embed_proj_dim=32)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     assert main(["validate", str(_recipe(tmp_path, folder, intermediate_size=32))]) == 2
     err = capsys.readouterr().err
-    assert "prune." in err and "GPT-2" in err and "Llama" in err and "gpt_neox" in err
+    assert "prune." in err and "GPT-2" in err and "Llama" in err and "GPT-NeoX (gpt_neox)" in err and "'opt'" in err
     # depth alone works on any architecture with one stack of decoder layers
     assert main(["validate", str(_recipe(tmp_path, folder, num_hidden_layers=1))]) == 0
 
@@ -329,18 +349,29 @@ def test_a_phi3_cut_slices_its_fused_weights_as_the_llama_layout_slices_separate
                                tiny.logits(surgery.apply(phi, cut), IDS[:2]))
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "phi3", "no layout"])
 def test_families_the_width_cut_cannot_slice_are_refused_at_validation_and_cut_in_depth(arch, tokenizer, make_recipe,
-                                                                                       tmp_path, capsys):
-    folder = tiny.save_tiny(tmp_path / f"tiny-{arch}", arch, tokenizer)
+                                                                                       tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    from pipeline import families
+
+    if arch == "no layout":  # a family described without a width layout (every listed one has one now)
+        described = dataclasses.replace(families.BY_MODEL_TYPE["gpt_neox"], layout=None,
+                                        no_width="its weights are not cut yet")
+        monkeypatch.setitem(families.BY_MODEL_TYPE, "gpt_neox", described)
+        monkeypatch.setattr(families, "FAMILIES", tuple(described if f.name == "GPT-NeoX" else f
+                                                        for f in families.FAMILIES))
+    folder = tiny.save_tiny(tmp_path / f"tiny-{arch}", arch if arch != "no layout" else "gpt_neox", tokenizer)
     common = {"finetune": {"enabled": False}, "distill": {"enabled": False}, "quantize": {"enabled": False},
               "evaluate": {"enabled": False}}
-    width = make_recipe(folder, name="width", prune={"enabled": True, "target_params": 0.8, "axes": ["mlp"]}, **common)
-    if arch == "gpt_neox":  # described, but its interleaved query_key_value is not cut yet: said at validation
+    width = make_recipe(folder, name="width", prune={"enabled": True, "target_params": 0.8,
+                                                     "axes": ["mlp", "heads", "hidden"]}, **common)
+    if arch == "no layout":  # described, but not cut in width: said at validation, with what it can do
         assert main(["validate", str(width)]) == 2
         err = capsys.readouterr().err
-        assert "prune.axes: width pruning supports" in err and "Phi-3 (phi3)" in err
-        assert "for GPT-NeoX ('gpt_neox'), its per-head interleaved query_key_value" in err and "axes: [depth]" in err
+        assert "prune.axes: width pruning supports" in err and "Phi-3 (phi3)" in err and "GPT-NeoX (gpt_neox)" not in err
+        assert "for GPT-NeoX ('gpt_neox'), its weights are not cut yet" in err and "axes: [depth]" in err
     else:
         assert main(["validate", str(width)]) == 0
     depth = make_recipe(folder, name="depth", prune={"enabled": True, "target_params": 0.8, "axes": ["depth"],
@@ -349,3 +380,129 @@ def test_families_the_width_cut_cannot_slice_are_refused_at_validation_and_cut_i
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "depth" / "prune").eval()
     assert pruned.config.num_hidden_layers == 3
     assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
+
+
+def _neox(tokenizer, rotary: float = 0.25, **changes):
+    """A two-layer tiny GPT-NeoX: tests/tiny.py's, with `rotary` of each head rotated and `changes` to its config."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny.build_model("gpt_neox", tokenizer, layers=2).config.to_dict()
+    config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": rotary}
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**{**config, **changes})).eval()
+
+
+@pytest.mark.parametrize("target", [{"num_attention_heads": 2}, {"hidden_size": 48}, {"hidden_size": 32}],
+                         ids=["heads", "head-size-12", "head-size-8"])
+def test_a_gpt_neox_cut_takes_each_kept_head_from_its_interleaved_query_key_value(target, tokenizer, tmp_path):
+    """query_key_value's rows are per head [q | k | v]: with everything the cut drops silenced in the teacher (the
+    dropped heads' q and v, in the kept heads the dropped q/k and v dimensions, the dropped residual channels of
+    the input), the cut attention computes exactly the teacher's on the kept channels. A narrower head keeps its
+    rotary dimensions whole and first (same frequencies) and its q·k scale. Half-rotary, sequential residual and
+    a tied head (GPT-NeoX's other settings): the cut model reloads with the same logits and its KV cache works."""
+    teacher = _neox(tokenizer, rotary=0.5, use_parallel_residual=False, tie_word_embeddings=True)
+    dim, rotary = 16, 8
+    imp = surgery.measure(teacher, IDS)
+    cut = surgery.plan(teacher, imp, prune.targets(prune.PruneConfig(enabled=True, **target), teacher.config))
+    student = surgery.apply(teacher, cut)
+    heads = cut.heads.get(0) or list(range(4))
+    dims = cut.head_dims.get(0) or [(list(range(dim)), list(range(dim)))] * len(heads)
+    assert len(heads) * len(dims[0][0]) == student.config.hidden_size == len(cut.hidden)
+    assert all(qk[:rotary] == list(range(rotary)) for qk, _ in dims)
+    s_attn, t_attn = student.gpt_neox.layers[0].attention, teacher.gpt_neox.layers[0].attention
+    assert s_attn.rotary_ndims == rotary and student.config.rope_parameters["partial_rotary_factor"] == rotary / len(dims[0][0])
+    torch.testing.assert_close(student.gpt_neox.rotary_emb.inv_freq, teacher.gpt_neox.rotary_emb.inv_freq)
+    with torch.no_grad():
+        w, b = t_attn.query_key_value.weight, t_attn.query_key_value.bias
+        for h in range(4):
+            qk, v = dims[heads.index(h)] if h in heads else ([], [])
+            dead = [h * 3 * dim + d for d in range(dim) if d not in qk] + [h * 3 * dim + 2 * dim + d
+                                                                          for d in range(dim) if d not in v]
+            w[dead], b[dead] = 0, 0
+        x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
+        x[..., [c for c in range(64) if c not in cut.hidden]] = 0
+        position = torch.arange(10)[None].expand(2, -1)
+        want = t_attn(x, None, position_embeddings=teacher.gpt_neox.rotary_emb(x, position))[0][..., cut.hidden]
+        x = x[..., cut.hidden]
+        got = s_attn(x, None, position_embeddings=student.gpt_neox.rotary_emb(x, position))[0]
+    torch.testing.assert_close(got, want)
+    assert student.embed_out.weight is student.gpt_neox.embed_in.weight
+    student.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.gpt_neox.layers[0].attention.rotary_ndims == rotary and not reloaded.config.use_parallel_residual
+    assert torch.equal(tiny.logits(reloaded, IDS[:2]), tiny.logits(student, IDS[:2]))
+    prompt = IDS[:1, :6]
+    cached = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(cached, reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False,
+                                                 pad_token_id=0))
+
+
+def test_a_gpt_neox_hidden_cut_keeps_the_rotary_dimensions_of_every_head(tokenizer):
+    """Each head keeps its rotary dimensions: a hidden size that would leave fewer is refused, with one that fits."""
+    config = _neox(tokenizer, rotary=0.5).config  # 16 per head, 8 of them rotary
+    assert surgery.rotary_dims(config) == 8
+    with pytest.raises(StageError, match=r"GPT-NeoX's hidden size must be num_attention_heads x head size \(at most "
+                                         r"16, at least its 8 rotary dimensions\); 28 with 4 heads is not. Use e.g. "
+                                         r"hidden_size: 32"):
+        prune.targets(prune.PruneConfig(enabled=True, hidden_size=28), config)
+    target = prune.targets(prune.PruneConfig(enabled=True, target_params=0.5, axes=["hidden"]), config)
+    assert target["hidden_size"] in (36, 40) and target["num_attention_heads"] == 4  # heads of 9 or 10
+    # 4 heads of 8 (the rotary dimensions) are about 37% of the body: a smaller share cannot be had by hidden alone
+    with pytest.raises(StageError, match="0.3 of the non-embedding parameters cannot be reached by shrinking"):
+        prune.targets(prune.PruneConfig(enabled=True, target_params=0.3, axes=["hidden"]), config)
+    assert prune.targets(prune.PruneConfig(enabled=True, num_attention_heads=2), config) == {
+        "num_attention_heads": 2, "hidden_size": 32}
+
+
+STEPS = 250  # at 80 the heads and hidden cuts are barely told apart from random ones
+
+
+@pytest.fixture(scope="module")
+def trained_neox(tokenizer):
+    """The two-layer tiny GPT-NeoX trained briefly on the stdlib corpus (about 30 s), so that some of its channels
+    and heads matter more than others; calibration blocks and held-out blocks of that text."""
+    from pydoc_data.topics import topics
+
+    model = _neox(tokenizer)
+    text = "\n".join(topics[k] for k in sorted(topics))
+    ids = torch.tensor(tokenizer(text[:400_000], verbose=False).input_ids)
+    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)
+    train, held_out = blocks[:-16], blocks[-16:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(STEPS):
+        batch = train[torch.randint(0, len(train), (8,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), train[:48], held_out
+
+
+@pytest.mark.parametrize("axis,target", [("mlp", {"intermediate_size": 64}), ("heads", {"num_attention_heads": 2}),
+                                         ("hidden", {"hidden_size": 48})])
+def test_a_measured_and_refitted_gpt_neox_cut_moves_the_logits_less_than_a_random_one(axis, target, trained_neox):
+    """Importance and refit pick and mend better than chance: the held-out logits move less (mean squared) than
+    under random cuts of the same size, on average over four (measured at 250 steps: mlp 0.04 against 0.41,
+    heads, which also halve hidden, 2.56 against 2.71, hidden 0.67 against 0.87; it beat each of six)."""
+    model, calibration, held_out = trained_neox
+    target = prune.targets(prune.PruneConfig(enabled=True, **target), model.config)
+    imp = surgery.measure(model, calibration, grams=True)
+    teacher = tiny.logits(model, held_out)
+
+    def moved(scores, refit: bool) -> float:
+        student = surgery.apply(model, surgery.plan(model, scores, target, refit=refit))
+        assert surgery.sizes(student.config)[prune.AXIS_KEYS[axis]] == target[prune.AXIS_KEYS[axis]]
+        return (tiny.logits(student, held_out) - teacher).pow(2).mean().item()
+
+    def shuffled(x, g):  # the same structure of scores, at random
+        return [shuffled(v, g) for v in x] if isinstance(x[0], list) else torch.rand(len(x), generator=g).tolist()
+
+    chance = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        scores = surgery.Importance(tokens=imp.tokens, layers=imp.layers,
+                                    **{k: shuffled(getattr(imp, k), g) for k in ("hidden", "mlp", "heads", "qk", "v")})
+        chance.append(moved(scores, refit=False))
+    measured = moved(imp, refit=True)
+    assert measured < sum(chance) / len(chance), (measured, chance)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, formats, models, sparsity, surgery
+from pipeline import data, families, formats, models, sparsity, surgery
 from pipeline.context import Context, begin
 from pipeline.data import DataConfig
 from pipeline.errors import StageError
@@ -49,8 +49,9 @@ class PruneConfig:
     # why: the MLP alone lost the least at equal size (bench/compress.py: width against mix, depth, uniform)
     axes: list[Axis] = field(default_factory=lambda: ["mlp"])
     # or explicit sizes (null = keep): the layers of highest block influence, residual (embedding) channels, query
-    # heads, MLP channels of every layer. GPT-2 ties its width to its heads (`n_embd = n_head × head size`): a
-    # smaller `num_attention_heads` alone also shrinks `hidden_size`; under GQA `num_attention_heads` must be a
+    # heads, MLP channels of every layer. GPT-2 and GPT-NeoX tie their width to their heads (hidden size = heads ×
+    # head size; a GPT-NeoX head keeps its rotary dimensions): a smaller `num_attention_heads` alone also shrinks
+    # `hidden_size`; under GQA `num_attention_heads` must be a
     # multiple of the query heads per KV group
     num_hidden_layers: int | None = None
     hidden_size: int | None = None  # ditto
@@ -117,19 +118,21 @@ def targets(cfg: PruneConfig, config) -> dict:
     target = dict(wanted)
     heads = wanted.get("num_attention_heads")
     if problems or surgery.layout(config) is None:
-        if heads is not None and surgery.layout(config) not in (None, "gpt2"):
+        if heads is not None and surgery.layout(config) is not None and not surgery.tied(config):
             problems += _grouping(heads, s)
         if problems:
             raise StageError("; ".join(problems))
         return target
-    if config.model_type == "gpt2":
-        # GPT-2 has no head_dim setting: its attention is n_embd wide, n_head heads of n_embd / n_head
+    if surgery.tied(config):
+        # GPT-2 and GPT-NeoX have no head_dim setting: their attention is hidden_size wide, heads of hidden / heads
         heads = heads or s["num_attention_heads"]
         hidden = wanted.get("hidden_size") or heads * s["head_dim"]
-        if hidden % heads or hidden // heads > s["head_dim"]:
-            raise StageError(f"prune.hidden_size: GPT-2's hidden size must be num_attention_heads x head size "
-                             f"(at most {s['head_dim']}); {hidden} with {heads} heads is not. Use e.g. "
-                             f"hidden_size: {heads * (min(hidden // heads, s['head_dim']) or 1)}")
+        least = max(1, surgery.rotary_dims(config))
+        if hidden % heads or not least <= hidden // heads <= s["head_dim"]:
+            rotary = f", at least its {least} rotary dimensions" if least > 1 else ""
+            raise StageError(f"prune.hidden_size: {families.of(config).name}'s hidden size must be num_attention_heads "
+                             f"x head size (at most {s['head_dim']}{rotary}); {hidden} with {heads} heads is not. "
+                             f"Use e.g. hidden_size: {heads * min(max(hidden // heads, least), s['head_dim'])}")
         target.update(hidden_size=hidden, num_attention_heads=heads)
     elif heads is not None:
         problems = _grouping(heads, s)
@@ -177,9 +180,10 @@ def _shrunk(cfg: PruneConfig, config, r: float) -> dict:
         target["num_hidden_layers"] = max(1, round(s["num_hidden_layers"] * r))
     if "mlp" in cfg.axes:
         target["intermediate_size"] = min(s["intermediate_size"], width(s["intermediate_size"]))
-    if config.model_type == "gpt2":
+    if surgery.tied(config):  # hidden = heads x head size; a head keeps its rotary dimensions (GPT-NeoX)
         heads = max(1, round(s["num_attention_heads"] * r)) if "heads" in cfg.axes else s["num_attention_heads"]
-        dim = max(1, round(s["head_dim"] * r)) if "hidden" in cfg.axes else s["head_dim"]
+        least = max(1, surgery.rotary_dims(config))
+        dim = max(least, round(s["head_dim"] * r)) if "hidden" in cfg.axes else s["head_dim"]
         target.update(num_attention_heads=heads, hidden_size=heads * dim)
     else:
         if "heads" in cfg.axes:
