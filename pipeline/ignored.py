@@ -197,6 +197,12 @@ RULES = (
          lambda r, o: "general.tokens is 0: there is no general text to measure it on"
          if r.general.tokens == 0 else None,
          "set general.tokens (e.g. 2048), or remove the budget", on=("general.tokens",)),
+    Rule("quantize", ("try_over_budget_inputs",),
+         lambda r, o: "no quality budget is set (max_ppl_increase, max_general_ppl_increase and max_kl are null): "
+         "no input is ever skipped" if all(getattr(o, k) is None for k in (
+             "max_ppl_increase", "max_general_ppl_increase", "max_kl")) else None,
+         "set a quality budget, or remove try_over_budget_inputs",
+         on=("max_ppl_increase", "max_general_ppl_increase", "max_kl")),
     # --- evaluate ---
     Rule("evaluate.generation", ("num_beams",),
          lambda r, o: f"evaluate.generation.strategy is {o.strategy} (beams are for beam search)"

@@ -210,6 +210,8 @@ IGNORED_CASES = [
       "not data-aware", "add calibration_samples"]),
     ("general-budget-without-general-text", ["general.tokens=0", "quantize.max_general_ppl_increase=5"],
      ["quantize.max_general_ppl_increase: has no effect while general.tokens is 0"]),
+    ("over-budget-inputs-without-budget", ["quantize.max_ppl_increase=null", "quantize.try_over_budget_inputs=true"],
+     ["quantize.try_over_budget_inputs: has no effect while no quality budget is set"]),
     ("beams-without-beam-search", [f"{NO_SAMPLE}.num_beams=3"],
      ["evaluate.generation.num_beams: has no effect while evaluate.generation.strategy is greedy"]),
     ("sampling-settings-with-beam-search", [f"{NO_SAMPLE}.strategy=beam", f"{NO_SAMPLE}.top_k=5"],
