@@ -240,7 +240,7 @@ def test_sparsity_alone_is_a_valid_prune_section_and_an_unquoted_pattern_is_read
 def test_lora_on_a_sparse_folder_is_refused(tiny_models, make_recipe, tmp_path, capsys):
     path = make_recipe(tiny_models["gpt2"], finetune={"enabled": False}, distill={"enabled": False},
                        quantize={"enabled": False}, evaluate={"enabled": False},
-                       prune={"enabled": True, "calibration_blocks": 2,
+                       prune={"enabled": True,  # (magnitude sparsity alone reads no calibration_blocks)
                               "sparsity": {"amount": 0.5, "method": "magnitude", "write_compressed": False}})
     assert main(["run", str(path)]) == 0
     sparse = tmp_path / "runs" / "tiny" / "prune"
