@@ -9,8 +9,8 @@ custom code. Importance is measured by `measure` with forward hooks on calibrati
 Width cuts follow each family's weight layout (pipeline/families.py): GPT-2's fused `Conv1D` layers (stored
 [in, out]); the Llama layout (Llama, Mistral, Qwen2/3, Gemma 1/2/3: grouped-query attention keeps or drops whole
 KV groups); Phi-3's, the same with q|k|v and gate|up fused; GPT-NeoX's (one Linear q|k|v interleaved per head,
-partial rotary), whose attention is as wide as the residual stream, as GPT-2's is. Depth cuts (dropping layers) work on any
-architecture whose decoder layers are one `ModuleList`.
+partial rotary), whose attention is as wide as the residual stream, as GPT-2's is. Depth cuts (dropping layers)
+work on any architecture whose decoder layers are one `ModuleList`.
 """
 from __future__ import annotations
 
