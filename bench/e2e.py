@@ -110,8 +110,8 @@ def main(argv=None) -> dict:
     result = {
         "report": report_summary(run.run_dir / "report.json"),
         "settings": {"recipe": Path(args.recipe).name, "overrides": args.overrides, "smoke": args.smoke,
-                     "note": "`make all` in a fresh output folder: one process; total = its wall time, imports "
-                             "included"},
+                     "note": "one process in a fresh output folder, as on a fresh machine (total: its wall time, "
+                             "imports included)"},
         "stages": stages,
         "total_seconds": round(wall, 1),
         "max_peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
