@@ -157,14 +157,19 @@ def measure(model, tokenizer, texts, cfg: QuantizeConfig, reference: scoring.Ref
     return out
 
 
+def candidate_row(cand: Candidate, label: str | None, input_name: str | None) -> dict:
+    """What a candidate's row says of it before it is tried: its name, input, method and options."""
+    options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
+    return {"name": label or cand.label, "candidate": cand.label, "input": input_name, "method": cand.method,
+            "backend": cand.backend, "bits": cand.bits, "options": options, "description": backends.describe(cand)}
+
+
 def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, texts, cfg: QuantizeConfig,
                   device: torch.device, ctx: Context, calibration: backends.Calibration,
                   reference: scoring.Reference, name: str | None = None, lineage_origin: str | None = None,
                   label: str | None = None, input_name: str | None = None) -> dict:
     """Convert, save, reload and score one candidate; failures become a row, never an exception."""
-    options = {k: v for k, v in dataclasses.asdict(cand).items() if v is not None and k not in ("method", "name")}
-    row = {"name": label or cand.label, "candidate": cand.label, "input": input_name, "method": cand.method,
-           "backend": cand.backend, "bits": cand.bits, "options": options, "description": backends.describe(cand)}
+    row = candidate_row(cand, label, input_name)
     if cand.data_aware:
         sequences, tokens = cand.calibration_shape(calibration.block_size)
         row["calibration"] = {"split": "train", "sequences": sequences, "tokens_each": tokens}
@@ -376,9 +381,8 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
             for j, cand in enumerate(cfg.candidates):
                 row_label = f"{label}/{cand.label}" if several else cand.label
                 if broken:
-                    rows.append({"name": row_label, "candidate": cand.label, "input": label, "method": cand.method,
-                                 "backend": cand.backend, "bits": cand.bits, "description": backends.describe(cand),
-                                 "status": "skipped", "error": f"the input {label} itself breaks " + "; ".join(broken)})
+                    rows.append({**candidate_row(cand, row_label, label), "status": "skipped",
+                                 "error": f"the input {label} itself breaks " + "; ".join(broken)})
                     continue
                 folders[row_label] = work / f"candidate-{i}-{j}"
                 rows.append(try_candidate(cand, source, folders[row_label], tokenizer, texts, cfg, device, ctx,
