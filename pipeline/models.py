@@ -289,6 +289,19 @@ def gguf_config(source: Source):
     return copy.deepcopy(_GGUF_CONFIGS[key])  # callers may edit theirs
 
 
+def _gguf_dense() -> dict:
+    """from_pretrained arguments that load a GGUF file as a plain dense model. From transformers 5.17 a GGUF file
+    loads through a quantizer that may keep the weights in their GGUF blocks (with the `kernels` package) and
+    whose model save_pretrained refuses ("quantized with gguf and is not serializable"); every stage trains, cuts
+    or saves the model, so it asks for the documented dense load (`GgufConfig(dequantize=True)`, which also
+    drops the quantizer from the model). Older releases always load dense and have no GgufConfig."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     """AutoModelForCausalLM from any source; safetensors only, never pickled weights."""
     from transformers import AutoModelForCausalLM
@@ -298,8 +311,9 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
     try:
         if source.gguf_file:
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file,
-                                                         config=gguf_config(source), **kwargs)
-            # GGUF weights are dequantized on load; the leftover config entry breaks save_pretrained.
+                                                         config=gguf_config(source), **_gguf_dense(), **kwargs)
+            # Below transformers 5.17 GGUF weights are always dequantized on load, and the leftover config entry
+            # breaks save_pretrained.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
         else:

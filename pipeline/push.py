@@ -124,9 +124,11 @@ def folder_files(folder: Path) -> list[tuple[str, int]]:
 @contextlib.contextmanager
 def hub_errors(what: str, endpoint: str, repo: str | None = None):
     """Turn huggingface_hub / network exceptions into one clear line and the right exit code."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    # the HTTP client's own base error (httpx's in huggingface_hub 1.x, httpx2's in 2.x), which HfHubHTTPError
+    # extends: connection failures come as it
+    transport = next(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
     try:
         yield
     except HfHubHTTPError as err:
@@ -148,7 +150,7 @@ def hub_errors(what: str, endpoint: str, repo: str | None = None):
         if "metadata" not in str(err):
             raise
         raise PushError(f"{what}: the Hub rejected the model card: {err}") from None
-    except (httpx.HTTPError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
+    except (transport, OfflineModeIsEnabled, ConnectionError, TimeoutError) as err:
         raise PushError(f"{what}: cannot reach the Hub at {endpoint} ({type(err).__name__}: {err}). Check the "
                         "network (and HF_ENDPOINT if set), then run the same command again.", EXIT_RETRY) from None
 

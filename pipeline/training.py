@@ -98,6 +98,15 @@ class TrainConfig:
         return self.eval_steps is not None and (self.keep_best or self.early_stopping_patience is not None)
 
 
+def _checkpointing(arguments, on: bool) -> dict:
+    """Activation checkpointing under the name this transformers reads: 5.23 renamed `gradient_checkpointing*`
+    to `activation_checkpointing*` and warns on every run that passes the old names (which 5.5 only knows)."""
+    name = "activation_checkpointing" if "activation_checkpointing" in arguments.__dataclass_fields__ else \
+        "gradient_checkpointing"
+    # non-reentrant checkpointing also works when only adapter weights need gradients (LoRA)
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False} if on else None}
+
+
 def precision_flags(precision: str) -> dict:
     """bf16 mixed precision (fp32 master weights, bf16 autocast) where the hardware runs bf16 natively:
     1.5x the fp32 training speed on this project's AMX CPU at the same loss (bench/results/cpu-speed.json)."""
@@ -137,9 +146,7 @@ def training_args(cfg: TrainConfig, output_dir: Path, seed: int, *, evaluate: bo
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        # non-reentrant checkpointing also works when only adapter weights need gradients (LoRA)
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing(TrainingArguments, cfg.gradient_checkpointing),
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps" if save_steps else "no",

@@ -428,7 +428,7 @@ def test_a_gpt_neox_cut_takes_each_kept_head_from_its_interleaved_query_key_valu
         x = x[..., cut.hidden]
         got = s_attn(x, None, position_embeddings=student.gpt_neox.rotary_emb(x, position))[0]
     torch.testing.assert_close(got, want)
-    assert student.embed_out.weight is student.gpt_neox.embed_in.weight
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight  # tied, as the teacher
     student.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.gpt_neox.layers[0].attention.rotary_ndims == rotary and not reloaded.config.use_parallel_residual
