@@ -105,15 +105,64 @@ DATA_CASES = [
     ("chat-responses-cut-off", "c.jsonl",
      lines({"prompt": "a long question " * 20, "response": "yes"} for _ in range(10)), {**CHAT, "block_size": 16},
      ["assistant turns cut off", "data.block_size 16", "at least"]),
+    # every way a reader can fail: the file, the line when known, the form expected and the fix
+    ("csv-semicolons", "d.csv", "id;text\n" + "".join(f"{i};row {i}, with a comma\n" for i in range(20)), {},
+     ["d.csv", "looks ';'-separated", "sep=';'", "save it comma-separated"]),
+    ("csv-tabs", "d.csv", "id\ttext\n" + "".join(f"{i}\trow {i}\n" for i in range(20)), {},
+     ["looks '\\t'-separated", "tabs, not commas"]),
+    ("csv-semicolons-comma-in-header", "d.csv", "id;text,more\n" + "".join(f"{i};row {i}, x\n" for i in range(20)),
+     {}, ["data.text_column", "a column is named 'id;text'", "looks ';'-separated", "save it comma-separated"]),
+    ("csv-unclosed-quote", "d.csv", "text\n" + "".join(f"row {i}\n" for i in range(5)) + '"never closed\nrow\n', {},
+     ["d.csv", "line 7", "quote is never closed", "Expected comma-separated columns"]),
+    ("csv-header-only", "d.csv", "text\n", {}, ["d.csv", "no rows under it", "add one row per document"]),
+    ("csv-not-utf8", "d.csv", b"text\n" + b"".join(b"caf\xe9 %d\n" % i for i in range(20)), {},
+     ["d.csv", "not UTF-8", "line 2", "iconv"]),
+    ("csv-numbers-in-text-column", "d.csv", "text,title\n" + "".join(f"{i},t{i}\n" for i in range(20)), {},
+     ["data.text_column", "int64 values, not text", "(title)"]),
+    ("txt-utf16", "d.txt", "".join(f"line {i}\n" for i in range(20)).encode("utf-16"), {},
+     ["d.txt", "UTF-16", "iconv -f utf-16"]),
+    ("jsonl-array-broken", "d.jsonl", '[{"text": "a"},\n {"text": "b"\n]', {},
+     ["d.jsonl", "line 3", "read as one JSON array"]),
+    ("jsonl-broken-line-says-the-form", "d.jsonl", lines(DOCS[:3]) + "{oops\n", {},
+     ["line 4 is not valid JSON", "expected JSON Lines: one JSON object per line"]),
+    ("json-one-object-with-records", "d.json", json.dumps({"version": 1, "data": DOCS}, indent=1), {},
+     ["d.json", "one JSON object over", "keys: version, data", "a JSON array of objects", "jq -c '.data[]'"]),
+    ("parquet-not-parquet", "d.parquet", lines(DOCS), {},
+     ["d.parquet", "not a Parquet file", "to_parquet", ".jsonl"]),
+    ("parquet-int-text-column", "d.parquet", lambda: _parquet({"text": list(range(20)), "body": ["x"] * 20}), {},
+     ["data.text_column", "int64 values, not text", "(body)"]),
+    ("parquet-missing-text-column", "d.parquet", lambda: _parquet({"body": ["x"] * 20, "id": list(range(20))}), {},
+     ["data.text_column", "column 'text' not in", "body, id"]),
 ]
+# caught by `validate` (reading the files, no model): the rest need the data loaded; every other row validates
+AT_VALIDATE = {"jsonl-broken-line", "jsonl-not-an-object", "jsonl-type-changes", "json-array-broken", "txt-empty",
+               "txt-whitespace", "txt-not-utf8", "csv-ragged-row", "csv-semicolons", "csv-tabs", "csv-unclosed-quote",
+               "csv-header-only", "csv-not-utf8", "txt-utf16", "jsonl-array-broken", "jsonl-broken-line-says-the-form",
+               "json-one-object-with-records", "parquet-not-parquet"}
+
+
+def _parquet(columns: dict) -> bytes:
+    import io
+
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.DataFrame(columns).to_parquet(buf)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_files(case, tiny_models, make_recipe, tmp_path, capsys):
     _, name, content, keys, needles = case
-    source = write(tmp_path / "data" / name, content)
+    source = write(tmp_path / "data" / name, content() if callable(content) else content)
     finetune = {"eval_steps": 2} if "validation" in case[0] else {}
     recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), **keys}, finetune=finetune)
+    if case[0] in AT_VALIDATE:
+        err = fails(["validate", recipe], capsys)
+        for needle in needles:
+            assert needle in err, (needle, err)
+    else:
+        assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
     err = fails(["run", recipe, "--stages", "load,finetune"], capsys)
     for needle in needles:
         assert needle in err, (needle, err)
@@ -152,6 +201,25 @@ def test_data_folders_and_globs_load(tiny_models, make_recipe, tmp_path, capsys)
     for source in (tmp_path / "docs", tmp_path / "docs" / "*.jsonl"):
         splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
         assert len(splits["train"]) + len(splits["validation"]) == 40
+
+
+@pytest.mark.parametrize("name,content", [
+    ("array.jsonl", json.dumps(DOCS, indent=1)),  # `datasets` reads a JSON array and JSON Lines under either name
+    ("lines.json", lines(DOCS)),
+    ("bom.jsonl", "\ufeff" + lines(DOCS)),  # a UTF-8 byte-order mark: every reader skips it
+    ("bom.csv", "\ufefftext,id\n" + "".join(f'"{d["text"]}",{i}\n' for i, d in enumerate(DOCS))),
+    ("quoted.csv", 'id,text\n1,"Hello; there, a ""quoted"" row\nover two lines"\n'
+     + "".join(f'{i},"{d["text"]}"\n' for i, d in enumerate(DOCS))),
+])
+def test_data_files_in_forms_the_readers_take_pass(name, content, tiny_models, make_recipe, tmp_path):
+    """The other side of the parser checks: forms the readers take are neither refused nor misread."""
+    from pipeline import data
+
+    source = write(tmp_path / name, content)
+    assert main(["validate", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)}))]) == 0
+    splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
+    assert len(splits["train"]) + len(splits["validation"]) == 40 + name.startswith("quoted")
+    assert "text" in splits["train"].column_names
 
 
 def _folder(tmp_path, tokenizer, name="m", arch="gpt2") -> Path:
@@ -648,7 +716,7 @@ def test_a_csv_not_separated_by_commas_is_refused_at_validate_with_the_fix(sep, 
     source = write(tmp_path / "d.csv", f"id{sep}text\n1{sep}Hello there, a row.\n2{sep}Another row.\n")
     recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), "text_column": "text"})
     err = fails(["validate", recipe], capsys)
-    assert f"is separated by {name}, not commas" in err and "save it comma-separated" in err
+    assert f"looks {sep!r}-separated ({name}, not commas" in err and "save it comma-separated" in err
     # the run refuses it before loading anything, and a comma-separated file with a comma in its text passes
     fails(["run", recipe], capsys)
     assert not (tmp_path / "runs").exists()
