@@ -52,14 +52,27 @@ def free_bytes(folder: Path) -> int | None:
     return None
 
 
-def disk_full(folder: Path, written: int, needed: int | None = None) -> StageError:
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it is not there): what a write had done when it failed."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else 0
+
+
+def disk_full(folder: Path, written: int, needed: int | None = None, what: str | None = None,
+              cleanup: str = "The partial folder was removed. ") -> StageError:
+    """The one disk-full message of every write the pipeline makes: what it was writing and where, the space it
+    needs (or, when that cannot be known, what it had written) and the space free there."""
     free = free_bytes(folder)
-    need = (f"it needs about {mb(needed)}" if needed else f"it had written {mb(written)} when the disk filled, "
-            "and needs more than that")
+    if needed:
+        need = f"it needs about {mb(needed)}"
+    elif written:
+        need = f"it had written {mb(written)} when the disk filled, and needs more than that"
+    else:  # nothing written yet, and a write of unknown size
+        need = "how much it needs is not known here"
+    what = what or Path(folder).name.strip(".").removesuffix(".partial")
     return StageError(
-        f"disk full while writing {Path(folder).name.strip('.').removesuffix('.partial')} to '{Path(folder).parent}': "
-        f"{need}; {mb(free or 0)} are free there. The partial folder was removed. Free some space (old runs, "
-        "~/.cache/huggingface) or set output_dir to a folder on a larger disk, then run the same command again"
+        f"disk full while writing {what} to '{Path(folder).parent}': {need}; {mb(free or 0)} are free there. "
+        f"{cleanup}Free some space (old runs, ~/.cache/huggingface) or set output_dir to a folder on a larger disk, "
+        "then run the same command again"
     )
 
 
@@ -107,11 +120,10 @@ def explain(err: BaseException) -> StageError | None:
     for e in chain(err):
         if isinstance(e, StageError):
             return e
-        if _says_disk_full(e):
-            where = Path(e.filename).parent if getattr(e, "filename", None) else Path.cwd()
-            return StageError(f"disk full while writing '{getattr(e, 'filename', None) or where}': "
-                              f"{mb(free_bytes(where) or 0)} free; "
-                              "free some space or set output_dir to a larger disk, then run the same command again")
+        if _says_disk_full(e):  # a write no stage code knows the size of (a report, a library's cache)
+            name = getattr(e, "filename", None)
+            return disk_full(Path(name or Path.cwd() / "-"), 0, what=f"'{Path(name).name}'" if name else "a file",
+                             cleanup="")
         if isinstance(e, OSError) and e.errno in NOT_WRITABLE and e.filename:
             return StageError(f"cannot access '{e.filename}' ({e.strerror}); check its permissions (for output, "
                               "set output_dir to a folder you can write)")

@@ -426,10 +426,72 @@ def test_disk_full_while_evaluate_writes_the_report(tiny_models, make_recipe, tm
 
     monkeypatch.setattr(report, "write", fill_up)
     err = fails(["run", recipe, "--stages", "evaluate"], capsys)
-    for needle in [f"disk full while writing '{target}'", "MB free", "output_dir", "run the same command again"]:
+    for needle in [f"disk full while writing 'report.md' to '{target.parent}'", "how much it needs is not known",
+                   "MB are free", "output_dir", "run the same command again"]:
         assert needle in err, (needle, err)
     monkeypatch.undo()
     assert main(["run", str(recipe), "--stages", "evaluate"]) == 0 and target.is_file()
+
+
+def _safetensors_full(mu, save_file, where):
+    from safetensors import SafetensorError
+
+    def fill_up(tensors, filename, metadata=None):
+        if where in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return save_file(tensors, filename, metadata=metadata)
+    return fill_up
+
+
+def _full_while(monkeypatch, tmp_path, where: str) -> None:
+    """Make the write `where` names fail as a full disk does."""
+    import transformers.modeling_utils as mu
+
+    if where == "stage-folder":  # safetensors' Rust writer: no OSError in the chain
+        monkeypatch.setattr(mu, "safe_save_file", _safetensors_full(mu, mu.safe_save_file, ".finetune.partial"))
+    elif where == "quantize-candidate":
+        from pipeline import quant_backends
+
+        def save(model, folder, cand):
+            write(Path(folder) / "half.bin", b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.bin"))
+        monkeypatch.setattr(quant_backends, "save", save)
+    elif where == "run-folder":
+        write_text = Path.write_text
+
+        def probe(self, *args, **kwargs):
+            if self.name.startswith(".write-test-"):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            return write_text(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", probe)
+
+
+# every write that can fill the disk: what the message names, the space needed (when it can be known) and free
+DISK_CASES = [
+    ("stage-folder", ["finetune"], ["disk full while writing finetune to", "it needs about", "MB are free",
+                                    "The partial folder was removed"]),
+    ("quantize-candidate", ["quantize"], ["disk full while writing quantize candidate 'bnb-int8'", "it needs about",
+                                          "MB are free", "candidates' folder is removed"]),
+    ("run-folder", ["finetune"], ["disk full while writing the run folder to", "how much it needs is not known",
+                                  "MB are free", "output_dir"]),
+]
+
+
+@pytest.mark.parametrize("where,stages,needles", [c for c in DISK_CASES], ids=[c[0] for c in DISK_CASES])
+def test_a_full_disk_says_what_is_needed_and_free(where, stages, needles, tiny_models, make_recipe, tmp_path,
+                                                  monkeypatch, capsys):
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 2}, distill={"enabled": False},
+                         quantize={"max_ppl_increase": None})
+    assert main(["run", str(recipe), "--until", "finetune" if stages != ["finetune"] else "load"]) == 0
+    _full_while(monkeypatch, tmp_path, where)
+    err = fails(["run", recipe, "--stages", ",".join(stages)], capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "partial folder" not in err or where == "stage-folder", err  # only a stage folder has one
+    no_folder(tmp_path / "runs" / "tiny", *stages)
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", ",".join(stages)]) == 0  # space again: the same command goes on
 
 
 def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
