@@ -722,11 +722,12 @@ def test_interrupts_exit_cleanly_and_the_rerun_continues(chain, tiny_models, mak
 
 
 def test_debug_shows_the_traceback(tiny_models, make_recipe, tmp_path, capsys):
-    source = write(tmp_path / "d.jsonl", '{"text": \n')
+    # a problem only reading the data shows (a broken file is a recipe problem, found before anything runs)
+    source = write(tmp_path / "d.csv", "text,title\n" + "".join(f"{i},t{i}\n" for i in range(20)))
     rc = main(["run", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)})), "--stages", "load,finetune",
                "--debug"])
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" in err and "line 1 is not valid JSON" in err
+    assert rc == 2 and "Traceback" in err and "int64 values, not text" in err
 
 
 def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypatch, capsys):
