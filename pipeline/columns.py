@@ -27,25 +27,6 @@ def local_files(source: str) -> list[Path] | None:
     return None
 
 
-def csv_problem(path: Path) -> str | None:
-    """Why a `.csv` file will not read as comma-separated columns, if its header says so: a header with no comma
-    but a semicolon, tab or bar (a spreadsheet's export in many locales) becomes one column named 'id;text'."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            header = f.readline().rstrip("\r\n")
-    except OSError:
-        return None
-    if "," in header:
-        return None
-    found = next((d for d in (";", "\t", "|") if d in header), None)
-    if found is None:
-        return None
-    name = {";": "semicolons", "\t": "tabs", "|": "bars"}[found]
-    return (f"'{path}' is separated by {name}, not commas (its header reads {header[:60]!r}); save it "
-            "comma-separated (in pandas: pd.read_csv(path, sep=...).to_csv(path, index=False)), or as .jsonl "
-            "or .parquet")
-
-
 def _is_text(feature) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
@@ -58,10 +39,11 @@ def describe(feature) -> str:
 def require_text_column(split, column: str, key: str, cfg) -> None:
     """`column` of a loaded split holds text in every row; else a StageError naming the key, file and row."""
     if column not in split.column_names:
-        odd = next((problem for f in local_files(cfg.source) or [] if f.suffix == ".csv" and f.is_file()
-                    and (problem := csv_problem(f))), None)
-        if odd:
-            raise StageError(f"data.{key}: column '{column}' not found: {odd}")
+        # a header the comma reader left whole ('id;text'), though it holds the column: the file's separator is another
+        glued = next(((c, sep) for c in split.column_names for sep in errors.SEPARATORS if column in c.split(sep)), None)
+        if glued:
+            raise StageError(f"data.{key}: column '{column}' not found, but a column is named '{glued[0]}': "
+                             f"'{cfg.source}' {errors.separated_by(glued[1], ','.join(split.column_names))}")
         raise StageError(f"data.{key}: column '{column}' not in '{cfg.source}'; its columns are: "
                          f"{', '.join(split.column_names)}. Set data.{key} to one of them")
     if not _is_text(split.features[column]):

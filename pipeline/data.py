@@ -2,6 +2,7 @@
 Chat data (`format: chat`) is rendered with a chat template and tokenized by `pipeline.chat`."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import chat, errors
-from pipeline.columns import LOCAL_FORMATS, cap_train, csv_problem, local_files, require_text_column
+from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, require_text_column
 from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -94,12 +95,25 @@ def local_problems(source: str, files: list[Path]) -> list[str]:
     problems = [f"file '{p}' does not exist" for p in files if not p.is_file()]
     problems += [f"unsupported file type '{p.suffix or p.name}' ('{p}'); use one of {kinds}"
                  for p in files if p.suffix not in LOCAL_FORMATS]
-    problems += [problem for p in files if p.suffix == ".csv" and p.is_file() and (problem := csv_problem(p))]
+    problems += [f"'{p}' {problem}" for p in files if p.suffix in LOCAL_FORMATS and p.is_file()
+                 and (problem := _file_problem(str(p), *_stamp(p)))]
     builders = {LOCAL_FORMATS[p.suffix] for p in files if p.suffix in LOCAL_FORMATS}
     if len(builders) > 1:
         problems.append(f"'{source}' mixes file types ({', '.join(sorted({p.suffix for p in files}))}); "
                         "use one type per source, and data.mix to add another")
     return problems
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _file_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    """errors.file_problem without reading a large file whole, once per version of the file: a recipe checks the
+    same source for data, prune.data and distill.data."""
+    return errors.file_problem(Path(path), whole=False)
 
 
 def _cache_dir() -> Path:
@@ -134,8 +148,7 @@ def stamps(*configs) -> list:
         for source in [cfg.source, *(m.source for m in cfg.mix)]:
             for path in local_files(source) or []:
                 if path.is_file():
-                    stat = path.stat()
-                    out.append((str(path), stat.st_size, stat.st_mtime_ns))
+                    out.append((str(path), *_stamp(path)))
     return out
 
 
@@ -174,9 +187,6 @@ def read_local(source: str, files: list[Path]):
     problems = local_problems(source, files)  # checked with the recipe too; files may have changed since
     if problems:
         raise StageError(f"data.source: {problems[0]}")
-    for path in files:
-        if path.stat().st_size == 0:
-            raise StageError(f"data.source: '{path}' {errors.file_problem(path)}")
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of the failure would only repeat ours
     try:

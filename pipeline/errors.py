@@ -52,14 +52,27 @@ def free_bytes(folder: Path) -> int | None:
     return None
 
 
-def disk_full(folder: Path, written: int, needed: int | None = None) -> StageError:
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it is not there): what a write had done when it failed."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else 0
+
+
+def disk_full(folder: Path, written: int, needed: int | None = None, what: str | None = None,
+              cleanup: str = "The partial folder was removed. ") -> StageError:
+    """The one disk-full message of every write the pipeline makes: what it was writing and where, the space it
+    needs (or, when that cannot be known, what it had written) and the space free there."""
     free = free_bytes(folder)
-    need = (f"it needs about {mb(needed)}" if needed else f"it had written {mb(written)} when the disk filled, "
-            "and needs more than that")
+    if needed:
+        need = f"it needs about {mb(needed)}"
+    elif written:
+        need = f"it had written {mb(written)} when the disk filled, and needs more than that"
+    else:  # nothing written yet, and a write of unknown size
+        need = "how much it needs is not known here"
+    what = what or Path(folder).name.strip(".").removesuffix(".partial")
     return StageError(
-        f"disk full while writing {Path(folder).name.strip('.').removesuffix('.partial')} to '{Path(folder).parent}': "
-        f"{need}; {mb(free or 0)} are free there. The partial folder was removed. Free some space (old runs, "
-        "~/.cache/huggingface) or set output_dir to a folder on a larger disk, then run the same command again"
+        f"disk full while writing {what} to '{Path(folder).parent}': {need}; {mb(free or 0)} are free there. "
+        f"{cleanup}Free some space (old runs, ~/.cache/huggingface) or set output_dir to a folder on a larger disk, "
+        "then run the same command again"
     )
 
 
@@ -107,11 +120,10 @@ def explain(err: BaseException) -> StageError | None:
     for e in chain(err):
         if isinstance(e, StageError):
             return e
-        if _says_disk_full(e):
-            where = Path(e.filename).parent if getattr(e, "filename", None) else Path.cwd()
-            return StageError(f"disk full while writing '{getattr(e, 'filename', None) or where}': "
-                              f"{mb(free_bytes(where) or 0)} free; "
-                              "free some space or set output_dir to a larger disk, then run the same command again")
+        if _says_disk_full(e):  # a write no stage code knows the size of (a report, a library's cache)
+            name = getattr(e, "filename", None)
+            return disk_full(Path(name or Path.cwd() / "-"), 0, what=f"'{Path(name).name}'" if name else "a file",
+                             cleanup="")
         if isinstance(e, OSError) and e.errno in NOT_WRITABLE and e.filename:
             return StageError(f"cannot access '{e.filename}' ({e.strerror}); check its permissions (for output, "
                               "set output_dir to a folder you can write)")
@@ -128,6 +140,18 @@ def explain(err: BaseException) -> StageError | None:
 
 # --- data files -----------------------------------------------------------------------------------------
 
+# What each reader expects, named in every message about a file it cannot read
+FORMS = {".txt": "UTF-8 text, one document per line",
+         ".jsonl": 'JSON Lines: one JSON object per line, like {"text": ...}',
+         ".json": 'a JSON array of objects, [{"text": ...}, ...], or JSON Lines',
+         ".csv": "comma-separated columns under a header row (text,...), in UTF-8",
+         ".parquet": "a Parquet table"}
+# `validate` reads a data file whole (UTF-8, every JSON line, every CSV row) up to this size; a larger one gets the
+# checks that read its first bytes only, and the rest when a stage reads it and `datasets` fails
+FULL_CHECK_BYTES = 32 * 2**20
+SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "bars"}
+
+
 def data_file(files: list[Path], err: BaseException) -> StageError:
     """Why `datasets` could not read local data files: the file and line, found by reading them again."""
     for path in files:
@@ -136,38 +160,124 @@ def data_file(files: list[Path], err: BaseException) -> StageError:
             return StageError(f"data.source: '{path}' {problem}")
     root = list(chain(err))[-1]
     names = ", ".join(f"'{p}'" for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return StageError(f"data.source: cannot read {names}: {type(root).__name__}: {root}")
+    return StageError(f"data.source: cannot read {names} ({type(root).__name__}: {root}); expected "
+                      f"{FORMS.get(files[0].suffix, 'a data file')}. Fix the file, or save the data as JSON Lines")
 
 
-def file_problem(path: Path) -> str | None:
-    """What is wrong with one data file (empty, not UTF-8, malformed JSON on line N), or None."""
-    raw = path.read_bytes()
-    if not raw.strip():
+def file_problem(path: Path, whole: bool = True) -> str | None:
+    """What is wrong with one data file (empty, not UTF-8, malformed JSON on line N, ...) with the form expected
+    and the fix, or None. `whole=False` (recipe validation) reads a file larger than FULL_CHECK_BYTES only at its
+    start (and a Parquet file's end)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(64 * 1024)
+        tail = f.seek(max(size - 4, 0)) is not None and f.read(4)
+    if not head.strip():
         return ("is empty (or holds only whitespace); put documents in it (one per line for .txt, one JSON "
                 "object per line for .jsonl) or point data.source at another file")
     if path.suffix == ".parquet":
+        if head[:4] != b"PAR1" or tail != b"PAR1":  # every Parquet file starts and ends with these bytes
+            return (f"is not a Parquet file (it does not start and end with PAR1: {head[:12]!r}...); expected "
+                    f"{FORMS['.parquet']}: write it with pandas' DataFrame.to_parquet, or give the file its real "
+                    "extension (.jsonl, .csv, .txt)")
         return None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: UTF-16, as Windows' Notepad saves "Unicode"
+        return ("is UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8, e.g. "
+                "`iconv -f utf-16 -t utf-8 in.txt > out.txt`")
+    if path.suffix == ".csv" and (problem := csv_separator_problem(head.decode("utf-8", "replace"))):
+        return problem
+    if not whole and size > FULL_CHECK_BYTES:
+        return None
+    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a UTF-8 byte-order mark: every reader skips it
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         return (f"is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (byte offset {e.start}); re-save "
                 "the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`")
     if path.suffix in (".json", ".jsonl"):
         return json_problem(text, path.suffix)
+    if path.suffix == ".csv":
+        return csv_problem(text)
+    return None
+
+
+def csv_separator_problem(head: str) -> str | None:
+    """A `.csv` file separated by something else than commas (a spreadsheet's export in many locales): read as
+    comma-separated, its header becomes one column named 'id;text'. The sniffer decides where the first lines
+    agree; else a header with no comma but a semicolon, tab or bar says it."""
+    import csv
+
+    header = head.splitlines()[0] if head.splitlines() else ""
+    try:
+        found = csv.Sniffer().sniff(head[: head.rfind("\n") + 1] or head, delimiters=",;\t|").delimiter
+    except csv.Error:  # one column, or lines that do not agree
+        found = None
+    if found in (None, ",") and "," not in header:
+        found = next((d for d in SEPARATORS if d in header), None)
+    return separated_by(found, header) if found in SEPARATORS else None
+
+
+def separated_by(sep: str, header: str) -> str:
+    return (f"looks {sep!r}-separated ({SEPARATORS[sep]}, not commas: its header reads {header[:60]!r}), and the "
+            "CSV reader splits on commas; save it comma-separated (in pandas: "
+            f"pd.read_csv(path, sep={sep!r}).to_csv(path, index=False)), or as .jsonl or .parquet")
+
+
+def csv_problem(text: str) -> str | None:
+    """A CSV the reader refuses or misreads: a header with no rows, a row with more fields than the header, a
+    quote that is never closed (each with its line)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text), strict=True)
+    header, rows, line = None, 0, 1
+    try:
+        for row in reader:
+            if row and header is None:
+                header = row
+            elif row and len(row) > len(header):
+                return (f"line {line} has {len(row)} fields, but the header has {len(header)} "
+                        f"({', '.join(header)[:60]}); quote a field that holds a comma (\"like, this\"), or fix "
+                        f"that line. Expected {FORMS['.csv']}")
+            elif row:
+                rows += 1
+            line = reader.line_num + 1
+    except csv.Error as e:
+        return (f"line {line}: {e}: a quoted field starts there and its quote is never closed; close it, or double "
+                f"each quote inside a quoted field (\"\"). Expected {FORMS['.csv']}")
+    if not rows:
+        return (f"holds a header row ({', '.join(header)[:60]}) and no rows under it; add one row per document. "
+                f"Expected {FORMS['.csv']}")
     return None
 
 
 def json_problem(text: str, suffix: str) -> str | None:
-    if suffix == ".json" and text.lstrip().startswith("["):  # one JSON array of records
+    """A .json / .jsonl file `datasets` refuses or misreads. It reads a JSON array of records and JSON Lines
+    under either extension, so the content decides which form is checked."""
+    form = FORMS[suffix]
+    if text.lstrip().startswith("["):  # one JSON array of records
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            return f"is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it there"
+            return (f"is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}; fix it there (it starts with '[', "
+                    f"so it is read as one JSON array; expected {form})")
         bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
         if bad is not None:
             return f"must be a JSON array of objects like {{\"text\": ...}}; item {bad} is a {type(rows[bad]).__name__}"
         return None
+    if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:  # JSON Lines, or broken: the lines say which
+            whole = None
+        if isinstance(whole, dict):  # one object spread over lines: `datasets` reads it as a single row
+            under = next((k for k, v in whole.items() if isinstance(v, list) and v
+                          and all(isinstance(r, dict) for r in v)), None)
+            fix = (f"the records look to be under '{under}': `jq -c '.{under}[]' in.json > out.jsonl` writes them as "
+                   "JSON Lines" if under else "write one object per document")
+            return (f"holds one JSON object over {len(text.strip().splitlines())} lines (keys: "
+                    f"{', '.join(list(whole)[:6])}), which reads as a single row; expected {form}; {fix}")
     kinds: dict[str, tuple[str, int]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -176,7 +286,7 @@ def json_problem(text: str, suffix: str) -> str | None:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return (f"line {n} is not valid JSON ({e.msg}, column {e.colno}): {line[:80]!r}; fix or delete that "
-                    "line (JSON Lines: one complete JSON object per line)")
+                    f"line (expected {form})")
         if not isinstance(row, dict):
             return f"line {n} is a JSON {type(row).__name__}, not an object like {{\"text\": ...}}; fix or delete that line"
         for key, value in row.items():

@@ -35,12 +35,12 @@ def staging(final: Path):
     except BaseException as err:
         if any(isinstance(e, KeyboardInterrupt) for e in errors.chain(err)):
             interrupts.delivered()
-        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+        written = errors.bytes_under(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         expected = _expected_bytes.pop(tmp, None)
-        cause = next((e for e in errors.chain(err) if isinstance(e, OSError)), None)  # libraries wrap it
-        if cause is not None and cause.errno in errors.DISK_FULL:
+        if errors.is_disk_full(err):  # an OSError, or a library's own report of it (safetensors' Rust writer)
             raise errors.disk_full(tmp, written, expected) from err
+        cause = next((e for e in errors.chain(err) if isinstance(e, OSError)), None)  # libraries wrap it
         if cause is not None and cause.errno in errors.NOT_WRITABLE:
             raise errors.not_writable(cause.filename or tmp, cause) from err
         raise

@@ -12,6 +12,10 @@ plainly that they are off, and switching a feature off over a recipe that config
 for. A switch that is off only by default (`prune.enabled`, `finetune.qat.enabled`) says nothing, so settings
 under it are refused unless the switch is written. Other value contradictions live in each section's `check`
 (`distill.every` with `keep`, `quantize.input` with `inputs`, a candidate option of another method, ...).
+Examined and left out because both keys take effect: `logging_steps` past `max_steps` (the Trainer logs the mean
+training loss at the end all the same, and a smoke override such as `finetune.max_steps=2` must not be refused),
+`backup_precision` with `ratio` 1 (NNCF keeps the embeddings and the last layer in it), `distill.teacher` for a
+student cut from the teacher's layers (it is their source), `lm_eval_batch_size` (the offline task uses it too).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.columns import local_files
+from pipeline.quant_backends import DATA_AWARE
 
 OFF = ("enabled",)  # switch keys: written as false, they keep their section's settings for later
 
@@ -184,6 +189,10 @@ RULES = (
     Rule("distill", ("temperature", "kl"),
          lambda r, o: "distill.alpha_kd is 0 (there is no KD term)" if o.alpha_kd == 0 else None,
          "set distill.alpha_kd above 0, or remove them", on=("alpha_kd",)),
+    Rule("distill", ("teacher",),
+         lambda r, o: f"distill.alpha_kd and alpha_cos are 0 and {_pruned_input(r, o)}: the teacher neither runs nor "
+         "gives the student its layers" if o.alpha_kd == 0 and o.alpha_cos == 0 and _pruned_input(r, o) else None,
+         "remove distill.teacher, or set alpha_kd above 0", on=("alpha_kd", "alpha_cos", "input", "prune.enabled")),
     Rule("distill", ("teacher_precision",),
          lambda r, o: "distill.alpha_kd and alpha_cos are 0: the teacher never runs"
          if o.alpha_kd == 0 and o.alpha_cos == 0 else None,
@@ -193,6 +202,16 @@ RULES = (
          lambda r, o: f"{{p}} ({o.method}) is not data-aware (no awq, scale_estimation, gptq, lora_correction, "
          "calibration_samples or activation-based sensitivity_metric)" if not o.data_aware else None,
          "add calibration_samples (or a data-aware option), or remove calibration_tokens", on=("method",)),
+    # nncf reads calibration activations only for these algorithms or to rank layers for backup_precision (ratio
+    # < 1, by an activation-based metric: the default once there is data); else the blocks are drawn for nothing
+    Rule("quantize.candidates[]", ("calibration_samples", "calibration_tokens"),
+         lambda r, o: f"{{p}} ({o.method}) has no awq, scale_estimation, gptq or lora_correction, and "
+         + ("ratio is 1 (every layer in 4-bit: none is ranked)" if o.ratio in (None, 1) else
+            "sensitivity_metric is weight_quantization_error") + ": nncf reads no calibration activations"
+         if o.method == "openvino-int4" and not any(getattr(o, k) for k in DATA_AWARE)
+         and (o.ratio in (None, 1) or o.sensitivity_metric == "weight_quantization_error") else None,
+         "add awq: true or scale_estimation: true (or ratio < 1 for mixed precision), or remove them",
+         on=("method", "ratio", "sensitivity_metric", *DATA_AWARE)),
     Rule("quantize", ("max_general_ppl_increase",),
          lambda r, o: "general.tokens is 0: there is no general text to measure it on"
          if r.general.tokens == 0 else None,
@@ -216,10 +235,19 @@ RULES = (
          lambda r, o: "data.format is chat (the offline task then picks each held-out prompt's answer: it uses docs "
          "and choices)" if r.data.format == "chat" else None, "remove them", on=("data.format",),
          switch="enabled"),
+    Rule("evaluate", ("lm_eval_limit",),
+         lambda r, o: "evaluate.lm_eval_tasks is empty (the limit applies to those tasks; the offline task's size is "
+         "evaluate.task.docs)" if not o.lm_eval_tasks else None,
+         "add lm_eval_tasks, or remove lm_eval_limit (task.docs sizes the offline task)", on=("lm_eval_tasks",)),
     Rule("evaluate", ("answer_metrics", "answer_tokens", "max_answers"),
          lambda r, o: "data.format is text (held-out answers are scored for chat data only)"
          if r.data.format != "chat" else None, "remove them, or use chat data (data.format: chat)",
          on=("data.format",), switch="answers"),
+    # --- push ---
+    Rule("push", ("user",),
+         lambda r, o: f"push.repo '{o.repo}' names its namespace itself (no {{user}})"
+         if "{user}" not in o.repo and "/" in o.repo else None,
+         "put {user} in push.repo (e.g. {user}/{recipe}-{stage}), or remove push.user", on=("repo",)),
 )
 
 STAGES_WITH_SWITCH = ("finetune", "prune", "distill", "quantize", "evaluate")

@@ -32,7 +32,7 @@ def writable_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as err:
         if err.errno in errors.DISK_FULL:
-            raise errors.disk_full(probe, 0) from err
+            raise errors.disk_full(probe, 0, what="the run folder", cleanup="") from err
         raise errors.not_writable(run_dir, err) from err
 
 

@@ -105,15 +105,64 @@ DATA_CASES = [
     ("chat-responses-cut-off", "c.jsonl",
      lines({"prompt": "a long question " * 20, "response": "yes"} for _ in range(10)), {**CHAT, "block_size": 16},
      ["assistant turns cut off", "data.block_size 16", "at least"]),
+    # every way a reader can fail: the file, the line when known, the form expected and the fix
+    ("csv-semicolons", "d.csv", "id;text\n" + "".join(f"{i};row {i}, with a comma\n" for i in range(20)), {},
+     ["d.csv", "looks ';'-separated", "sep=';'", "save it comma-separated"]),
+    ("csv-tabs", "d.csv", "id\ttext\n" + "".join(f"{i}\trow {i}\n" for i in range(20)), {},
+     ["looks '\\t'-separated", "tabs, not commas"]),
+    ("csv-semicolons-comma-in-header", "d.csv", "id;text,more\n" + "".join(f"{i};row {i}, x\n" for i in range(20)),
+     {}, ["data.text_column", "a column is named 'id;text'", "looks ';'-separated", "save it comma-separated"]),
+    ("csv-unclosed-quote", "d.csv", "text\n" + "".join(f"row {i}\n" for i in range(5)) + '"never closed\nrow\n', {},
+     ["d.csv", "line 7", "quote is never closed", "Expected comma-separated columns"]),
+    ("csv-header-only", "d.csv", "text\n", {}, ["d.csv", "no rows under it", "add one row per document"]),
+    ("csv-not-utf8", "d.csv", b"text\n" + b"".join(b"caf\xe9 %d\n" % i for i in range(20)), {},
+     ["d.csv", "not UTF-8", "line 2", "iconv"]),
+    ("csv-numbers-in-text-column", "d.csv", "text,title\n" + "".join(f"{i},t{i}\n" for i in range(20)), {},
+     ["data.text_column", "int64 values, not text", "(title)"]),
+    ("txt-utf16", "d.txt", "".join(f"line {i}\n" for i in range(20)).encode("utf-16"), {},
+     ["d.txt", "UTF-16", "iconv -f utf-16"]),
+    ("jsonl-array-broken", "d.jsonl", '[{"text": "a"},\n {"text": "b"\n]', {},
+     ["d.jsonl", "line 3", "read as one JSON array"]),
+    ("jsonl-broken-line-says-the-form", "d.jsonl", lines(DOCS[:3]) + "{oops\n", {},
+     ["line 4 is not valid JSON", "expected JSON Lines: one JSON object per line"]),
+    ("json-one-object-with-records", "d.json", json.dumps({"version": 1, "data": DOCS}, indent=1), {},
+     ["d.json", "one JSON object over", "keys: version, data", "a JSON array of objects", "jq -c '.data[]'"]),
+    ("parquet-not-parquet", "d.parquet", lines(DOCS), {},
+     ["d.parquet", "not a Parquet file", "to_parquet", ".jsonl"]),
+    ("parquet-int-text-column", "d.parquet", lambda: _parquet({"text": list(range(20)), "body": ["x"] * 20}), {},
+     ["data.text_column", "int64 values, not text", "(body)"]),
+    ("parquet-missing-text-column", "d.parquet", lambda: _parquet({"body": ["x"] * 20, "id": list(range(20))}), {},
+     ["data.text_column", "column 'text' not in", "body, id"]),
 ]
+# caught by `validate` (reading the files, no model): the rest need the data loaded; every other row validates
+AT_VALIDATE = {"jsonl-broken-line", "jsonl-not-an-object", "jsonl-type-changes", "json-array-broken", "txt-empty",
+               "txt-whitespace", "txt-not-utf8", "csv-ragged-row", "csv-semicolons", "csv-tabs", "csv-unclosed-quote",
+               "csv-header-only", "csv-not-utf8", "txt-utf16", "jsonl-array-broken", "jsonl-broken-line-says-the-form",
+               "json-one-object-with-records", "parquet-not-parquet"}
+
+
+def _parquet(columns: dict) -> bytes:
+    import io
+
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.DataFrame(columns).to_parquet(buf)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_files(case, tiny_models, make_recipe, tmp_path, capsys):
     _, name, content, keys, needles = case
-    source = write(tmp_path / "data" / name, content)
+    source = write(tmp_path / "data" / name, content() if callable(content) else content)
     finetune = {"eval_steps": 2} if "validation" in case[0] else {}
     recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), **keys}, finetune=finetune)
+    if case[0] in AT_VALIDATE:
+        err = fails(["validate", recipe], capsys)
+        for needle in needles:
+            assert needle in err, (needle, err)
+    else:
+        assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
     err = fails(["run", recipe, "--stages", "load,finetune"], capsys)
     for needle in needles:
         assert needle in err, (needle, err)
@@ -152,6 +201,25 @@ def test_data_folders_and_globs_load(tiny_models, make_recipe, tmp_path, capsys)
     for source in (tmp_path / "docs", tmp_path / "docs" / "*.jsonl"):
         splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
         assert len(splits["train"]) + len(splits["validation"]) == 40
+
+
+@pytest.mark.parametrize("name,content", [
+    ("array.jsonl", json.dumps(DOCS, indent=1)),  # `datasets` reads a JSON array and JSON Lines under either name
+    ("lines.json", lines(DOCS)),
+    ("bom.jsonl", "\ufeff" + lines(DOCS)),  # a UTF-8 byte-order mark: every reader skips it
+    ("bom.csv", "\ufefftext,id\n" + "".join(f'"{d["text"]}",{i}\n' for i, d in enumerate(DOCS))),
+    ("quoted.csv", 'id,text\n1,"Hello; there, a ""quoted"" row\nover two lines"\n'
+     + "".join(f'{i},"{d["text"]}"\n' for i, d in enumerate(DOCS))),
+])
+def test_data_files_in_forms_the_readers_take_pass(name, content, tiny_models, make_recipe, tmp_path):
+    """The other side of the parser checks: forms the readers take are neither refused nor misread."""
+    from pipeline import data
+
+    source = write(tmp_path / name, content)
+    assert main(["validate", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)}))]) == 0
+    splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
+    assert len(splits["train"]) + len(splits["validation"]) == 40 + name.startswith("quoted")
+    assert "text" in splits["train"].column_names
 
 
 def _folder(tmp_path, tokenizer, name="m", arch="gpt2") -> Path:
@@ -358,10 +426,72 @@ def test_disk_full_while_evaluate_writes_the_report(tiny_models, make_recipe, tm
 
     monkeypatch.setattr(report, "write", fill_up)
     err = fails(["run", recipe, "--stages", "evaluate"], capsys)
-    for needle in [f"disk full while writing '{target}'", "MB free", "output_dir", "run the same command again"]:
+    for needle in [f"disk full while writing 'report.md' to '{target.parent}'", "how much it needs is not known",
+                   "MB are free", "output_dir", "run the same command again"]:
         assert needle in err, (needle, err)
     monkeypatch.undo()
     assert main(["run", str(recipe), "--stages", "evaluate"]) == 0 and target.is_file()
+
+
+def _safetensors_full(mu, save_file, where):
+    from safetensors import SafetensorError
+
+    def fill_up(tensors, filename, metadata=None):
+        if where in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return save_file(tensors, filename, metadata=metadata)
+    return fill_up
+
+
+def _full_while(monkeypatch, tmp_path, where: str) -> None:
+    """Make the write `where` names fail as a full disk does."""
+    import transformers.modeling_utils as mu
+
+    if where == "stage-folder":  # safetensors' Rust writer: no OSError in the chain
+        monkeypatch.setattr(mu, "safe_save_file", _safetensors_full(mu, mu.safe_save_file, ".finetune.partial"))
+    elif where == "quantize-candidate":
+        from pipeline import quant_backends
+
+        def save(model, folder, cand):
+            write(Path(folder) / "half.bin", b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.bin"))
+        monkeypatch.setattr(quant_backends, "save", save)
+    elif where == "run-folder":
+        write_text = Path.write_text
+
+        def probe(self, *args, **kwargs):
+            if self.name.startswith(".write-test-"):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            return write_text(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", probe)
+
+
+# every write that can fill the disk: what the message names, the space needed (when it can be known) and free
+DISK_CASES = [
+    ("stage-folder", ["finetune"], ["disk full while writing finetune to", "it needs about", "MB are free",
+                                    "The partial folder was removed"]),
+    ("quantize-candidate", ["quantize"], ["disk full while writing quantize candidate 'bnb-int8'", "it needs about",
+                                          "MB are free", "candidates' folder is removed"]),
+    ("run-folder", ["finetune"], ["disk full while writing the run folder to", "how much it needs is not known",
+                                  "MB are free", "output_dir"]),
+]
+
+
+@pytest.mark.parametrize("where,stages,needles", [c for c in DISK_CASES], ids=[c[0] for c in DISK_CASES])
+def test_a_full_disk_says_what_is_needed_and_free(where, stages, needles, tiny_models, make_recipe, tmp_path,
+                                                  monkeypatch, capsys):
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"max_steps": 2}, distill={"enabled": False},
+                         quantize={"max_ppl_increase": None})
+    assert main(["run", str(recipe), "--until", "finetune" if stages != ["finetune"] else "load"]) == 0
+    _full_while(monkeypatch, tmp_path, where)
+    err = fails(["run", recipe, "--stages", ",".join(stages)], capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert "partial folder" not in err or where == "stage-folder", err  # only a stage folder has one
+    no_folder(tmp_path / "runs" / "tiny", *stages)
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", ",".join(stages)]) == 0  # space again: the same command goes on
 
 
 def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
@@ -592,11 +722,12 @@ def test_interrupts_exit_cleanly_and_the_rerun_continues(chain, tiny_models, mak
 
 
 def test_debug_shows_the_traceback(tiny_models, make_recipe, tmp_path, capsys):
-    source = write(tmp_path / "d.jsonl", '{"text": \n')
+    # a problem only reading the data shows (a broken file is a recipe problem, found before anything runs)
+    source = write(tmp_path / "d.csv", "text,title\n" + "".join(f"{i},t{i}\n" for i in range(20)))
     rc = main(["run", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)})), "--stages", "load,finetune",
                "--debug"])
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" in err and "line 1 is not valid JSON" in err
+    assert rc == 2 and "Traceback" in err and "int64 values, not text" in err
 
 
 def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypatch, capsys):
@@ -648,7 +779,7 @@ def test_a_csv_not_separated_by_commas_is_refused_at_validate_with_the_fix(sep, 
     source = write(tmp_path / "d.csv", f"id{sep}text\n1{sep}Hello there, a row.\n2{sep}Another row.\n")
     recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), "text_column": "text"})
     err = fails(["validate", recipe], capsys)
-    assert f"is separated by {name}, not commas" in err and "save it comma-separated" in err
+    assert f"looks {sep!r}-separated ({name}, not commas" in err and "save it comma-separated" in err
     # the run refuses it before loading anything, and a comma-separated file with a comma in its text passes
     fails(["run", recipe], capsys)
     assert not (tmp_path / "runs").exists()

@@ -204,6 +204,15 @@ IGNORED_CASES = [
                                 "distill.teacher_precision=fp32"],
      ["distill.kl (and distill.temperature): have no effect while distill.alpha_kd is 0",
       "distill.teacher_precision: has no effect while distill.alpha_kd and alpha_cos are 0: the teacher never runs"]),
+    ("a-teacher-that-never-runs", ["prune.enabled=true", "prune.intermediate_size=64", "distill.alpha_kd=0",
+                                   "distill.teacher={llama}"],
+     ["distill.teacher: has no effect while distill.alpha_kd and alpha_cos are 0 and prune.enabled is true: the "
+      "student is the pruned model: the teacher neither runs", "remove distill.teacher"]),
+    ("a-calibration-set-nncf-does-not-read",
+     ["quantize.candidates=[{method: openvino-int4, calibration_samples: 16, calibration_tokens: 64}]"],
+     ["quantize.candidates[0].calibration_samples (and quantize.candidates[0].calibration_tokens): have no effect "
+      "while quantize.candidates[0] (openvino-int4) has no awq, scale_estimation, gptq or lora_correction, and",
+      "ratio is 1", "add awq: true"]),
     ("calibration-tokens-without-calibration",
      ["quantize.candidates=[{method: openvino-int4, calibration_tokens: 64}]"],
      ["quantize.candidates[0].calibration_tokens: has no effect while quantize.candidates[0] (openvino-int4) is "
@@ -244,6 +253,11 @@ IGNORED_CASES = [
      ["distill.data.validation_split: has no effect while distill.eval_steps is null"]),
     ("continuation-settings-of-the-chat-task", ["data.format=chat", "evaluate.task.context_words=12"],
      ["evaluate.task.context_words: has no effect while data.format is chat"]),
+    ("a-limit-for-no-lm-eval-task", ["evaluate.lm_eval_limit=10"],
+     ["evaluate.lm_eval_limit: has no effect while evaluate.lm_eval_tasks is empty", "task.docs"]),
+    ("a-namespace-the-repo-names-itself", ["push.repo=org/{recipe}-{stage}", "push.user=me"],
+     ["push.user: has no effect while push.repo 'org/{recipe}-{stage}' names its namespace itself",
+      "put {user} in push.repo"]),
     ("evaluating-a-stage-the-recipe-disables", ["evaluate.models=[base, prune]"],
      ["evaluate.models[1]: 'prune' is not a model this recipe makes (prune.enabled is false)"]),
     ("pushing-a-stage-the-recipe-disables", ["push.stages=[finetune, prune]"],
@@ -254,6 +268,7 @@ IGNORED_CASES = [
 @pytest.mark.parametrize("overrides, needles", [pytest.param(*c[1:], id=c[0]) if isinstance(c[0], str) else c
                                                 for c in IGNORED_CASES])
 def test_keys_that_would_not_take_effect_are_refused(tiny_models, make_recipe, capsys, overrides, needles):
+    overrides = [o.replace("{llama}", str(tiny_models["llama"])) for o in overrides]
     assert main(["validate", str(make_recipe(tiny_models["llama"])), *overrides]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -270,6 +285,10 @@ ACCEPTED_CASES = [
     ("a-stage-switched-off", ["prune.enabled=false", "prune.target_params=0.8", "distill.enabled=false",
                               "distill.lr_scheduler=constant", "distill.warmup_ratio=0.1"]),
     ("qat-switched-off", ["finetune.qat.enabled=false", "finetune.qat.bits=8"]),
+    # the other side of the rows above: the same keys where they take effect
+    ("keys-where-they-take-effect", ["push.repo=x-{stage}", "push.user=me",
+                                     "quantize.candidates=[{method: openvino-int4, awq: true, calibration_samples: 16},"
+                                     " {name: mixed, method: openvino-int4, ratio: 0.8, calibration_samples: 16}]"]),
     ("samples-speed-and-answers-switched-off", ["evaluate.samples=false", f"{NO_SAMPLE}.num_beams=3",
                                                 "evaluate.speed=false", "evaluate.repeats=5", "evaluate.answers=false",
                                                 "evaluate.answer_tokens=10"]),

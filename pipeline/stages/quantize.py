@@ -188,7 +188,10 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, texts,
         row.update(measure(model, tokenizer, texts, cfg, reference))
     except Exception as err:  # noqa: BLE001 -- a broken candidate is reported, the others still run
         if errors.is_disk_full(err):  # not the candidate's fault: no other one will fit either
-            raise
+            # a conversion starts from the input in float (OpenVINO's export, GGUF's f16 file): about its size
+            raise errors.disk_full(ctx.run_dir / "quantize", errors.bytes_under(folder), formats.disk_size(source),
+                                   what=f"quantize candidate '{row['name']}'",
+                                   cleanup="The candidates' folder is removed. ") from err
         log.warning("quantize: %s failed: %s", row["name"], err)
         message = " ".join(str(err).strip().splitlines()[:2])[:300]
         return {**row, "status": "failed", "error": f"{type(err).__name__}: {message}"}
