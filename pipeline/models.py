@@ -280,16 +280,16 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
 
     try:
         if source.gguf_file:
-            # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
-            # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
-            # The file's own special tokens, passed in: transformers' GGUF tokenizer reads only their ids and
-            # otherwise adds "<s>"/"</s>" as new tokens (GPT-2) or swaps BOS and EOS (Llama converter).
             from gguf import GGUFReader
 
             reader = GGUFReader(Path(source.path) / source.gguf_file)
             special = gguf_special_tokens(reader)
             tok = sentencepiece_tokenizer(reader, special)
             if tok is None:
+                # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
+                # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
+                # The file's own special tokens, passed in: transformers' GGUF tokenizer reads only their ids and
+                # otherwise adds "<s>"/"</s>" as new tokens (GPT-2) or swaps BOS and EOS (Llama converter).
                 tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file, **special)
                 for key, token in special.items():
                     setattr(tok, key, token)
