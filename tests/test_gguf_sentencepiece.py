@@ -183,3 +183,24 @@ def test_a_metaspace_tokenizer_gets_llama_cpps_space_prefix_with_a_warning(tmp_p
             assert back(text, add_special_tokens=False).input_ids == llama_cpp_spm(meta, text), text
     assert back.convert_ids_to_tokens(back(" one", add_special_tokens=False).input_ids)[0] == "\u2581"
     assert gguf_export.llama_cpp_differs(tiny.build_spm_tokenizer("normalizer", vocab_size=300)) is None
+
+
+def test_quantize_stage_writes_and_gates_a_sentencepiece_gguf(llama2, make_recipe, tmp_path):
+    """The gguf-q8_0 candidate of the quantize stage on the Llama-2-style model: a "llama" vocabulary, scored by
+    the gate and chosen; the folder loads with the tokenizer it was written from, and the file alone tokenizes
+    the same."""
+    from pipeline import formats
+    from pipeline.cli import main
+
+    path = make_recipe(llama2["folder"], finetune={"enabled": False}, distill={"enabled": False},
+                       evaluate={"enabled": False},
+                       quantize={"candidates": [{"method": "gguf-q8_0"}], "max_ppl_increase": 5.0, "speed_tokens": 0})
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "runs" / "tiny" / "quantize"
+    row = tiny.record(out)["candidates"][0]
+    assert row["status"] == "passed" and abs(row["ppl_increase_pct"]) < 1, row
+    assert fields(out / "tiny-Q8_0.gguf")["tokenizer.ggml.model"] == "llama"
+    _, folder_tok = formats.load_folder(out)
+    file_tok = reloaded(out / "tiny-Q8_0.gguf")
+    for text in TEXTS:
+        assert folder_tok(text).input_ids == file_tok(text).input_ids == llama2["tokenizer"](text).input_ids, text
