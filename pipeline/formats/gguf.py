@@ -298,8 +298,8 @@ def scores(tokenizer, tokens: list[str]) -> list[float]:
     with the highest score; BPE applies the merge of lowest rank first. So a token scores minus the rank of
     the first merge that makes it. Tokens no merge makes (single characters, bytes, special and added tokens)
     are never the product of a merge in the source tokenizer: they score below every merge product, so a pair
-    that happens to spell one is joined last. transformers' GGUF reader rebuilds the merges from these scores
-    the same way (highest score first)."""
+    that happens to spell one is joined last. The pipeline's GGUF loader (models.sentencepiece_tokenizer), and
+    transformers' reader of a llama-architecture file, rebuild merges from these scores the same way."""
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     first: dict[str, int] = {}
     for rank, merge in enumerate(merges):
