@@ -219,11 +219,8 @@ def peek_config(source: Source | None, trust_remote_code: bool = False):
         return None
 
 
-def gguf_special_tokens(path: Path) -> dict[str, str]:
-    """bos/eos/unk/pad tokens named by a GGUF file's `tokenizer.ggml.*_token_id` keys."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+def gguf_special_tokens(reader) -> dict[str, str]:
+    """bos/eos/unk/pad tokens named by a GGUF file's `tokenizer.ggml.*_token_id` keys (`reader`: its GGUFReader)."""
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     out = {}
     for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
@@ -234,19 +231,68 @@ def gguf_special_tokens(path: Path) -> dict[str, str]:
     return out
 
 
+def sentencepiece_tokenizer(reader, special: dict[str, str]):
+    """The tokenizer of a GGUF file with a SentencePiece vocabulary (`tokenizer.ggml.model` llama: Llama 2, Mistral,
+    Gemma files), built from its fields to tokenize as llama.cpp does with the file; None for other vocabularies.
+    transformers' readers depart from llama.cpp, each its own way: 5.5 always adds BOS whatever the file says
+    and reads a Gemma file as a Unigram model (other pieces than llama.cpp's), 5.23 puts no space before text
+    that already starts with one nor after a special token, and adds Gemma's special tokens of its own to a
+    Gemma file's vocabulary. llama.cpp joins, again and again, the adjacent pair whose concatenation is the
+    best-scored token (`scores`), falls back to <0xXX> byte tokens, writes every space as "▁", puts one before
+    the text and after every special token when `add_space_prefix` (its default), with no other split, matches
+    CONTROL and USER_DEFINED tokens whole, and adds BOS / EOS as `add_bos_token` / `add_eos_token` say (BOS by
+    default for this vocabulary)."""
+    from gguf import TokenType
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    def field(key: str, default=None):
+        found = reader.fields.get(key)
+        return found.contents() if found is not None else default
+
+    if field("tokenizer.ggml.model") != "llama":
+        return None
+    tokens, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores")
+    types = field("tokenizer.ggml.token_type", [])
+    ids = {token: i for i, token in enumerate(tokens)}
+    # BPE that merges as llama.cpp does: every split of a token into two tokens is a merge, ranked by the score
+    # of the token it makes (best first; by id among equal scores)
+    merges = sorted(((scores[ids[token]], ids[token], token[:cut], token[cut:]) for token in ids
+                     for cut in range(1, len(token)) if token[:cut] in ids and token[cut:] in ids),
+                    key=lambda m: (-m[0], m[1]))
+    backend = Tokenizer(models.BPE(ids, [(left, right) for _, _, left, right in merges], byte_fallback=True,
+                                   unk_token=special.get("unk_token"), fuse_unk=True))
+    backend.add_tokens([AddedToken(t, normalized=False, special=kind == TokenType.CONTROL)
+                        for t, kind in zip(tokens, types) if kind in (TokenType.CONTROL, TokenType.USER_DEFINED)])
+    prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * prefix
+                                              + [normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + [decoders.Strip(" ", 1, 0)] * prefix)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=field("tokenizer.chat_template"), **special)
+    tok.add_bos_token = bool(field("tokenizer.ggml.add_bos_token", True))  # setting these builds the post-processor
+    tok.add_eos_token = bool(field("tokenizer.ggml.add_eos_token", False))
+    return tok
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         if source.gguf_file:
-            # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
-            # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
-            # The file's own special tokens, passed in: transformers' GGUF tokenizer reads only their ids and
-            # otherwise adds "<s>"/"</s>" as new tokens (GPT-2) or swaps BOS and EOS (Llama converter).
-            special = gguf_special_tokens(Path(source.path) / source.gguf_file)
-            tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file, **special)
-            for key, token in special.items():
-                setattr(tok, key, token)
+            from gguf import GGUFReader
+
+            reader = GGUFReader(Path(source.path) / source.gguf_file)
+            special = gguf_special_tokens(reader)
+            tok = sentencepiece_tokenizer(reader, special)
+            if tok is None:
+                # AutoTokenizer picks a Llama tokenizer class for GGUF files that does not survive
+                # save/reload; the plain fast tokenizer keeps the GGUF vocabulary and merges exactly.
+                # The file's own special tokens, passed in: transformers' GGUF tokenizer reads only their ids and
+                # otherwise adds "<s>"/"</s>" as new tokens (GPT-2) or swaps BOS and EOS (Llama converter).
+                tok = PreTrainedTokenizerFast.from_pretrained(source.path, gguf_file=source.gguf_file, **special)
+                for key, token in special.items():
+                    setattr(tok, key, token)
             cfg = gguf_config(source)
             tok.model_max_length = getattr(cfg, "max_position_embeddings", tok.model_max_length)
         else:

@@ -24,6 +24,50 @@ def build_tokenizer(vocab_size: int = 512):
                                    model_max_length=256)
 
 
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def build_spm_tokenizer(prefix: str = "normalizer", add_bos: bool = True, vocab_size: int = 1000):
+    """A SentencePiece-style BPE tokenizer as Llama 2, Mistral and Gemma save theirs as fast tokenizers: ids
+    0-2 <unk> <s> </s>, 3-258 the <0xXX> byte tokens of byte fallback (in the model's vocabulary, not added
+    tokens), then pieces learned within words on the stdlib corpus, spaces written as "▁". `prefix`: how the
+    "▁" before the text is put: "normalizer" (Llama 2 / TinyLlama: Prepend + Replace normalizers, also after
+    a special token and before a leading space), "metaspace" (Mistral v0.3: a Metaspace pre-tokenizer, scheme
+    "first"), "none" (Gemma: no prefix)."""
+    import json
+
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    space = "\u2581"
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always", split=True)
+    learner.train_from_iterator((topics[k] for k in sorted(topics)),
+                                trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(SPM_SPECIALS)
+    replace = normalizers.Replace(" ", space)
+    if prefix == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), replace])
+    elif prefix == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = replace
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix != "none" else []))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=256)
+
+
 def build_model(arch: str, tokenizer, layers: int = 4):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

@@ -4,7 +4,9 @@ Ollama and LM Studio run, with the tokenizer files beside it; transformers reloa
 
 Written with the `gguf` package the way llama.cpp's own `convert_hf_to_gguf.py` lays a model out: its
 tensor-name maps, `GGUFWriter`, `SpecialVocab` for merges / special tokens / chat template, and
-`gguf.quants` for the weight types it can write in numpy (F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+`gguf.quants` for the weight types it can write in numpy (F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). The vocabulary is
+llama.cpp's byte-level BPE ("gpt2": tokens and merges) or, for SentencePiece-style tokenizers, its SentencePiece
+one ("llama": tokens and scores that rank them as the BPE merges do), whichever the tokenizer is.
 
 Layout rules llama.cpp expects: GPT-2's `Conv1D` weights are stored transposed (as Linear weights);
 Llama's q/k projection rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ log = logging.getLogger("pipeline")
 ARCHITECTURES = {t: f.gguf_arch for f in families.FAMILIES if f.gguf_arch for t in f.model_types}
 SUPPORTED = ("gpt2 (GPT-2, DistilGPT2), llama (Llama, SmolLM/SmolLM2, TinyLlama, Mistral without a sliding window), "
              "qwen2, qwen3, phi3 (without a sliding window), gemma2 and gemma3 (Gemma 3 text), "
-             "with byte-level BPE tokenizers")
+             "with byte-level or SentencePiece-style (byte-fallback, \"▁\" spaces) BPE tokenizers")
 # transformers names the model type of a GGUF architecture after it, except these
 RELOADED_AS = {"gemma3": "gemma3_text"}
 # type -> (GGML tensor type, llama.cpp file type, label used in file names and Ollama tags)
@@ -230,28 +233,116 @@ def source_pre(origin: str | None) -> str | None:
     return str(field.contents()) if field is not None else None
 
 
-def vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
-    """Tokens by id and their types: special added tokens CONTROL, other added ones USER_DEFINED, ids the
-    embedding has but the tokenizer lacks padded as `[PAD<id>]`, as llama.cpp's converter does."""
+SPACE = "\u2581"  # SentencePiece's visible space, "▁": its tokens carry spaces as this character
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte-fallback tokens, one per byte
+
+
+def _steps(part: dict | None) -> list[dict]:
+    """The steps of a tokenizer.json normalizer or pre-tokenizer (a Sequence's members, or the one step)."""
+    part = part or {}
+    key = {"Sequence": "pretokenizers" if "pretokenizers" in part else "normalizers"}.get(part.get("type"))
+    return part.get(key, []) if key else ([part] if part else [])
+
+
+def tokenizer_model(tokenizer) -> str:
+    """llama.cpp's tokenizer family for `tokenizer` (`tokenizer.ggml.model`), read off its tokenizer.json:
+    "llama" for SentencePiece-style BPE (Llama 2, Mistral, TinyLlama, Gemma saved as fast tokenizers: spaces
+    written as "▁" by a Metaspace pre-tokenizer or a Replace normalizer, unknown bytes as <0xXX> tokens), which
+    llama.cpp tokenizes by token scores; "gpt2" for byte-level BPE, which it tokenizes by merges."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise GGUFExportError(f"GGUF export writes BPE tokenizers (byte-level, as GPT-2, Llama 3, SmolLM; or "
+                              f"SentencePiece-style, as Llama 2, Mistral, Gemma); this tokenizer is {model['type']} "
+                              "(a Unigram SentencePiece model, as T5's, would need llama.cpp's Unigram vocabulary, "
+                              "which transformers' GGUF loader does not read back for these architectures)")
+    marks_spaces = any(step.get("type") == "Metaspace" for step in _steps(spec.get("pre_tokenizer"))) or any(
+        step.get("type") == "Replace" and step.get("content") == SPACE for step in _steps(spec.get("normalizer")))
+    # byte fallback alone says nothing: transformers' reader of a byte-level GGUF vocabulary turns it on (every
+    # byte is a token there); a pre-tokenizer llama.cpp does not know by name is refused by `pre_tokenizer`
+    return "llama" if marks_spaces else "gpt2"
+
+
+def vocab(tokenizer, n_vocab: int, kind: str) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types, as llama.cpp's converter writes them for a tokenizer of `kind`
+    (`tokenizer_model`): special added tokens CONTROL, other added ones USER_DEFINED, ids the embedding has but
+    the tokenizer lacks padded as `[PAD<id>]`; in a SentencePiece vocabulary also the unknown token UNKNOWN
+    and the <0xXX> byte tokens BYTE (llama.cpp's byte fallback looks them up by that type)."""
     from gguf import TokenType
 
-    if json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] != "BPE":
-        raise GGUFExportError("GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM); this "
-                              "tokenizer is not BPE (SentencePiece models are not supported yet)")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     if max(by_id) >= n_vocab:
         raise GGUFExportError(f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary has {n_vocab}")
     added = tokenizer.added_tokens_decoder
+    spm = kind == "llama"
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.USER_DEFINED)
+            continue
+        tokens.append(by_id[i])
+        if spm and i == tokenizer.unk_token_id:
+            types.append(TokenType.UNKNOWN)
+        elif spm and BYTE_TOKEN.fullmatch(by_id[i]):
+            types.append(TokenType.BYTE)
         else:
-            tokens.append(by_id[i])
             types.append(TokenType.NORMAL if i not in added else
                          TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
     return tokens, [int(t) for t in types]
+
+
+def scores(tokenizer, tokens: list[str]) -> list[float]:
+    """SentencePiece token scores that make llama.cpp's tokenizer merge as the BPE merges do. llama.cpp (like
+    SentencePiece's BPE) joins, again and again, the adjacent pair whose concatenation is the vocabulary token
+    with the highest score; BPE applies the merge of lowest rank first. So a token scores minus the rank of
+    the first merge that makes it. Tokens no merge makes (single characters, bytes, special and added tokens)
+    are never the product of a merge in the source tokenizer: they score below every merge product, so a pair
+    that happens to spell one is joined last. The pipeline's GGUF loader (models.sentencepiece_tokenizer), and
+    transformers' reader of a llama-architecture file, rebuild merges from these scores the same way."""
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b"
+        first.setdefault(left + right, rank)
+    unmade = -float(len(merges))
+    return [-float(first[t]) if t in first else unmade for t in tokens]
+
+
+def adds_space_prefix(tokenizer) -> bool:
+    """Whether the tokenizer puts a "▁" before the text, as SentencePiece's dummy prefix does (llama.cpp's
+    `tokenizer.ggml.add_space_prefix`): read off what it does to one letter, whichever of a Prepend normalizer
+    or a Metaspace prepend_scheme does it."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[:1]
+    return bool(first) and first[0].startswith(SPACE)
+
+
+def llama_cpp_differs(tokenizer) -> str | None:
+    """Where llama.cpp will tokenize text differently from this SentencePiece-style `tokenizer`, or None. llama.cpp
+    puts its space prefix before text that already starts with a space and after every special token, as a
+    normalizer that prepends "▁" does (Llama 2's tokenizer.json), but a Metaspace pre-tokenizer does not; and it
+    never splits text at spaces before merging, which a Metaspace with `split` does."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    found = []
+    if adds_space_prefix(tokenizer):
+        probe = tokenizer.convert_ids_to_tokens(tokenizer(" a", add_special_tokens=False)["input_ids"])
+        if not "".join(probe).startswith(SPACE * 2):
+            found.append("text that starts with a space or follows a special token gets one more leading "
+                         f"'{SPACE}' in llama.cpp (its space prefix is always added there; this tokenizer's "
+                         "Metaspace adds none before a space)")
+    splits = any(s.get("type") == "Metaspace" and s.get("split", True) for s in _steps(spec.get("pre_tokenizer")))
+    if splits and any(SPACE in t.lstrip(SPACE) for t in tokenizer.get_vocab()):
+        found.append(f"llama.cpp may join tokens across words (the vocabulary has tokens with '{SPACE}' inside, "
+                     "which this tokenizer's Metaspace split never forms)")
+    return "; ".join(found) or None
+
+
+def _adds(tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer object really adds BOS / EOS (its files may say otherwise)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    return {"bos": len(full) > len(plain) and full[0] == tokenizer.bos_token_id,
+            "eos": len(full) > len(plain) and full[-1] == tokenizer.eos_token_id}
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -331,8 +422,10 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     weights = tensors(model, arch)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tied = not any(n == "output.weight" for n, _ in weights)
-    tokens, types = vocab(tokenizer, n_vocab)
-    pre = pre_tokenizer(tokenizer, origin)
+    kind = tokenizer_model(tokenizer)
+    tokens, types = vocab(tokenizer, n_vocab, kind)
+    # llama.cpp's converter names no pre-tokenizer for SentencePiece vocabularies ("default": no regex split)
+    pre = "default" if kind == "llama" else pre_tokenizer(tokenizer, origin)
 
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -341,22 +434,28 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     writer.add_file_type(gguf.LlamaFileType[TYPES[qtype][1]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hyperparameters(writer, config, n_vocab)
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(source, load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
+    # byte-level BPE is tokenized by its merges; a SentencePiece vocabulary by scores (and no merges, as llama.cpp's
+    # converter writes it: transformers' GGUF reader then rebuilds the merges from the scores, as llama.cpp merges)
+    special = gguf.SpecialVocab(source, load_merges=kind == "gpt2", n_vocab=n_vocab)
+    if kind == "llama":
+        writer.add_token_scores(scores(tokenizer, tokens))
+        writer.add_add_space_prefix(adds_space_prefix(tokenizer))
+        differs = llama_cpp_differs(tokenizer)
+        if differs:  # the file is what llama.cpp's converter writes; the difference is llama.cpp's tokenizer
+            log.warning("gguf: %s: llama.cpp's SentencePiece tokenizer departs from this tokenizer: %s", out.name,
+                        differs)
+    elif not special.merges:
         raise GGUFExportError(f"no BPE merges found in {source}/tokenizer.json")
     # the tokenizer object is the truth for ids and for whether BOS/EOS are added (SpecialVocab reads files)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id")
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
         if token_id is not None:
-            special.special_token_ids[kind] = int(token_id)
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x")["input_ids"]
-    special.add_special_token["bos"] = len(full) > len(plain) and full[0] == tokenizer.bos_token_id
-    special.add_special_token["eos"] = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
+            special.special_token_ids[role] = int(token_id)
+    special.add_special_token.update(_adds(tokenizer))
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)
@@ -378,8 +477,8 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     finally:
         writer.close()
     tmp.replace(out)
-    log.info("gguf: wrote %s (%s, tensors: %s, pre-tokenizer %s)", out.name, TYPES[qtype][2],
-             ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), pre)
+    log.info("gguf: wrote %s (%s, tensors: %s, tokenizer %s, pre-tokenizer %s)", out.name, TYPES[qtype][2],
+             ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), kind, pre)
     return out
 
 
