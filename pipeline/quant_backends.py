@@ -51,6 +51,9 @@ class Candidate:
     # `openvino-int4` with `ratio` < 1: how layers are ranked for `backup_precision` (NNCF's `SensitivityMetric`;
     # all but `weight_quantization_error` rank on calibration activations)
     sensitivity_metric: SensitivityMetric | None = None
+    # `openvino-int4`: the embedding and the output head in 4-bit too (NNCF's `all_layers`; null = false: they stay
+    # in int8, which is a third of a small model with a large vocabulary, e.g. SmolLM2-135M's tied 49152 x 576)
+    all_layers: bool | None = None
     # `openvino-int4`: the layers not in 4-bit: `int8_asym` (null), `int8_sym`, or `none` = float
     backup_precision: Literal["none", "int8_sym", "int8_asym"] | None = None
     # `openvino-int4`, data-aware: calibration blocks, drawn (seeded) from the recipe's training split, never from

@@ -1,10 +1,11 @@
 """Data-aware OpenVINO int4 (NNCF AWQ / scale estimation / GPTQ / LoRA correction / mixed precision):
 the options reach nncf, the calibration blocks come from the training split, refusals come at validation."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from pipeline import data, formats, recipe
 from pipeline import quant_backends as qb
@@ -129,3 +130,39 @@ def test_refused_combinations_fail_at_validation(candidate, message, tiny_models
     err = capsys.readouterr().err
     assert message in err and "quantize.candidates[0]" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # refused before any stage ran
+
+
+def _weight_types(folder: Path) -> dict[tuple[int, ...], set[str]]:
+    """Element types of the IR's constant weights, by shape."""
+    import openvino as ov
+
+    types: dict[tuple[int, ...], set[str]] = {}
+    for op in ov.Core().read_model(folder / "openvino_model.xml").get_ops():
+        if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) >= 2:
+            shape = tuple(d.get_length() for d in op.get_output_partial_shape(0))
+            types.setdefault(shape, set()).add(op.get_output_element_type(0).get_type_name())
+    return types
+
+
+def test_all_layers_puts_the_embedding_in_4_bit(tiny_models, tmp_path):
+    """all_layers: the embedding (tied head) is 4-bit too, so the file is smaller; without it the embedding stays
+    8-bit (NNCF's default, the size floor of a small model with a large vocabulary)."""
+    source = tiny_models["llama"]
+    vocab, hidden = AutoConfig.from_pretrained(source).vocab_size, AutoConfig.from_pretrained(source).hidden_size
+    sizes, embedding = {}, {}
+    for all_layers in (False, True):
+        cand = qb.Candidate("openvino-int4", group_size=32, all_layers=all_layers)
+        assert cand.check() == []
+        out = tmp_path / f"all-{all_layers}"
+        qb.save(qb.quantize(cand, source, torch.device("cpu")), out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        types = _weight_types(out)
+        # group-wise int4 stores [rows, groups, group] (NNCF); per-channel int8 stores [rows, columns]
+        embedding[all_layers] = set().union(*(t for s, t in types.items() if s[0] == vocab and s[-1] in (hidden, 32)
+                                              and len(s) in (2, 3)))
+        sizes[all_layers] = (out / "openvino_model.bin").stat().st_size
+        reloaded, _ = formats.load_folder(out)
+        assert torch.isfinite(reloaded(torch.tensor([[1, 2, 3]])).logits).all()
+    assert embedding[False] & {"u8", "i8"} and not embedding[False] & {"u4", "i4"}, embedding
+    assert embedding[True] & {"u4", "i4"}, embedding
+    assert sizes[True] < sizes[False], sizes

@@ -29,6 +29,7 @@ OPTIONS = {
     "lora_correction": ("openvino-int4",),
     "sensitivity_metric": ("openvino-int4",),
     "backup_precision": ("openvino-int4",),
+    "all_layers": ("openvino-int4",),
     "calibration_samples": ("openvino-int4",),
     "calibration_tokens": ("openvino-int4",),
 }
@@ -136,7 +137,7 @@ def config(cand, statistics_path: Path | None = None):
         # channels, say), as optimum-intel's own int4 presets do; a group size the recipe sets is used as given.
         options.update(group_size=128 if cand.group_size is None else cand.group_size,
                        group_size_fallback="adjust" if cand.group_size is None else "error",
-                       ratio=1.0 if cand.ratio is None else cand.ratio,
+                       ratio=1.0 if cand.ratio is None else cand.ratio, all_layers=bool(cand.all_layers),
                        sensitivity_metric=cand.sensitivity_metric, backup_precision=cand.backup_precision,
                        scale_estimation=cand.scale_estimation, gptq=cand.gptq, lora_correction=cand.lora_correction)
         if cand.awq:
