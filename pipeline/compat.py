@@ -1,6 +1,6 @@
 """Workarounds for library releases the pipeline uses that are wrong with newer releases of the libraries under
-them: one place, each naming the versions that need it (newer transformers than pyproject.toml pins today, see
-docs/reference.md, stage quantize); tests/test_compat.py fails when one breaks or is no longer needed.
+them: one place, each naming the versions that need it (transformers 5.14-5.23 of the 5.5-5.23 pyproject.toml
+allows, see docs/reference.md, stage quantize); tests/test_compat.py fails when one breaks or is no longer needed.
 
 optimum-intel's vision-language module (`optimum.intel.openvino.modeling_visual_language`). optimum-intel 2.2.0
 (the newest release; its main branch of 2026-08 too) imports it eagerly, from `optimum.intel.openvino` and from
