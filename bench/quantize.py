@@ -39,12 +39,10 @@ PRESETS = {
     # only openvino candidates under 15% of the base's size (77 MB) on the fine-tuned model, without a cut
     "int4-g32-all-awq-se": {"method": "openvino-int4", "group_size": 32, "all_layers": True, "awq": True,
                             "scale_estimation": True, **CALIBRATED},
-    "int4-g64-all-lora": {"method": "openvino-int4", "group_size": 64, "all_layers": True, "lora_correction": True,
-                          **CALIBRATED},
-    "int4-g64-all-awq-lora": {"method": "openvino-int4", "group_size": 64, "all_layers": True, "awq": True,
-                              "lora_correction": True, **CALIBRATED},
-    "int4-g128-all-lora": {"method": "openvino-int4", "group_size": 128, "all_layers": True,
-                           "lora_correction": True, **CALIBRATED},
+    "int4-g32-all-gptq-se": {"method": "openvino-int4", "group_size": 32, "all_layers": True, "gptq": True,
+                             "scale_estimation": True, **CALIBRATED},
+    "int4-g64-all-awq-se": {"method": "openvino-int4", "group_size": 64, "all_layers": True, "awq": True,
+                            "scale_estimation": True, **CALIBRATED},
     # GGUF: the file, as transformers reloads it
     **{f"gguf-{t}": {"method": f"gguf-{t}"} for t in ("f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")},
     # Q8_0 with the output head (SmolLM2: the tied embedding) kept F16, as llama-quantize --output-tensor-type f16
