@@ -26,8 +26,9 @@ def _load(name: str) -> dict | None:
 
 def _machine(m: dict) -> str:
     load = f", 1-min load average {m['load_avg_1m']}" if "load_avg_1m" in m else ""
-    return (f"*{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{load}, torch {m['torch']}, "
-            f"{m['date']}.*")
+    transformers = f", transformers {m['transformers']}" if m.get("transformers") else ""
+    return (f"*{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{load}, torch {m['torch']}"
+            f"{transformers}, {m['date']}.*")
 
 
 def _finetune(r: dict) -> list[str]:
@@ -253,6 +254,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate)],
     "e2e": [("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
+    "quantize-all-layers": [("quantize-all-layers", _quantize)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
