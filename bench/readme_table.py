@@ -198,6 +198,22 @@ def _quantize_rows(r: dict) -> list[str]:
     return rows
 
 
+def _quantize_versions(r: dict) -> list[str]:
+    """The same candidates on the same input, one bench/quantize.py run per transformers release."""
+    runs = r["runs"]
+    texts = list(next(iter(runs.values()))["fp32"]["ppl"])
+    rows = [f"| model | transformers | {' | '.join(f'ppl {t}' for t in texts)} | disk MB | prefill tok/s | "
+            "generate tok/s | 1-min load |", "|---" * (len(texts) + 6) + "|"]
+    names = ["fp32", *next(iter(runs.values()))["candidates"]]
+    for name in names:
+        for version, run in runs.items():
+            m = run["fp32"] if name == "fp32" else run["candidates"][name]
+            rows.append(f"| {name} | {version} | {_ppls(m, texts)} | {m['disk_mb']:.0f} | {m['prefill_tok_s']:.0f} | "
+                        f"{m['gen_tok_s']:.1f} | {run['machine']['load_avg_1m']} |")
+    first = next(iter(runs.values()))["machine"]  # the machine; each run's release and load are in the table
+    return rows + ["", _machine({k: v for k, v in first.items() if k not in ("transformers", "load_avg_1m")})]
+
+
 def _gguf_targets(r: dict) -> list[str]:
     t = r.get("llamacpp_targets")
     if not t:
@@ -255,6 +271,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "e2e": [("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
     "quantize-all-layers": [("quantize-all-layers", _quantize)],
+    "quantize-transformers": [("quantize-transformers", _quantize_versions)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
