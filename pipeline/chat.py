@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.columns import cap_train, require_text_column
+from pipeline.columns import cap_train, columns_of, missing_columns, require_text_column
 from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -17,9 +17,8 @@ IGNORE = -100  # label value the loss skips (transformers' convention)
 
 
 def check_columns(dsd, cfg):
-    for name, split in dsd.items():
-        cols = split.column_names
-        if cfg.messages_column in cols:
+    for split in dsd.values():
+        if cfg.messages_column in split.column_names:
             feature = split.features[cfg.messages_column]
             turn = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
             if not isinstance(turn, dict) or not {"role", "content"} <= set(turn):
@@ -30,13 +29,8 @@ def check_columns(dsd, cfg):
                 )
             _check_turns(split[cfg.messages_column], cfg)
             continue
-        if not {cfg.prompt_column, cfg.response_column} <= set(cols):
-            raise StageError(
-                f"data.format chat: the {name} split of '{cfg.source}' has columns {', '.join(cols)}; it needs a "
-                f"'{cfg.messages_column}' column (list of {{role, content}}) or '{cfg.prompt_column}' and "
-                f"'{cfg.response_column}' columns. Name yours with data.messages_column, data.prompt_column "
-                "and data.response_column, or use data.format: text"
-            )
+        if problem := missing_columns(cfg, columns_of(split), cfg.source):
+            raise StageError(problem)
         require_text_column(split, cfg.prompt_column, "prompt_column", cfg)
         require_text_column(split, cfg.response_column, "response_column", cfg)
         empty = [i for i, text in enumerate(split[cfg.response_column]) if not text.strip()]

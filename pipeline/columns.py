@@ -36,16 +36,42 @@ def describe(feature) -> str:
     return f"{dtype} values" if dtype else f"values of type {type(feature).__name__} ({feature})"
 
 
+def columns_of(split) -> dict[str, bool]:
+    """A loaded split's columns, each with whether it holds text."""
+    return {c: _is_text(split.features[c]) for c in split.column_names}
+
+
+def missing_column(column: str, found: dict[str, bool], key: str, where: str) -> str:
+    """Why data lacks `column`, with the key to set: said by the run (about a loaded split) and by `validate`
+    (about a file's header, schema or row keys). `found` maps each column to whether it holds text."""
+    # a header the comma reader left whole ('id;text'), though it holds the column: the file's separator is another
+    glued = next(((c, sep) for c in found for sep in errors.SEPARATORS if column in c.split(sep)), None)
+    if glued:
+        return (f"{key}: column '{column}' not found, but a column is named '{glued[0]}': "
+                f"'{where}' {errors.separated_by(glued[1], ','.join(found))}")
+    example = next((c for c, text in found.items() if text), next(iter(found), "text"))
+    return (f"{key}: column '{column}' not in '{where}'; its columns are: {', '.join(found)}. Set {key} to one of "
+            f"them, e.g. `{key}: {example}`")
+
+
+def missing_columns(cfg, found: dict[str, bool], where: str, prefix: str = "data") -> str | None:
+    """Why data with columns `found` lacks what `cfg` (a DataConfig, recipe key `prefix`) reads from it, if it
+    does: the text column, or for chat a messages column or both a prompt and a response column."""
+    if cfg.format != "chat":
+        return None if cfg.text_column in found else missing_column(cfg.text_column, found, f"{prefix}.text_column",
+                                                                     where)
+    if cfg.messages_column in found or {cfg.prompt_column, cfg.response_column} <= set(found):
+        return None
+    return (f"{prefix}.format chat: '{where}' has columns {', '.join(found)}; it needs a '{cfg.messages_column}' "
+            f"column (list of {{role, content}}) or '{cfg.prompt_column}' and '{cfg.response_column}' columns. Name "
+            f"yours with {prefix}.messages_column, {prefix}.prompt_column and {prefix}.response_column, or use "
+            f"{prefix}.format: text")
+
+
 def require_text_column(split, column: str, key: str, cfg) -> None:
     """`column` of a loaded split holds text in every row; else a StageError naming the key, file and row."""
     if column not in split.column_names:
-        # a header the comma reader left whole ('id;text'), though it holds the column: the file's separator is another
-        glued = next(((c, sep) for c in split.column_names for sep in errors.SEPARATORS if column in c.split(sep)), None)
-        if glued:
-            raise StageError(f"data.{key}: column '{column}' not found, but a column is named '{glued[0]}': "
-                             f"'{cfg.source}' {errors.separated_by(glued[1], ','.join(split.column_names))}")
-        raise StageError(f"data.{key}: column '{column}' not in '{cfg.source}'; its columns are: "
-                         f"{', '.join(split.column_names)}. Set data.{key} to one of them")
+        raise StageError(missing_column(column, columns_of(split), f"data.{key}", cfg.source))
     if not _is_text(split.features[column]):
         texts = [c for c in split.column_names if _is_text(split.features[c])]
         # mixed types in a JSON column: the line where its type changes is the one to fix

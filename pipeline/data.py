@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import chat, errors
-from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, require_text_column
+from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, missing_columns, require_text_column
 from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -96,7 +96,7 @@ def local_problems(source: str, files: list[Path]) -> list[str]:
     problems += [f"unsupported file type '{p.suffix or p.name}' ('{p}'); use one of {kinds}"
                  for p in files if p.suffix not in LOCAL_FORMATS]
     problems += [f"'{p}' {problem}" for p in files if p.suffix in LOCAL_FORMATS and p.is_file()
-                 and (problem := _file_problem(str(p), *_stamp(p)))]
+                 and (problem := _file_check(str(p), *_stamp(p))[0])]
     builders = {LOCAL_FORMATS[p.suffix] for p in files if p.suffix in LOCAL_FORMATS}
     if len(builders) > 1:
         problems.append(f"'{source}' mixes file types ({', '.join(sorted({p.suffix for p in files}))}); "
@@ -110,10 +110,37 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _file_problem(path: str, size: int, mtime_ns: int) -> str | None:
-    """errors.file_problem without reading a large file whole, once per version of the file: a recipe checks the
-    same source for data, prune.data and distill.data."""
-    return errors.file_problem(Path(path), whole=False)
+def _file_check(path: str, size: int, mtime_ns: int) -> tuple[str | None, dict[str, bool] | None]:
+    """errors.file_check without reading a large file whole, once per version of the file: a recipe checks the
+    same source for data, prune.data and distill.data, for its problems and then for its columns."""
+    return errors.file_check(Path(path), whole=False)
+
+
+def _columns_read(cfg: DataConfig) -> tuple:
+    """What missing_columns reads of a config: two configs equal in it need the same columns of the same files."""
+    return cfg.source, cfg.format, cfg.text_column, cfg.messages_column, cfg.prompt_column, cfg.response_column
+
+
+def column_problems(cfg: DataConfig, prefix: str, skip: DataConfig | None = None) -> list[str]:
+    """The columns `cfg` (recipe key `prefix`) reads that its local files lack, and each `mix` source's text
+    column, from what validate read of the files (header, schema, row keys) with the rule the run applies to the
+    loaded data (columns.missing_columns), so that a run is never refused here that the run would accept. A
+    source whose files have problems is left out: DataConfig.check names them, as are the source and mix entries
+    `cfg` shares with `skip` (those of another config checked too)."""
+    sources = [(prefix, cfg)] + [(f"{prefix}.mix[{i}]", replace(cfg, source=m.source, text_column=m.text_column))
+                                 for i, m in enumerate(cfg.mix if cfg.format == "text" else [])
+                                 if skip is None or m not in skip.mix]
+    if skip is not None and _columns_read(cfg) == _columns_read(skip):
+        sources = sources[1:]
+    problems = []
+    for key, one in sources:
+        files = local_files(one.source)
+        if not files or local_problems(one.source, files):
+            continue
+        found = ((p, _file_check(str(p), *_stamp(p))[1]) for p in files)
+        problems += [problem for p, columns in found if columns is not None
+                     and (problem := missing_columns(one, columns, str(p), key))][:1]  # one file says it for its source
+    return problems
 
 
 def _cache_dir() -> Path:

@@ -168,38 +168,60 @@ def file_problem(path: Path, whole: bool = True) -> str | None:
     """What is wrong with one data file (empty, not UTF-8, malformed JSON on line N, ...) with the form expected
     and the fix, or None. `whole=False` (recipe validation) reads a file larger than FULL_CHECK_BYTES only at its
     start (and a Parquet file's end)."""
+    return file_check(path, whole)[0]
+
+
+def file_check(path: Path, whole: bool = True) -> tuple[str | None, dict[str, bool] | None]:
+    """file_problem, and the columns the file's reader will give (name: whether it holds text), from what the
+    checks read anyway: a CSV header, a Parquet schema (metadata only), the keys of every JSON row (`datasets`
+    makes a column of a key any row has). None where they are not known: a problem, a large JSON file read
+    only at its start."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(64 * 1024)
         tail = f.seek(max(size - 4, 0)) is not None and f.read(4)
     if not head.strip():
         return ("is empty (or holds only whitespace); put documents in it (one per line for .txt, one JSON "
-                "object per line for .jsonl) or point data.source at another file")
+                "object per line for .jsonl) or point data.source at another file"), None
     if path.suffix == ".parquet":
         if head[:4] != b"PAR1" or tail != b"PAR1":  # every Parquet file starts and ends with these bytes
             return (f"is not a Parquet file (it does not start and end with PAR1: {head[:12]!r}...); expected "
                     f"{FORMS['.parquet']}: write it with pandas' DataFrame.to_parquet, or give the file its real "
-                    "extension (.jsonl, .csv, .txt)")
-        return None
+                    "extension (.jsonl, .csv, .txt)"), None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        return None, {f.name: pa.types.is_string(f.type) or pa.types.is_large_string(f.type) for f in schema}
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: UTF-16, as Windows' Notepad saves "Unicode"
         return ("is UTF-16 text, not UTF-8 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8, e.g. "
-                "`iconv -f utf-16 -t utf-8 in.txt > out.txt`")
+                "`iconv -f utf-16 -t utf-8 in.txt > out.txt`"), None
     if path.suffix == ".csv" and (problem := csv_separator_problem(head.decode("utf-8", "replace"))):
-        return problem
+        return problem, None
     if not whole and size > FULL_CHECK_BYTES:
-        return None
+        return None, csv_header(head.decode("utf-8", "replace")) if path.suffix == ".csv" else None
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")  # a UTF-8 byte-order mark: every reader skips it
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         return (f"is not UTF-8 text: byte 0x{raw[e.start]:02x} on line {line} (byte offset {e.start}); re-save "
-                "the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`")
+                "the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`"), None
     if path.suffix in (".json", ".jsonl"):
         return json_problem(text, path.suffix)
     if path.suffix == ".csv":
-        return csv_problem(text)
-    return None
+        problem = csv_problem(text)
+        return problem, None if problem else csv_header(text)
+    return None, {"text": True}  # the text reader's one column
+
+
+def csv_header(text: str) -> dict[str, bool]:
+    """The columns under a CSV header row (the first row that is not blank, as pandas reads it)."""
+    import csv
+    import io
+
+    header = next((row for row in csv.reader(io.StringIO(text.removeprefix("\ufeff"))) if row), [])
+    return dict.fromkeys(header, True)  # every CSV value is read as text unless it parses as a number
 
 
 def csv_separator_problem(head: str) -> str | None:
@@ -252,9 +274,17 @@ def csv_problem(text: str) -> str | None:
     return None
 
 
-def json_problem(text: str, suffix: str) -> str | None:
-    """A .json / .jsonl file `datasets` refuses or misreads. It reads a JSON array of records and JSON Lines
-    under either extension, so the content decides which form is checked."""
+def json_problem(text: str, suffix: str) -> tuple[str | None, dict[str, bool] | None]:
+    """A .json / .jsonl file `datasets` refuses or misreads, and the keys of its rows (name: whether a row holds
+    text in it; None with a problem). It reads a JSON array of records and JSON Lines under either extension, so
+    the content decides which form is checked."""
+    keys: dict[str, bool] = {}
+    problem = _json_problem(text, suffix, keys)
+    return problem, None if problem else keys
+
+
+def _json_problem(text: str, suffix: str, keys: dict[str, bool]) -> str | None:
+    """json_problem's checks; `keys` gets the key of every row read (a key holding only nulls is still a column)."""
     form = FORMS[suffix]
     if text.lstrip().startswith("["):  # one JSON array of records
         try:
@@ -265,6 +295,8 @@ def json_problem(text: str, suffix: str) -> str | None:
         bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
         if bad is not None:
             return f"must be a JSON array of objects like {{\"text\": ...}}; item {bad} is a {type(rows[bad]).__name__}"
+        for row in rows:
+            _keys_of(row, keys)
         return None
     if text.lstrip().startswith("{") and len(text.strip().splitlines()) > 1:
         try:
@@ -289,6 +321,7 @@ def json_problem(text: str, suffix: str) -> str | None:
                     f"line (expected {form})")
         if not isinstance(row, dict):
             return f"line {n} is a JSON {type(row).__name__}, not an object like {{\"text\": ...}}; fix or delete that line"
+        _keys_of(row, keys)
         for key, value in row.items():
             kind = type(value).__name__ if value is not None else None
             if kind is None:
@@ -298,3 +331,8 @@ def json_problem(text: str, suffix: str) -> str | None:
                 return (f"line {n}: key '{key}' holds a {kind}, but on line {first[1]} a {first[0]}; "
                         "each key needs one type in every line")
     return None
+
+
+def _keys_of(row: dict, keys: dict[str, bool]) -> None:
+    for key, value in row.items():
+        keys[key] = keys.get(key, False) or isinstance(value, str)

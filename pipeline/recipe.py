@@ -11,7 +11,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import formats, ignored, models, quant_backends, sparsity, surgery
+from pipeline import data, formats, ignored, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -89,7 +89,7 @@ class RecipeSettings:
                 problems += self._tokenizer_of(f"{stage.name}.input", value)
         if self.distill.teacher != "auto" and (Path(self.distill.teacher) / "config.json").is_file():
             problems += self._tokenizer_of("distill.teacher", self.distill.teacher)
-        problems += self._check_quantize_input() + self._check_output_dir()
+        problems += self._check_quantize_input() + self._check_output_dir() + self._check_columns()
         made = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):
             for i, name in enumerate(names or []):
@@ -99,6 +99,15 @@ class RecipeSettings:
                     problems.append(f"{key}[{i}]: '{name}' is not a model this recipe makes ({name}.enabled is "
                                     f"false); enable it or remove it from {key}")
         return problems
+
+    def _check_columns(self) -> list[str]:
+        """The columns each data config reads (data, <stage>.data, their mix sources) are in its local files. What
+        <stage>.data shares with data (it takes every key it does not set) is data's problem, named once."""
+        configs = {f"{s.name}.data": getattr(self, s.name).data for s in SECTIONS
+                   if "data" in {f.name for f in fields(s.config)}}
+        return data.column_problems(self.data, "data") + [
+            problem for key, cfg in configs.items() if cfg is not None and cfg != self.data
+            for problem in data.column_problems(cfg, key, skip=self.data)]
 
     def _check_quantize_input(self) -> list[str]:
         """quantize.input and every quantize.inputs folder must hold full-precision weights: quantizing a quantized

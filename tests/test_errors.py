@@ -138,7 +138,10 @@ DATA_CASES = [
 AT_VALIDATE = {"jsonl-broken-line", "jsonl-not-an-object", "jsonl-type-changes", "json-array-broken", "txt-empty",
                "txt-whitespace", "txt-not-utf8", "csv-ragged-row", "csv-semicolons", "csv-tabs", "csv-unclosed-quote",
                "csv-header-only", "csv-not-utf8", "txt-utf16", "jsonl-array-broken", "jsonl-broken-line-says-the-form",
-               "json-one-object-with-records", "parquet-not-parquet"}
+               "json-one-object-with-records", "parquet-not-parquet",
+               # columns, from the header, schema or row keys validate reads (test_missing_columns_at_validate)
+               "missing-text-column", "parquet-missing-text-column", "chat-missing-columns",
+               "csv-semicolons-comma-in-header"}
 
 
 def _parquet(columns: dict) -> bytes:
@@ -220,6 +223,93 @@ def test_data_files_in_forms_the_readers_take_pass(name, content, tiny_models, m
     splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
     assert len(splits["train"]) + len(splits["validation"]) == 40 + name.startswith("quoted")
     assert "text" in splits["train"].column_names
+
+
+BODIES = [{"body": d["text"], "id": i} for i, d in enumerate(DOCS)]
+QA = [{"question": f"What is {i} plus one?", "answer": f"It is {i + 1}."} for i in range(20)]
+# (case id, data files {name: content}, recipe sections naming the folder `d`, the keys that fix it, needles):
+# validate refuses with the message the run gives for loaded data, and validates once the key is set
+COLUMN_CASES = [
+    ("csv-text", {"d.csv": "body,id\n" + "".join(f'"{r["body"]}",{r["id"]}\n' for r in BODIES)},
+     lambda d: {"data": {"source": f"{d}/d.csv"}}, {"data": {"text_column": "body"}},
+     ["data.text_column: column 'text' not in", "d.csv", "its columns are: body, id", "`data.text_column: body`"]),
+    ("parquet-text", {"d.parquet": lambda: _parquet({"id": list(range(40)), "body": [d["text"] for d in DOCS]})},
+     lambda d: {"data": {"source": f"{d}/d.parquet"}}, {"data": {"text_column": "body"}},
+     ["d.parquet", "its columns are: id, body", "`data.text_column: body`"]),  # the example holds text
+    ("jsonl-rows-with-other-keys", {"d.jsonl": lines(BODIES[:20]) + lines({"body": r["body"], "title": "t"}
+                                                                             for r in BODIES[20:])},
+     lambda d: {"data": {"source": f"{d}/d.jsonl"}}, {"data": {"text_column": "body"}},
+     ["d.jsonl", "its columns are: body, id, title"]),  # every key of every row, as `datasets` makes columns
+    ("jsonl-chat", {"c.jsonl": lines(QA)}, lambda d: {"data": {"source": f"{d}/c.jsonl", **CHAT}},
+     {"data": {"prompt_column": "question", "response_column": "answer"}},
+     ["data.format chat", "c.jsonl", "has columns question, answer", "data.prompt_column"]),
+    ("csv-chat", {"c.csv": "question,answer\n" + "".join(f"{r['question']},{r['answer']}\n" for r in QA)},
+     lambda d: {"data": {"source": f"{d}/c.csv", **CHAT}},
+     {"data": {"prompt_column": "question", "response_column": "answer"}},
+     ["data.format chat", "c.csv", "has columns question, answer"]),
+    ("parquet-chat", {"c.parquet": lambda: _parquet({"conversation": [c["messages"] for c in CHATS]})},
+     lambda d: {"data": {"source": f"{d}/c.parquet", **CHAT}}, {"data": {"messages_column": "conversation"}},
+     ["data.format chat", "c.parquet", "has columns conversation", "'messages' column"]),
+    ("mix-entry", {"d.jsonl": lines(DOCS), "m.csv": "body,id\n" + "".join(f"b{i},{i}\n" for i in range(20))},
+     lambda d: {"data": {"source": f"{d}/d.jsonl", "mix": [{"source": f"{d}/m.csv"}]}},
+     {"data": {"mix": [{"source": "{d}/m.csv", "text_column": "body"}]}},
+     ["data.mix[0].text_column: column 'text' not in", "m.csv", "`data.mix[0].text_column: body`"]),
+    ("prune-data", {"d.jsonl": lines(DOCS), "p.parquet": lambda: _parquet({"body": ["x"] * 20})},
+     lambda d: {"data": {"source": f"{d}/d.jsonl"},
+                "prune": {"enabled": True, "target_params": 0.8, "data": {"source": f"{d}/p.parquet"}}},
+     {"prune": {"data": {"source": "{d}/p.parquet", "text_column": "body"}}},
+     ["prune.data.text_column: column 'text' not in", "p.parquet", "`prune.data.text_column: body`"]),
+    ("distill-data", {"d.jsonl": lines(DOCS), "t.jsonl": lines(QA)},
+     lambda d: {"data": {"source": f"{d}/d.jsonl"},
+                "distill": {"enabled": True, "data": {"source": f"{d}/t.jsonl", **CHAT}}},
+     {"distill": {"data": {"source": "{d}/t.jsonl", **CHAT, "prompt_column": "question",
+                           "response_column": "answer"}}},
+     ["distill.data.format chat", "t.jsonl", "distill.data.prompt_column"]),
+]
+
+
+def _merged(sections: dict, more: dict, d: Path) -> dict:
+    out = {k: dict(v) for k, v in sections.items()}
+    for key, value in json.loads(json.dumps(more).replace("{d}", str(d))).items():
+        out[key] = {**out.get(key, {}), **value}
+    return out
+
+
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=[c[0] for c in COLUMN_CASES])
+def test_missing_columns_at_validate(case, tiny_models, make_recipe, tmp_path, capsys):
+    """The columns a recipe reads are checked at validate in every local file of data, <stage>.data and each mix
+    source; the message is the one the run gives when it loads the data (one rule, columns.missing_columns)."""
+    from pipeline import data
+    from pipeline.errors import StageError
+
+    _, files, sections, fix, needles = case
+    d = tmp_path / "data"
+    for name, content in files.items():
+        write(d / name, content() if callable(content) else content)
+    recipe = make_recipe(tiny_models["gpt2"], **sections(d))
+    err = fails(["validate", recipe], capsys)
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert needles[0] in fails(["run", recipe], capsys)
+    if list(sections(d)) == ["data"] and not sections(d)["data"].get("mix"):  # the run's own words, loading the data
+        keys = {k: v for k, v in sections(d)["data"].items() if k != "chat_template"}
+        with pytest.raises(StageError) as loaded:
+            data.load_splits(data.DataConfig(**keys), seed=0)
+        assert f"  - {loaded.value}" in err.splitlines(), (str(loaded.value), err)
+    fixed = make_recipe(tiny_models["gpt2"], name="fixed", **_merged(sections(d), fix, d))
+    assert main(["validate", str(fixed)]) == 0, capsys.readouterr().err
+
+
+def test_validate_takes_rows_the_run_takes(tiny_models, make_recipe, tmp_path):
+    """The other side: JSON rows with different keys make a column of each (as `datasets` reads them), so a text
+    column that every row holds validates and loads, whatever else the rows hold."""
+    from pipeline import data
+
+    rows = [{"text": d["text"], **({"id": i} if i % 2 else {"source": "wiki", "id": None})} for i, d in enumerate(DOCS)]
+    source = write(tmp_path / "d.jsonl", lines(rows))
+    assert main(["validate", str(make_recipe(tiny_models["gpt2"], data={"source": str(source)}))]) == 0
+    splits = data.load_splits(data.DataConfig(source=str(source)), seed=0)
+    assert {"text", "id", "source"} <= set(splits["train"].column_names)
 
 
 def _folder(tmp_path, tokenizer, name="m", arch="gpt2") -> Path:
