@@ -214,6 +214,24 @@ def _quantize_versions(r: dict) -> list[str]:
     return rows + ["", _machine({k: v for k, v in first.items() if k not in ("transformers", "load_avg_1m")})]
 
 
+def _sparsity(r: dict) -> list[str]:
+    """bench/sparsity.py: each variant zero-shot and healed, perplexity as a ratio to the dense teacher."""
+    texts = list(r["teacher"]["ppl"])
+    rows = ["| variant | zeros | " + " | ".join(f"{t} zero-shot" for t in texts) + " | "
+            + " | ".join(f"{t} healed" for t in texts) + " | sparse int8 + zlib vs dense | targets met |",
+            "|---" * (2 * len(texts) + 4) + "|",
+            "| dense teacher | 0% | " + " | ".join([*(f"{r['teacher']['ppl'][t]:.2f}" for t in texts),
+                                                     *["–"] * (len(texts) + 2)]) + " |"]
+    for name, v in r["variants"].items():
+        healed = v.get("healed")
+        cells = [f"{v['zero_shot']['ppl'][t]:.2f} ({v['zero_shot']['ppl_ratio'][t]:.2f}×)" for t in texts]
+        cells += [f"{healed['ppl'][t]:.2f} ({healed['ppl_ratio'][t]:.2f}×)" if healed else "–" for t in texts]
+        met = ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in v.get("targets_met", {}).items()) or "–"
+        rows.append(f"| {name} | {v['sparsity']:.0%} | " + " | ".join(cells)
+                    + f" | {v['int8_compressed_vs_dense_int8_compressed']:.2f}× | {met} |")
+    return rows + ["", _machine(r["machine"])]
+
+
 def _gguf_targets(r: dict) -> list[str]:
     t = r.get("llamacpp_targets")
     if not t:
@@ -272,6 +290,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize": [("quantize", _quantize)],
     "quantize-all-layers": [("quantize-all-layers", _quantize)],
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
+    "sparsity-healed": [("sparsity-healed", _sparsity)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
