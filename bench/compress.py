@@ -89,10 +89,10 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     work = Path(args.work)
-    overrides = [f"output_dir={work}", *OWN_OVERRIDES, *args.override]
+    # the caller's overrides last: they win over the smoke sizes too (bench/heal.py sets distill.max_steps)
+    overrides = [f"output_dir={work}", *OWN_OVERRIDES, *(SMOKE_OVERRIDES if args.smoke else []), *args.override]
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:  # a tiny Llama, "fine-tuned" for two steps by the pipeline itself
-        overrides += SMOKE_OVERRIDES
         tiny = recipe.load(ROOT / "recipes" / "quickstart.yaml",
                            [*overrides, "name=compress-teacher", f"model={common.tiny_folder(Path(tmp.name))}",
                             "check_source=false",  # random weights: the load stage's source gate refuses them

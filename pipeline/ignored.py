@@ -197,6 +197,10 @@ RULES = (
          lambda r, o: "distill.alpha_kd and alpha_cos are 0: the teacher never runs"
          if o.alpha_kd == 0 and o.alpha_cos == 0 else None,
          "remove distill.teacher_precision, or set alpha_kd above 0", on=("alpha_kd", "alpha_cos")),
+    *(Rule(f"{name}.own_text", ("*",),
+           lambda r, o, name=name: f"{name}.own_text.tokens is 0 (the default): the model writes nothing"
+           if not o.tokens else None, f"set {name}.own_text.tokens (e.g. 16384), or remove them", switch="tokens")
+      for name in ("prune", "distill")),
     # --- quantize ---
     Rule("quantize.candidates[]", ("calibration_tokens",),
          lambda r, o: f"{{p}} ({o.method}) is not data-aware (no awq, scale_estimation, gptq, lora_correction, "

@@ -33,8 +33,9 @@ class Source:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
-def resolve(name: str) -> Source:
-    """Map a recipe's `model` string to a loadable source, without loading anything."""
+def resolve(name: str, own_tokenizer: bool = True) -> Source:
+    """Map a recipe's `model` string to a loadable source, without loading anything. `own_tokenizer` false: the
+    recipe names the tokenizer elsewhere (`tokenizer`), so a folder need not hold one."""
     if name in ALIASES:
         package, filename = ALIASES[name]
         spec = importlib.util.find_spec(package)  # no import: the package's own deps are not installed
@@ -56,7 +57,8 @@ def resolve(name: str) -> Source:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"model folder '{name}' has no config.json; point `model` at a transformers model folder")
         check_weights(path)
-        check_tokenizer(path)
+        if own_tokenizer:
+            check_tokenizer(path, recipe_key=True)
         return Source("folder", str(path.resolve()))
     if name.startswith((".", "/", "~")) or path.exists() or not HUB_ID.match(name):
         raise ModelSourceError(
@@ -120,15 +122,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
                    "sentencepiece.bpe.model")
 
 
-def check_tokenizer(folder: str | Path) -> None:
+def check_tokenizer(folder: str | Path, recipe_key: bool = False) -> None:
     """A model folder must hold its tokenizer: without one transformers builds an empty default tokenizer of the
-    config's type (8 tokens for a Llama) and every text becomes unknown tokens, without an error."""
+    config's type (8 tokens for a Llama) and every text becomes unknown tokens, without an error. `recipe_key`:
+    the folder is the recipe's `model`, which the recipe's `tokenizer` key can serve instead."""
     folder = Path(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelSourceError(
             f"model folder '{folder}' has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); copy the "
             "tokenizer of the model it came from into it: AutoTokenizer.from_pretrained(<that model>)"
             f".save_pretrained('{folder}')"
+            + (", or name that model's folder or Hub id in the recipe's `tokenizer` key" if recipe_key else "")
         )
 
 
@@ -151,6 +155,18 @@ def _safetensors_problem(path: Path) -> str | None:
     if size < expected:
         return f"is truncated: {size:,} of {expected:,} bytes"
     return None
+
+
+def tokenizer_source(name: str) -> Source:
+    """The recipe's `tokenizer`: a folder holding tokenizer files, or a Hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_tokenizer(path)
+        return Source("folder", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or path.exists() or not HUB_ID.match(name):
+        raise ModelSourceError(f"tokenizer '{name}' is neither a folder holding a tokenizer nor a Hub id; name the "
+                               "folder of the model the weights came from, or null for the model's own")
+    return Source("hub", name)
 
 
 def check_vocab(tokenizer, config, label: str) -> None:
@@ -275,11 +291,16 @@ def sentencepiece_tokenizer(reader, special: dict[str, str]):
     return tok
 
 
-def load_tokenizer(source: Source, trust_remote_code: bool = False):
+def load_tokenizer(source: Source, trust_remote_code: bool = False, named: Source | None = None):
+    """The tokenizer of `source`, or the one at `named` (the recipe's `tokenizer`) checked against `source`'s
+    vocabulary."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        if source.gguf_file:
+        if named is not None:
+            tok = AutoTokenizer.from_pretrained(named.path, trust_remote_code=trust_remote_code, **_offline(named))
+            cfg = peek_config(source, trust_remote_code)
+        elif source.gguf_file:
             from gguf import GGUFReader
 
             reader = GGUFReader(Path(source.path) / source.gguf_file)
@@ -304,9 +325,9 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     except ModelSourceError:
         raise
     except Exception as err:  # noqa: BLE001 -- OSError, ValueError, SafetensorError, a GGUF reader's errors, ...
-        raise _hub_hint(source, err) from err
+        raise _hub_hint(named or source, err) from err
     if cfg is not None:
-        check_vocab(tok, cfg, source.label)
+        check_vocab(tok, cfg, source.label if named is None else f"{source.label} with tokenizer {named.label}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

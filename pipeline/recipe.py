@@ -50,6 +50,9 @@ class RecipeSettings:
     """The recipe's top-level keys; `Recipe` adds a section per stage of the stage table, then `push`."""
 
     model: str  # Hub id (`gpt2`), a model folder, a `.gguf` file, or the offline alias `smollm2-135m`
+    # a folder or Hub id whose tokenizer the model uses instead of its own: for a folder of weights that ships none
+    # (the load stage saves it into base/, so every later stage has it); null = the model's own
+    tokenizer: str | None = None
     name: str | None = field(default=None, metadata={"doc_default": "file name"})  # run folder: `<output_dir>/<name>/`
     output_dir: str = "runs"  # where run folders go
     seed: int = 42  # data split, initialisation and data order
@@ -68,9 +71,14 @@ class RecipeSettings:
         source = None
         if isinstance(self.model, str):
             try:
-                source = models.resolve(self.model)
+                source = models.resolve(self.model, own_tokenizer=self.tokenizer is None)
             except models.ModelSourceError as err:
                 problems.append(f"model: {err}")
+        if self.tokenizer is not None:
+            try:
+                models.tokenizer_source(self.tokenizer)
+            except models.ModelSourceError as err:
+                problems.append(f"tokenizer: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
         problems += self._check_formats(source)
@@ -89,6 +97,12 @@ class RecipeSettings:
                 problems += self._tokenizer_of(f"{stage.name}.input", value)
         if self.distill.teacher != "auto" and (Path(self.distill.teacher) / "config.json").is_file():
             problems += self._tokenizer_of("distill.teacher", self.distill.teacher)
+        for name in ("prune", "distill"):
+            stage = getattr(self, name)
+            if stage.enabled and stage.own_text.tokens and (stage.data or self.data).format == "chat":
+                problems.append(f"{name}.own_text: the model's own text is mixed into text data only, and "
+                                f"{name}'s data is chat; set {name}.own_text.tokens: 0, or give {name}.data with "
+                                "format: text")
         problems += self._check_quantize_input() + self._check_output_dir() + self._check_columns()
         made = {s.folder for s in SECTIONS if s.folder and getattr(self, s.name).enabled} | {MODEL_FOLDERS[0]}
         for key, names in (("evaluate.models", self.evaluate.models), ("push.stages", self.push.stages)):

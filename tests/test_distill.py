@@ -360,3 +360,57 @@ def test_killed_distill_resumes_where_it_left_off(tiny_models, make_recipe, tmp_
     assert main(["run", str(straight)]) == 0
     reference = _record(tmp_path / "runs" / "straight" / "distill")["metrics"]
     assert resumed["train_loss_last"] == pytest.approx(reference["train_loss_last"], abs=1e-5)
+
+
+def test_own_text_is_written_once_and_mixed_into_calibration_and_distillation(tiny_models, make_recipe):
+    from pipeline import general, runner
+
+    settings = {"tokens": 256, "length": 32, "batch_size": 4}
+    sections = {"finetune": {"enabled": False},
+                "prune": {"enabled": True, "target_params": 0.7, "axes": ["mlp"], "round_to": 8,
+                          "calibration_blocks": 8, "own_text": settings},
+                "distill": {"own_text": settings}}
+    path = make_recipe(tiny_models["llama"], **sections)
+    r, out = _run(path, ["load", "prune", "distill"])
+    written = list((r.run_dir / "own-text").glob("*.jsonl"))
+    assert len(written) == 1  # the model prune cuts is the teacher distill heals from: one text for both
+    written = written[0]
+    docs = [json.loads(line)["text"] for line in written.read_text().splitlines()]
+    assert len(docs) == 256 // 32 and all(d.strip() for d in docs)
+    # the model's own continuations of its start token, with the run's seed (not some other model's text)
+    teacher, tok = formats.load_folder(r.run_dir / "base")
+    again = general.continuations(teacher, tok, [None] * 8, 32, 0.95, r.seed, 4)
+    assert [t.strip() for t in again] == docs
+    assert _record(out["prune"])["calibration"]["mix"] == [str(written)]
+    rec = _record(out["distill"])
+    assert rec["distill_data"]["mix"][-1]["source"] == str(written)
+    drawn = rec["distill_data"]["train_blocks"]
+    assert drawn[written.name] > 0 and drawn[rec["distill_data"]["label"]] > 0, drawn
+    # kept while the model and the settings are unchanged; written anew when they change
+    stamp = written.stat().st_mtime_ns
+    runner.run(r, ["distill"], force=True)
+    assert written.stat().st_mtime_ns == stamp
+    path = make_recipe(tiny_models["llama"], **{**sections, "distill": {"own_text": {**settings, "top_p": 0.5}}})
+    _run(path, ["distill"])
+    new = [f for f in (r.run_dir / "own-text").glob("*.jsonl") if f != written]
+    assert len(new) == 1 and json.loads(new[0].with_suffix(".json").read_text())["top_p"] == 0.5
+    assert _record(r.run_dir / "distill")["distill_data"]["mix"][-1]["source"] == str(new[0])
+
+
+def test_own_text_mistakes_are_named(tiny_models, make_recipe, capsys):
+    cases = [
+        ({"distill": {"own_text": {"tokens": -1}}}, "distill.own_text.tokens: -1 must be 0 (none) or more"),
+        ({"distill": {"own_text": {"tokens": 64, "weight": 0}}}, "distill.own_text.weight: 0"),
+        ({"distill": {"own_text": {"tokens": 64, "prompts": [" "]}}}, "distill.own_text.prompts"),
+        ({"distill": {"own_text": {"top_p": 0.5}}}, "distill.own_text.tokens is 0 (the default)"),
+        ({"prune": {"enabled": True, "target_params": 0.7, "own_text": {"length": 8}}},
+         "prune.own_text.tokens is 0 (the default)"),
+        ({"data": {"format": "chat"}, "prune": {"enabled": True, "target_params": 0.7, "own_text": {"tokens": 64}}},
+         "prune.own_text: the model's own text is mixed into text data only"),
+        ({"data": {"format": "chat"}, "distill": {"own_text": {"tokens": 64}}},
+         "distill.own_text: the model's own text is mixed into text data only"),
+    ]
+    for sections, expected in cases:
+        path = make_recipe(tiny_models["llama"], **sections)
+        assert main(["validate", str(path)]) == 2
+        assert expected in capsys.readouterr().err, sections

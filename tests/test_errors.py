@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from transformers import AutoTokenizer
 
 from pipeline.cli import main
 from tiny import build_model, build_tokenizer
@@ -373,6 +375,31 @@ def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
     for needle in needles:
         assert needle in err, (needle, err)
     no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+def test_the_recipes_tokenizer_serves_a_folder_without_one(tokenizer, make_recipe, tmp_path, capsys):
+    folder = _no_tokenizer(tmp_path, tokenizer)
+    assert "the recipe's `tokenizer` key" in fails(["validate", make_recipe(folder)], capsys)
+    tokenizer.save_pretrained(tmp_path / "tok")
+
+    def recipe_with(value):
+        path = make_recipe(folder)
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "tokenizer": value}))
+        return path
+
+    assert main(["run", str(recipe_with(str(tmp_path / "tok"))), "--stages", "load"]) == 0
+    base = tmp_path / "runs" / "tiny" / "base"
+    text = "def f(x): return x + 1  # the same ids as the named tokenizer"
+    assert AutoTokenizer.from_pretrained(base)(text).input_ids == tokenizer(text).input_ids
+    assert json.loads((base / "pipeline.json").read_text())["config"]["tokenizer"] == str(tmp_path / "tok")
+    # a path that holds no tokenizer, and a tokenizer whose vocabulary the model cannot hold
+    err = fails(["validate", recipe_with(str(tmp_path / "nowhere"))], capsys)
+    assert "tokenizer: tokenizer '" in err and "neither a folder holding a tokenizer nor a Hub id" in err
+    err = fails(["validate", recipe_with(str(folder))], capsys)
+    assert "tokenizer: model folder" in err and "has no tokenizer" in err
+    build_tokenizer(vocab_size=700).save_pretrained(tmp_path / "tok700")
+    err = fails(["run", recipe_with(str(tmp_path / "tok700")), "--stages", "load", "--force"], capsys)
+    assert "tokenizer has 700 tokens" in err and "with tokenizer" in err
 
 
 def test_generate_names_a_damaged_folder(tokenizer, tmp_path, capsys):

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer
 
-from pipeline import data, formats, models, sparsity, surgery
+from pipeline import data, formats, general, models, sparsity, surgery
 from pipeline.context import Context, begin
 from pipeline.data import DataConfig
+from pipeline.general import OwnText
 from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
 from pipeline.records import read_record
@@ -48,6 +49,8 @@ class DistillConfig(TrainConfig):
     # recipe's `data`), so `{mix: [{source: wiki.txt}]}` adds general text to the fine-tuning text; the evaluate
     # stage still scores the recipe's validation split
     data: DataConfig | None = None
+    # text the teacher writes itself, added to the distillation text's training blocks
+    own_text: OwnText = field(default_factory=OwnText)
     # without `prune`: keep teacher layers 0, every, 2·every, ... (null = 2; DistilGPT2's initialisation)
     every: int | None = None
     keep: int | None = None  # or keep N evenly spaced layers, first and last included
@@ -327,6 +330,7 @@ def run(cfg: DistillConfig, ctx: Context) -> Path:
     args = training_args(cfg, ctx.run_dir / ".trainer" / "distill", ctx.seed, evaluate=evaluate)
     t_dtype = teacher_dtype(cfg.teacher_precision, args.device)
     text = cfg.data or ctx.data
+    text = general.with_own_text(text, cfg.own_text, teacher, tokenizer, teacher_folder, ctx.run_dir, ctx.seed)
     per_source: dict = {}
     blocks = data.text_blocks(text, tokenizer, ctx.seed, per_source)
     data.require_rows(blocks, ("train", "validation") if evaluate else ("train",), "distill", text)

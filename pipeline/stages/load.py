@@ -22,21 +22,28 @@ ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 @dataclass
 class LoadConfig:
     model: str  # the recipe's `model`
+    tokenizer: str | None = None  # the recipe's `tokenizer`
     check_source: bool = True  # the recipe's `check_source`
 
 
 def stage_fingerprint(cfg: LoadConfig, ctx: Context, source: models.Source | None = None) -> str:
     """The base folder's fingerprint: the source as it is now (a local file's size and modification time)."""
-    source = source or models.resolve(cfg.model)
+    source = source or models.resolve(cfg.model, own_tokenizer=cfg.tokenizer is None)
     stamp = None
     if source.kind != "hub":
         path = Path(source.path) / (source.gguf_file or "config.json")
         stamp = (path.stat().st_size, int(path.stat().st_mtime))
-    return fingerprint("load", cfg.model, stamp, ctx.trust_remote_code)
+    parts = ["load", cfg.model, stamp, ctx.trust_remote_code]
+    if cfg.tokenizer is not None:  # (only then: the folders of runs made before the key keep their fingerprint)
+        named = models.tokenizer_source(cfg.tokenizer)
+        parts.append([cfg.tokenizer, *((f.name, f.stat().st_size, int(f.stat().st_mtime))
+                                       for f in sorted(Path(named.path).glob("tokenizer*")) if named.kind != "hub")])
+    return fingerprint(*parts)
 
 
 def run(cfg: LoadConfig, ctx: Context) -> Path:
-    source = models.resolve(cfg.model)
+    source = models.resolve(cfg.model, own_tokenizer=cfg.tokenizer is None)
+    named = models.tokenizer_source(cfg.tokenizer) if cfg.tokenizer is not None else None
     out = ctx.run_dir / "base"
     fp = stage_fingerprint(cfg, ctx, source)
     if up_to_date(ctx, "load", out, fp):
@@ -44,7 +51,7 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
     started = time.time()
     log.info("load: %s (%s)", source.label, source.kind)
     model = models.load_model(source, trust_remote_code=ctx.trust_remote_code)
-    tokenizer = models.load_tokenizer(source, trust_remote_code=ctx.trust_remote_code)
+    tokenizer = models.load_tokenizer(source, trust_remote_code=ctx.trust_remote_code, named=named)
     findings, problems = source_check.check(source, tokenizer, _check_text(ctx), model)
     if problems and cfg.check_source:
         raise StageError(f"load: '{source.label}' does not look like the model it was trained as: "
@@ -58,10 +65,12 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
         save_model(tmp, model, tokenizer)
         write_record(tmp, StageRecord(
             stage="base", recipe=ctx.recipe, fingerprint=fp, parent=source.label, base_model=base_model,
-            config={"model": cfg.model, "source_kind": source.kind},
+            config={"model": cfg.model, "source_kind": source.kind,
+                    **({"tokenizer": cfg.tokenizer} if named is not None else {})},
             metrics={"params": models.count_params(model)},
             summary=f"The unmodified source model `{cfg.model}`, saved as safetensors"
-            + (" (dequantized from GGUF)." if source.gguf_file else "."),
+            + (" (dequantized from GGUF)" if source.gguf_file else "")
+            + (f", with the tokenizer of `{cfg.tokenizer}`." if named is not None else "."),
             seconds=round(time.time() - started, 1),
             details={"source_check": findings},
         ))

@@ -16,10 +16,11 @@ from typing import Literal
 
 import torch
 
-from pipeline import data, families, formats, models, sparsity, surgery
+from pipeline import data, families, formats, general, models, sparsity, surgery
 from pipeline.context import Context, begin
 from pipeline.data import DataConfig
 from pipeline.errors import StageError
+from pipeline.general import OwnText
 from pipeline.folders import save_model, staging, write_record
 from pipeline.sparsity import SparsitySettings
 from pipeline.training import ADDED
@@ -62,6 +63,9 @@ class PruneConfig:
     # recipe's, as in `distill.data`): importance follows its text, so calibrate on what the student must stay
     # good at, e.g. `{mix: [{source: wiki.txt}]}` for general English as well
     data: DataConfig | None = None
+    # text the model being cut writes itself, added to the calibration text (the distill stage's own_text of the
+    # same model and settings is the same text, written once)
+    own_text: OwnText = field(default_factory=OwnText)
     # how MLP channels are ranked: `energy` = E[x²]·‖W_out[:, j]‖² (what channel j adds to the layer output), or
     # `activation` = mean |x| (Minitron)
     mlp_importance: Literal["energy", "activation"] = "energy"
@@ -252,7 +256,8 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     model, tokenizer = formats.load_folder(ctx.inputs["prune"], dtype=torch.float32)
     before = surgery.sizes(model.config)
     target = targets(cfg, model.config)
-    text = cfg.data or ctx.data
+    text = general.with_own_text(cfg.data or ctx.data, cfg.own_text, model, tokenizer, ctx.inputs["prune"],
+                                 ctx.run_dir, ctx.seed)
     blocks = data.calibration_blocks(text, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
     width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
     imp, cut = None, None
