@@ -141,3 +141,26 @@ def test_sparsity_bench_schema_on_a_tiny_teacher(tmp_path):
             "big-bad": {"params_ratio": 0.9, "ratio": {"validation": 3.0}}}
     place = bench_sparsity.frontier(0.6, {"validation": 1.5}, cuts)
     assert place["dominated_by"] == ["small-good"] and place["dominates"] == ["big-bad"]
+
+
+def test_heal_bench_args():
+    heal = bench_module("heal")
+    for bad in (["--budgets", "0"], ["--budgets", "x"], ["--settings", "web-text"], ["--variants", "uniform-60"]):
+        with pytest.raises(SystemExit):
+            heal.parse_args(bad)
+    args = heal.parse_args(["--budgets", "1,4"])
+    assert args.budgets == [1, 4] and args.variants == "width-80"
+
+
+@pytest.mark.slow  # four compress runs on a tiny teacher: ~1 min
+def test_heal_bench_smoke(tmp_path):
+    result = _smoke("heal", tmp_path, "--budgets", "1,2", "--work", str(tmp_path / "runs"))
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {f"width-80-{s}-{b}x" for s in ("recipe-text", "own-text") for b in (1, 2)}
+    for run in runs.values():
+        assert run["ratio"]["validation"] == pytest.approx(
+            run["after_kd"]["validation"] / result["teacher"]["ppl"]["validation"], rel=1e-2)
+    assert runs["width-80-own-text-2x"]["kd_tokens"] == 2 * runs["width-80-own-text-1x"]["kd_tokens"]
+    record = json.loads((tmp_path / "runs" / "width-80-own-text-1x" / "compress-width-80" / "distill" /
+                         "pipeline.json").read_text())
+    assert any(name.startswith("own-text-") for name in record["distill_data"]["train_blocks"])
