@@ -274,6 +274,26 @@ def _compress(r: dict) -> list[str]:
     return rows
 
 
+def _heal(r: dict) -> list[str]:
+    """bench/heal.py: one cut, calibrated and healed on the recipe's text or with the model's own text, per budget."""
+    s, t = r["settings"], r["teacher"]
+    texts = list(t["ppl"])
+    rows = [f"| cut | text (prune + KD) | KD tokens | {' | '.join(f'zero-shot {x}' for x in texts)} | "
+            f"{' | '.join(f'after KD {x} (× teacher)' for x in texts)} |", "|---" * (3 + 2 * len(texts)) + "|",
+            f"| teacher (fine-tuned) | – | – | {' | '.join(format(t['ppl'][x], '.2f') for x in texts)} | "
+            f"{' | '.join('–' for _ in texts)} |"]
+    for v in r["runs"]:
+        zero = " | ".join(f"{v['zero_shot'][x]:,.1f}" for x in texts)
+        after = " | ".join(f"{v['after_kd'][x]:.2f} ({v['ratio'][x]:.2f}×)" for x in texts)
+        rows.append(f"| {v['variant']} ({v['params_ratio']:.0%}) | {v['setting']} | {v['kd_tokens']:,} | {zero} | "
+                    f"{after} |")
+    own = " ".join(s["overrides"].get("own-text", []))
+    return rows + ["", f"*own-text: `{own}` with tokens = {s['own_tokens_per_budget']:,} × the budget (the quick "
+                   f"start's {s['distill_max_steps']} KD steps × the budget); recipe-text: the quick start's settings "
+                   "as they are.*", "", f"Reproduce: `python bench/heal.py --variants {','.join(s['variants'])} "
+                   f"--budgets {','.join(map(str, s['budgets']))}`", "", _machine(r["machine"])]
+
+
 def _gguf_grid(r: dict) -> list[str]:
     src = r["settings"].get("source") or {}
     types = ", ".join(f"{n} {t}" for t, n in sorted(src.get("types", {}).items(), key=lambda kv: -kv[1]))
@@ -295,6 +315,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],
     "compress": [("compress", _compress)],
+    "heal": [("heal", _heal)],
     "gguf-grid": [("gguf-grid", _gguf_grid)],
 }
 

@@ -17,7 +17,10 @@ IGNORE = -100  # label value the loss skips (transformers' convention)
 
 
 def check_columns(dsd, cfg):
-    for split in dsd.values():
+    """`dsd` with every row usable for chat training: a bad row is an error naming it, or with `data.bad_rows:
+    drop` left out (counted by cause in one warning)."""
+    out = {}
+    for name, split in dsd.items():
         if cfg.messages_column in split.column_names:
             feature = split.features[cfg.messages_column]
             turn = getattr(feature, "feature", feature[0] if isinstance(feature, list) and feature else None)
@@ -27,42 +30,63 @@ def check_columns(dsd, cfg):
                     "a list of {role, content} turns; fix the data, or set data.messages_column to the column that "
                     "holds the conversations"
                 )
-            _check_turns(split[cfg.messages_column], cfg)
-            continue
-        if problem := missing_columns(cfg, columns_of(split), cfg.source):
-            raise StageError(problem)
-        require_text_column(split, cfg.prompt_column, "prompt_column", cfg)
-        require_text_column(split, cfg.response_column, "response_column", cfg)
-        empty = [i for i, text in enumerate(split[cfg.response_column]) if not text.strip()]
-        if empty:  # nothing to learn from, and a label-free example the trainer would take without a word
-            raise StageError(f"data.response_column: {len(empty)} row(s) of '{cfg.source}' have an empty "
-                             f"'{cfg.response_column}' (the first is row {empty[0] + 1}); give every row a response, "
-                             "or remove those rows")
-    return dsd
+            bad = {row: why for row, turns in enumerate(split[cfg.messages_column]) if (why := _bad_turns(turns))}
+        else:
+            if problem := missing_columns(cfg, columns_of(split), cfg.source):
+                raise StageError(problem)
+            require_text_column(split, cfg.prompt_column, "prompt_column", cfg)
+            require_text_column(split, cfg.response_column, "response_column", cfg)
+            # nothing to learn from, and a label-free example the trainer would take without a word
+            bad = {row: ("an empty response", f"its data.response_column '{cfg.response_column}' is empty",
+                         "give every row a response")
+                   for row, text in enumerate(split[cfg.response_column]) if not text.strip()}
+        out[name] = _without(split, bad, cfg, name)
+    return type(dsd)(out)
+
+
+def _without(split, bad: dict, cfg, name: str):
+    """`split` less its `bad` rows ({index: (cause, what is wrong, fix)}); an error naming the first unless
+    `cfg.bad_rows` is drop. Rows are numbered as in the data (one split: the check runs before the split)."""
+    if not bad:
+        return split
+    row, (_, what, fix) = next(iter(bad.items()))
+    where = f"data: row {row + 1} of " + (f"the {name} split of " if cfg.validation_split else "") + f"'{cfg.source}'"
+    if cfg.bad_rows == "error":
+        more = f" ({len(bad)} rows have such problems)" if len(bad) > 1 else ""
+        raise StageError(f"{where}: {what}{more}; {fix}, remove the row, or set data.bad_rows: drop to leave such "
+                         "rows out")
+    if len(bad) == len(split):
+        raise StageError(f"{where}: {what}, and so is every other row; {fix}")
+    causes: dict[str, int] = {}
+    for cause, _, _ in bad.values():
+        causes[cause] = causes.get(cause, 0) + 1
+    log.warning("data: left out %d of %d rows of %s'%s' (data.bad_rows: drop): %s", len(bad), len(split),
+                f"the {name} split of " if cfg.validation_split else "", cfg.source,
+                ", ".join(f"{n} with {c}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1])))
+    return split.select([i for i in range(len(split)) if i not in bad])
 
 
 ROLES = ("system", "user", "assistant", "tool")  # what chat templates render
 
 
-def _check_turns(conversations, cfg) -> None:
-    """Every turn has a known role and text; every conversation has an assistant turn to learn from. Rows are
-    numbered as in the data (the check runs before the split)."""
-    for row, turns in enumerate(conversations, 1):
-        where = f"data: row {row} of '{cfg.source}'"
-        if not turns:
-            raise StageError(f"{where} has no turns in '{cfg.messages_column}'; give it a conversation, or remove it")
-        for n, turn in enumerate(turns, 1):
-            role, content = turn.get("role"), turn.get("content")
-            if role not in ROLES:
-                raise StageError(f"{where}, turn {n}: role {role!r} is not one of {', '.join(ROLES)}, the roles chat "
-                                 "templates render: name the user's turns role 'user' and the model's role 'assistant' "
-                                 "(not 'human', 'gpt', 'bot', ...), or remove the row")
-            if not isinstance(content, str) or not content.strip():
-                raise StageError(f"{where}, turn {n} ({role}): the content is {'null' if content is None else 'empty'}; "
-                                 "give every turn text, or remove the row")
-        if not any(t.get("role") == "assistant" for t in turns):
-            raise StageError(f"{where} has no assistant turn, so it has nothing to learn from (the loss is on the "
-                             "assistant's tokens only); add the answer, or remove the row")
+def _bad_turns(turns) -> tuple[str, str, str] | None:
+    """Why a conversation is unusable (cause, what, fix): every turn needs a known role and text, and the
+    conversation an assistant turn to learn from. None when it is usable."""
+    if not turns:
+        return "no turns", "it has no turns", "give it a conversation"
+    for n, turn in enumerate(turns, 1):
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            return ("an unknown role", f"turn {n}: role {role!r} is not one of {', '.join(ROLES)}, the roles chat "
+                    "templates render", "name the user's turns role 'user' and the model's role 'assistant' (not "
+                    "'human', 'gpt', 'bot', ...)")
+        if not isinstance(content, str) or not content.strip():
+            return ("empty or null content", f"turn {n} ({role}): the content is "
+                    f"{'null' if content is None else 'empty'}", "give every turn text")
+    if not any(t.get("role") == "assistant" for t in turns):
+        return ("no assistant turn", "it has no assistant turn, so nothing to learn from (the loss is on the "
+                "assistant's tokens only)", "add the answer")
+    return None
 
 
 def conversation(row: dict, cfg) -> list[dict]:

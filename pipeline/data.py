@@ -54,6 +54,9 @@ class DataConfig:
     response_column: str = "response"  # ... and a response column (one user turn, one assistant turn)
     # chat: a Jinja template; null = the tokenizer's own (an error names this key if it has none)
     chat_template: str | None = None
+    # chat: a row a trainer would misuse (a turn of unknown role, empty or null content, no assistant turn, an
+    # empty response): `error` names the first; `drop` leaves them all out with a warning that counts them by cause
+    bad_rows: Literal["error", "drop"] = "error"
     # more text sources sampled into the training blocks: `[{source, weight, config, split, text_column}]`; each
     # source's blocks are drawn with probability weight / total (the main source weighs 1) until one runs out;
     # validation stays the main source's
@@ -201,7 +204,8 @@ def load_splits(cfg: DataConfig, seed: int):
                 f"{cfg.split!r}): {why}. Offline? use a local file, folder or glob (data/*.jsonl), or "
                 "data.source=stdlib"
             ) from err
-    _checked(datasets.DatasetDict(train=ds), cfg)  # columns first: a split of the wrong data helps nobody
+    # columns first: a split of the wrong data helps nobody (and rows that data.bad_rows leaves out go before it)
+    ds = _checked(datasets.DatasetDict(train=ds), cfg)["train"]
     require_documents(len(ds), cfg)
     parts = ds.train_test_split(test_size=cfg.validation_percent / 100, seed=seed, shuffle=True)
     return _checked(datasets.DatasetDict(train=parts["train"], validation=parts["test"]), cfg)

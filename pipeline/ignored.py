@@ -95,7 +95,7 @@ RULES = (
          lambda r, o: f"{{p}}.validation_split is '{o.validation_split}' (the dataset's own validation split)"
          if o.validation_split is not None and not _local(o.source) else None,
          "remove {p}.validation_percent, or validation_split to hold out documents", on=("validation_split", "source")),
-    Rule("data*", ("messages_column", "prompt_column", "response_column", "chat_template"),
+    Rule("data*", ("messages_column", "prompt_column", "response_column", "chat_template", "bad_rows"),
          lambda r, o: "{p}.format is text (they read conversations)" if o.format == "text" else None,
          "set {p}.format: chat, or remove them", on=("format",)),
     Rule("data*", ("text_column",),

@@ -96,7 +96,7 @@ DATA_CASES = [
     ("chat-without-an-answer", "c.jsonl", lines(CHATS[:2]) + lines([{"messages": [
         {"role": "user", "content": "hi"}]}]) + lines(CHATS[2:]), CHAT, ["row 3 of", "has no assistant turn"]),
     ("chat-empty-response", "c.jsonl", lines({"prompt": f"q{i}", "response": "a" if i != 4 else ""} for i in range(10)),
-     CHAT, ["data.response_column", "1 row(s)", "row 5"]),
+     CHAT, ["data.response_column", "row 5 of", "data.bad_rows: drop"]),
     ("chat-one-conversation", "c.jsonl", lines(CHATS[:1]), CHAT, ["1 conversation"]),
     ("chat-missing-columns", "c.jsonl", lines({"question": "q", "answer": "a"} for _ in range(10)), CHAT,
      ["question, answer", "data.messages_column", "data.prompt_column"]),
@@ -172,6 +172,28 @@ def test_bad_data_files(case, tiny_models, make_recipe, tmp_path, capsys):
     for needle in needles:
         assert needle in err, (needle, err)
     no_folder(tmp_path / "runs" / "tiny", "finetune")
+
+
+def test_bad_chat_rows_can_be_left_out_with_a_count(tiny_models, make_recipe, tmp_path, caplog):
+    bad = [{"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]},
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+           {"messages": [{"role": "user", "content": "hi"}]}]
+    source = write(tmp_path / "data" / "c.jsonl", lines(CHATS[:5]) + lines(bad) + lines(CHATS[5:]))
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), "bad_rows": "drop", **CHAT})
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert main(["run", str(recipe), "--stages", "load,finetune"]) == 0
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 1 and f"left out 4 of {len(CHATS) + 4} rows" in said[0], said
+    assert "2 with empty or null content" in said[0] and "1 with an unknown role" in said[0]
+    assert "1 with no assistant turn" in said[0]
+    record = json.loads((tmp_path / "runs" / "tiny" / "finetune" / "pipeline.json").read_text())
+    assert record["stage"] == "finetune"
+    # every row bad: an error, not an empty training set
+    source.write_text(lines(bad * 3))
+    recipe = make_recipe(tiny_models["gpt2"], data={"source": str(source), "bad_rows": "drop", **CHAT})
+    rc = main(["run", str(recipe), "--stages", "load,finetune", "--force"])
+    assert rc == 2
 
 
 SOURCE_CASES = [  # caught when the recipe is validated, before any model is loaded
