@@ -253,6 +253,11 @@ def test_an_input_over_a_quality_budget_is_not_quantized(chain_run, tmp_path):
             assert "distill itself breaks max_kl" in rows[name]["error"]
         assert rows["finetune/bnb-int8"]["status"] == "passed"
         assert _record(run_dir / "quantize")["parent"] == str(run_dir / "finetune")
+        passed = sum(r["status"] == "passed" for r in rows.values())
+        assert (f"among the {passed} of {len(rows)} candidates that met every budget" in
+                _record(run_dir / "quantize")["summary"]), _record(run_dir / "quantize")["summary"]
+        assert "2 of them skipped because their input already breaks a quality budget" in \
+            _record(run_dir / "quantize")["summary"]
         # asked for: the student's candidates are converted and scored, and fail the budget on their own numbers
         assert main(["run", str(path), "--stages", "quantize", f"quantize.max_kl={limit}",
                      "quantize.try_over_budget_inputs=true"]) == 0

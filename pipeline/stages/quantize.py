@@ -483,8 +483,10 @@ def _qat_check(trained: dict | None, cand: Candidate) -> dict | None:
 def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cfg: QuantizeConfig,
             scores: str, binding: list[str], dominated: list[str]) -> str:
     passed = sum(r["status"] == "passed" for r in rows)
-    why = (f"Chosen for {cfg.prefer} among {passed} of {len(rows)} candidates that met every budget "
-           f"({budgets(cfg)}); " + (f"the budget that bound the choice: {', '.join(binding)}." if binding else
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    why = (f"Chosen for {cfg.prefer} among the {passed} of {len(rows)} candidates that met every budget "
+           f"({budgets(cfg)})" + (f", {skipped} of them skipped because their input already breaks a quality budget "
+                                  "unquantized" if skipped else "") + "; " + (f"the budget that bound the choice: {', '.join(binding)}." if binding else
                                    f"no budget bound it: it is the best measured candidate for {cfg.prefer}."))
     general_note = (f", general English {winner['general_perplexity']:.3f} ({winner['general_ppl_increase_pct']:+.2f}%)"
                     if winner.get("general_ppl_increase_pct") is not None else "")
