@@ -201,14 +201,19 @@ def _rope(config) -> dict:
     return dict(rope.get("full_attention", rope))
 
 
-def pre_tokenizer(tokenizer, origin: str | None = None) -> str:
+def _spec(tokenizer) -> dict:
+    """The tokenizer's tokenizer.json as a dict (the readers below take it parsed once per export)."""
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def pre_tokenizer(tokenizer, origin: str | None = None, spec: dict | None = None) -> str:
     """llama.cpp's pre-tokenizer name for `tokenizer`. The source GGUF's own name wins when the model came
     from one (`origin`, e.g. "smollm" for SmolLM2): transformers' GGUF loader rebuilds every llama-arch BPE
     tokenizer with the plain GPT-2 regex, so its structure no longer tells SmolLM's digit split apart."""
     inherited = source_pre(origin)
     if inherited:
         return inherited
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    pre = (spec or _spec(tokenizer)).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -244,12 +249,12 @@ def _steps(part: dict | None) -> list[dict]:
     return part.get(key, []) if key else ([part] if part else [])
 
 
-def tokenizer_model(tokenizer) -> str:
+def tokenizer_model(tokenizer, spec: dict | None = None) -> str:
     """llama.cpp's tokenizer family for `tokenizer` (`tokenizer.ggml.model`), read off its tokenizer.json:
     "llama" for SentencePiece-style BPE (Llama 2, Mistral, TinyLlama, Gemma saved as fast tokenizers: spaces
     written as "▁" by a Metaspace pre-tokenizer or a Replace normalizer, unknown bytes as <0xXX> tokens), which
     llama.cpp tokenizes by token scores; "gpt2" for byte-level BPE, which it tokenizes by merges."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = spec or _spec(tokenizer)
     model = spec["model"]
     if model["type"] != "BPE":
         raise GGUFExportError(f"GGUF export writes BPE tokenizers (byte-level, as GPT-2, Llama 3, SmolLM; or "
@@ -292,7 +297,7 @@ def vocab(tokenizer, n_vocab: int, kind: str) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
-def scores(tokenizer, tokens: list[str]) -> list[float]:
+def scores(tokenizer, tokens: list[str], spec: dict | None = None) -> list[float]:
     """SentencePiece token scores that make llama.cpp's tokenizer merge as the BPE merges do. llama.cpp (like
     SentencePiece's BPE) joins, again and again, the adjacent pair whose concatenation is the vocabulary token
     with the highest score; BPE applies the merge of lowest rank first. So a token scores minus the rank of
@@ -300,7 +305,7 @@ def scores(tokenizer, tokens: list[str]) -> list[float]:
     are never the product of a merge in the source tokenizer: they score below every merge product, so a pair
     that happens to spell one is joined last. The pipeline's GGUF loader (models.sentencepiece_tokenizer), and
     transformers' reader of a llama-architecture file, rebuild merges from these scores the same way."""
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    merges = (spec or _spec(tokenizer))["model"]["merges"]
     first: dict[str, int] = {}
     for rank, merge in enumerate(merges):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b"
@@ -317,12 +322,12 @@ def adds_space_prefix(tokenizer) -> bool:
     return bool(first) and first[0].startswith(SPACE)
 
 
-def llama_cpp_differs(tokenizer) -> str | None:
+def llama_cpp_differs(tokenizer, spec: dict | None = None) -> str | None:
     """Where llama.cpp will tokenize text differently from this SentencePiece-style `tokenizer`, or None. llama.cpp
     puts its space prefix before text that already starts with a space and after every special token, as a
     normalizer that prepends "▁" does (Llama 2's tokenizer.json), but a Metaspace pre-tokenizer does not; and it
     never splits text at spaces before merging, which a Metaspace with `split` does."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = spec or _spec(tokenizer)
     found = []
     if adds_space_prefix(tokenizer):
         probe = tokenizer.convert_ids_to_tokens(tokenizer(" a", add_special_tokens=False)["input_ids"])
@@ -422,10 +427,11 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     weights = tensors(model, arch)
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tied = not any(n == "output.weight" for n, _ in weights)
-    kind = tokenizer_model(tokenizer)
+    spec = _spec(tokenizer)
+    kind = tokenizer_model(tokenizer, spec)
     tokens, types = vocab(tokenizer, n_vocab, kind)
     # llama.cpp's converter names no pre-tokenizer for SentencePiece vocabularies ("default": no regex split)
-    pre = "default" if kind == "llama" else pre_tokenizer(tokenizer, origin)
+    pre = "default" if kind == "llama" else pre_tokenizer(tokenizer, origin, spec)
 
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -442,9 +448,9 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
     # converter writes it: transformers' GGUF reader then rebuilds the merges from the scores, as llama.cpp merges)
     special = gguf.SpecialVocab(source, load_merges=kind == "gpt2", n_vocab=n_vocab)
     if kind == "llama":
-        writer.add_token_scores(scores(tokenizer, tokens))
+        writer.add_token_scores(scores(tokenizer, tokens, spec))
         writer.add_add_space_prefix(adds_space_prefix(tokenizer))
-        differs = llama_cpp_differs(tokenizer)
+        differs = llama_cpp_differs(tokenizer, spec)
         if differs:  # the file is what llama.cpp's converter writes; the difference is llama.cpp's tokenizer
             log.warning("gguf: %s: llama.cpp's SentencePiece tokenizer departs from this tokenizer: %s", out.name,
                         differs)
@@ -462,14 +468,14 @@ def write(source: Path, out: Path, qtype: str, name: str, trust_remote_code: boo
 
     counts: dict[str, int] = {}
     for tname, w in weights:
-        kind = tensor_type(tname, w, qtype, tied, output_type)
-        counts[kind.name] = counts.get(kind.name, 0) + 1
-        if kind == gguf.GGMLQuantizationType.F32:
+        ttype = tensor_type(tname, w, qtype, tied, output_type)
+        counts[ttype.name] = counts.get(ttype.name, 0) + 1
+        if ttype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, w.astype(np.float32))
-        elif kind == gguf.GGMLQuantizationType.F16:
+        elif ttype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(tname, w.astype(np.float16))
         else:
-            writer.add_tensor(tname, gguf.quants.quantize(w, kind), raw_dtype=kind)
+            writer.add_tensor(tname, gguf.quants.quantize(w, ttype), raw_dtype=ttype)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
