@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from pipeline import models
+from pipeline import errors, models
 from pipeline.data import MixSource
 from pipeline.errors import StageError
 from pipeline.records import fingerprint, read_record
@@ -108,11 +108,18 @@ def cached(path: Path, fp: str, meta: dict, write: Callable[[], str]) -> Path:
         pass
     # as reading the file back will give it (universal newlines): every reader must see the same text
     body = write().replace("\r\n", "\n").replace("\r", "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(body)
-    tmp.replace(path)
-    side.write_text(json.dumps({"fingerprint": fp, **meta}, indent=2))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(body)
+        tmp.replace(path)
+        side.write_text(json.dumps({"fingerprint": fp, **meta}, indent=2))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)  # a text without its fingerprint is written again next time
+        if errors.is_disk_full(err):
+            raise errors.disk_full(path, 0, len(body.encode()) + 4096, what=path.name, cleanup="") from err
+        raise
     return path
 
 

@@ -633,6 +633,28 @@ def test_a_full_disk_says_what_is_needed_and_free(where, stages, needles, tiny_m
     assert main(["run", str(recipe), "--stages", ",".join(stages)]) == 0  # space again: the same command goes on
 
 
+def test_a_full_disk_while_the_model_writes_its_own_text(tiny_models, make_recipe, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tiny_models["gpt2"], finetune={"enabled": False},
+                         prune={"enabled": True, "target_params": 0.7, "axes": ["mlp"], "round_to": 8,
+                                "calibration_blocks": 4, "own_text": {"tokens": 64, "length": 16}})
+    assert main(["run", str(recipe), "--stages", "load"]) == 0
+    write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.endswith(".jsonl.tmp"):
+            write_text(self, "half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", full)
+    err = fails(["run", recipe, "--stages", "prune"], capsys)
+    for needle in ("disk full while writing own-text-", "it needs about", "MB are free", "output_dir"):
+        assert needle in err, (needle, err)
+    assert not list((tmp_path / "runs" / "tiny" / "own-text").iterdir())  # no half text left to be read back
+    no_folder(tmp_path / "runs" / "tiny", "prune")
+    monkeypatch.undo()
+    assert main(["run", str(recipe), "--stages", "prune"]) == 0  # space again: the same command goes on
+
+
 def test_disk_too_small_for_the_model(tiny_models, make_recipe, tmp_path, capsys):
     """A real size-limited folder (a 256 KiB tmpfs): the stage says how much it needs, writes nothing."""
     mnt = tmp_path / "small-disk"
