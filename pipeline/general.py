@@ -139,8 +139,15 @@ def start_token(tokenizer) -> int | None:
 def continuations(model, tokenizer, prompts: list[str | None], new_tokens: int, top_p: float, seed: int,
                   batch_size: int) -> list[str]:
     """The model's sampled continuation of each prompt (None: of the start token alone, the model's own picture
-    of a document), decoded without special tokens. Left padding, so a batch generates alike."""
-    torch.manual_seed(seed)
+    of a document), decoded without special tokens. Left padding, so a batch generates alike. Seeded with `seed`
+    on a fork of the random state: the caller's own random stream (a stage's training) is as it would be without
+    this text, whether it was written now or read back."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _continuations(model, tokenizer, prompts, new_tokens, top_p, batch_size)
+
+
+def _continuations(model, tokenizer, prompts, new_tokens, top_p, batch_size) -> list[str]:
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if tokenizer.pad_token_id is None:  # batched prompts need one; the tokenizer is this function's own copy

@@ -414,3 +414,15 @@ def test_own_text_mistakes_are_named(tiny_models, make_recipe, capsys):
         path = make_recipe(tiny_models["llama"], **sections)
         assert main(["validate", str(path)]) == 2
         assert expected in capsys.readouterr().err, sections
+
+
+def test_writing_a_models_text_leaves_the_callers_random_stream_alone(tiny_models):
+    from pipeline import general
+
+    model, tok = formats.load_folder(tiny_models["llama"])
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = general.continuations(model, tok, [None, None], 8, 0.95, 123, 2)
+    assert torch.equal(torch.rand(3), expected)
+    assert general.continuations(model, tok, [None, None], 8, 0.95, 123, 2) == first  # its own seed decides it
