@@ -60,16 +60,20 @@ class GeneralConfig:
     batch_size: int = 8  # prompts continued per generate call
 
     def check(self) -> list[str]:
-        problems = []
-        if self.tokens < 0:
-            problems.append(f"tokens: {self.tokens} must be 0 (none) or more")
-        if self.prompts is not None and not [p for p in self.prompts if isinstance(p, str) and p.strip()]:
-            problems.append("prompts: give at least one non-empty opening, or null for the built-in ones")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: {self.top_p} must be in (0, 1]")
-        if self.batch_size < 1:
-            problems.append(f"batch_size: {self.batch_size} must be at least 1")
-        return problems
+        return _sampling_problems(self, "the built-in ones")
+
+
+def _sampling_problems(cfg, null_prompts: str) -> list[str]:
+    """The problems of the settings a model-written text shares (GeneralConfig, OwnText): tokens, prompts, top_p,
+    batch_size. `null_prompts`: what `prompts: null` means there."""
+    problems = [] if cfg.tokens >= 0 else [f"tokens: {cfg.tokens} must be 0 (none) or more"]
+    if cfg.prompts is not None and not [p for p in cfg.prompts if isinstance(p, str) and p.strip()]:
+        problems.append(f"prompts: give at least one non-empty opening, or null for {null_prompts}")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"top_p: {cfg.top_p} must be in (0, 1]")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size: {cfg.batch_size} must be at least 1")
+    return problems
 
 
 LABEL = "general (base samples)"  # the dataset name in reports
@@ -86,7 +90,7 @@ def text(cfg: GeneralConfig, run_dir: Path, seed: int) -> str | None:
     fp = fingerprint("general", record.fingerprint, cfg.tokens, prompts, cfg.top_p, seed)
 
     def write() -> str:
-        from pipeline import formats, models
+        from pipeline import formats
 
         log.info("general: the base model writes %d tokens of general English from %d openings (never trained "
                  "on)", cfg.tokens, len(prompts))
@@ -184,17 +188,11 @@ class OwnText:
     batch_size: int = 32  # sequences written per generate call
 
     def check(self) -> list[str]:
-        problems = [] if self.tokens >= 0 else [f"tokens: {self.tokens} must be 0 (none) or more"]
+        problems = _sampling_problems(self, "the start token alone")
         if self.weight <= 0:
             problems.append(f"weight: {self.weight} must be positive")
-        if self.prompts is not None and not [p for p in self.prompts if isinstance(p, str) and p.strip()]:
-            problems.append("prompts: give at least one non-empty opening, or null for the start token alone")
         if self.length < 1:
             problems.append(f"length: {self.length} must be at least 1")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p: {self.top_p} must be in (0, 1]")
-        if self.batch_size < 1:
-            problems.append(f"batch_size: {self.batch_size} must be at least 1")
         return problems
 
 
