@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,10 +10,6 @@ import torch
 
 from pipeline import dist, families, models
 from pipeline.errors import StageError
-
-# peft 0.21 reads `model.is_gradient_checkpointing` whenever it wraps a model, which transformers 5.23 renamed
-# and warns about on every read: harmless (the old name still answers), and not the user's to fix
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Every projection of every block, as QLoRA does (peft's own defaults adapt only the attention): each family's
 # `lora_targets` (GPT-2's c_proj names both its attention and MLP output); other architectures: all-linear.

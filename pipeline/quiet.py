@@ -6,14 +6,17 @@ the libraries are; tests/test_quiet.py fails when a filter drops anything else, 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Noise:
-    logger: str  # the logger the library writes it with
+    logger: str  # the logger the library writes it with, or `warnings` for a Python warning
     starts: str | None  # the start of the message; None = every warning of that logger (raised to ERROR)
     why: str  # why it is not the user's to act on
+    category: type[Warning] = Warning  # `warnings`: the warning's class
 
 
 NOISE = (
@@ -32,6 +35,9 @@ NOISE = (
           "optimum-intel 2.2.0's OpenVINO export still passes the old name; the pipeline passes `dtype`"),
     Noise("transformers.masking_utils", "`cache_position` is deprecated as an arg",
           "transformers 5.5's masks, called by optimum-intel 2.2.0's export with the old argument (gone from 5.6)"),
+    Noise("warnings", "`is_gradient_checkpointing` is deprecated", "peft 0.21 reads the attribute whenever it wraps "
+          "a model, and transformers 5.23 renamed it and warns on every read; the old name still answers",
+          FutureWarning),
 )
 
 
@@ -45,10 +51,13 @@ class _Drop(logging.Filter):
 
 
 def install() -> None:
-    """Raise the all-noise loggers to ERROR and put the message filters on theirs (idempotent)."""
+    """Raise the all-noise loggers to ERROR, put the message filters on theirs and the warning filters in place
+    (idempotent: `warnings` keeps one copy of an identical filter)."""
     by_logger: dict[str, list[str]] = {}
     for n in NOISE:
-        if n.starts is None:
+        if n.logger == "warnings":
+            warnings.filterwarnings("ignore", message=re.escape(n.starts), category=n.category)
+        elif n.starts is None:
             logging.getLogger(n.logger).setLevel(logging.ERROR)
         else:
             by_logger.setdefault(n.logger, []).append(n.starts)

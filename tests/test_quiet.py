@@ -6,7 +6,23 @@ import pytest
 from pipeline import quiet
 
 
-@pytest.mark.parametrize("noise", quiet.NOISE, ids=[f"{n.logger}:{(n.starts or '*')[:20]}" for n in quiet.NOISE])
+LOGGED = [n for n in quiet.NOISE if n.logger != "warnings"]
+WARNED = [n for n in quiet.NOISE if n.logger == "warnings"]
+
+
+@pytest.mark.parametrize("noise", WARNED, ids=[n.starts[:30] for n in WARNED])
+def test_known_warnings_are_ignored_and_others_are_not(noise):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet.install()  # on top of "always": its filters come first
+        warnings.warn(noise.starts + " ... (as the library words it)", noise.category)
+        warnings.warn("another warning of the same class", noise.category)
+    assert [str(w.message) for w in caught] == ["another warning of the same class"]
+
+
+@pytest.mark.parametrize("noise", LOGGED, ids=[f"{n.logger}:{(n.starts or '*')[:20]}" for n in LOGGED])
 def test_known_noise_is_dropped_and_the_rest_of_its_logger_passes(noise, caplog):
     quiet.install()
     logger = logging.getLogger(noise.logger)
