@@ -50,7 +50,8 @@ def _without(split, bad: dict, cfg, name: str):
     if not bad:
         return split
     row, (_, what, fix) = next(iter(bad.items()))
-    where = f"data: row {row + 1} of " + (f"the {name} split of " if cfg.validation_split else "") + f"'{cfg.source}'"
+    of = (f"the {name} split of " if cfg.validation_split else "") + f"'{cfg.source}'"
+    where = f"data: row {row + 1} of {of}"
     if cfg.bad_rows == "error":
         more = f" ({len(bad)} rows have such problems)" if len(bad) > 1 else ""
         raise StageError(f"{where}: {what}{more}; {fix}, remove the row, or set data.bad_rows: drop to leave such "
@@ -60,8 +61,7 @@ def _without(split, bad: dict, cfg, name: str):
     causes: dict[str, int] = {}
     for cause, _, _ in bad.values():
         causes[cause] = causes.get(cause, 0) + 1
-    log.warning("data: left out %d of %d rows of %s'%s' (data.bad_rows: drop): %s", len(bad), len(split),
-                f"the {name} split of " if cfg.validation_split else "", cfg.source,
+    log.warning("data: left out %d of %d rows of %s (data.bad_rows: drop): %s", len(bad), len(split), of,
                 ", ".join(f"{n} with {c}" for c, n in sorted(causes.items(), key=lambda kv: -kv[1])))
     return split.select([i for i in range(len(split)) if i not in bad])
 

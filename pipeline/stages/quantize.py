@@ -484,10 +484,12 @@ def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cf
             scores: str, binding: list[str], dominated: list[str]) -> str:
     passed = sum(r["status"] == "passed" for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
+    skipped_note = (f", {skipped} of them skipped because their input already breaks a quality budget unquantized"
+                    if skipped else "")
     why = (f"Chosen for {cfg.prefer} among the {passed} of {len(rows)} candidates that met every budget "
-           f"({budgets(cfg)})" + (f", {skipped} of them skipped because their input already breaks a quality budget "
-                                  "unquantized" if skipped else "") + "; " + (f"the budget that bound the choice: {', '.join(binding)}." if binding else
-                                   f"no budget bound it: it is the best measured candidate for {cfg.prefer}."))
+           f"({budgets(cfg)}){skipped_note}; " + (f"the budget that bound the choice: {', '.join(binding)}." if binding
+                                                  else f"no budget bound it: it is the best measured candidate for "
+                                                  f"{cfg.prefer}."))
     general_note = (f", general English {winner['general_perplexity']:.3f} ({winner['general_ppl_increase_pct']:+.2f}%)"
                     if winner.get("general_ppl_increase_pct") is not None else "")
     kl_note = (f", KL {winner['kl']:.4f} nats/token and top-1 agreement {winner['top1']:.1%} against the reference"
