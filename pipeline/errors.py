@@ -147,7 +147,8 @@ FORMS = {".txt": "UTF-8 text, one document per line",
          ".csv": "comma-separated columns under a header row (text,...), in UTF-8",
          ".parquet": "a Parquet table"}
 # `validate` reads a data file whole (UTF-8, every JSON line, every CSV row) up to this size; a larger one gets the
-# checks that read its first bytes only, and the rest when a stage reads it and `datasets` fails
+# checks that read its first bytes only (a CSV's header, a Parquet's schema), except JSON, read line by line for the
+# keys of every row; the rest is said when a stage reads it and `datasets` fails
 FULL_CHECK_BYTES = 32 * 2**20
 SEPARATORS = {";": "semicolons", "\t": "tabs", "|": "bars"}
 
@@ -199,6 +200,10 @@ def file_check(path: Path, whole: bool = True) -> tuple[str | None, dict[str, bo
     if path.suffix == ".csv" and (problem := csv_separator_problem(head.decode("utf-8", "replace"))):
         return problem, None
     if not whole and size > FULL_CHECK_BYTES:
+        if path.suffix in (".json", ".jsonl"):  # the columns a recipe needs may first appear in any row
+            if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                return file_check(path, whole=True)  # one JSON array: `datasets` reads it whole into memory too
+            return _large_json_lines(path)
         return None, csv_header(head.decode("utf-8", "replace")) if path.suffix == ".csv" else None
     raw = path.read_bytes()
     try:
@@ -213,6 +218,21 @@ def file_check(path: Path, whole: bool = True) -> tuple[str | None, dict[str, bo
         problem = csv_problem(text)
         return problem, None if problem else csv_header(text)
     return None, {"text": True}  # the text reader's one column
+
+
+def _large_json_lines(path: Path) -> tuple[str | None, dict[str, bool] | None]:
+    """A JSON Lines file too large to read whole, checked line by line: every line, and the keys of every row. Memory stays one line; the time is
+    about a second per 100 MB, once per version of the file (data.py caches it). A first line that is not JSON
+    may be one object spread over many lines: the whole-file check says which."""
+    keys: dict[str, bool] = {}
+    try:
+        with path.open(encoding="utf-8-sig") as f:  # (a UTF-8 byte-order mark: every reader skips it)
+            problem = _json_lines_problem(f, FORMS[path.suffix], keys)
+    except UnicodeDecodeError:
+        return file_check(path, whole=True)  # it names the byte and its line
+    if problem is not None and problem.startswith("line 1 is not valid JSON"):
+        return file_check(path, whole=True)
+    return problem, None if problem else keys
 
 
 def csv_header(text: str) -> dict[str, bool]:
@@ -310,8 +330,13 @@ def _json_problem(text: str, suffix: str, keys: dict[str, bool]) -> str | None:
                    "JSON Lines" if under else "write one object per document")
             return (f"holds one JSON object over {len(text.strip().splitlines())} lines (keys: "
                     f"{', '.join(list(whole)[:6])}), which reads as a single row; expected {form}; {fix}")
+    return _json_lines_problem(text.splitlines(), form, keys)
+
+
+def _json_lines_problem(lines, form: str, keys: dict[str, bool]) -> str | None:
+    """The JSON Lines checks of _json_problem over any iterable of lines (a file read line by line included)."""
     kinds: dict[str, tuple[str, int]] = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

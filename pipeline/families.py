@@ -90,6 +90,17 @@ def of(config) -> Family | None:
     return BY_MODEL_TYPE.get(getattr(config, "model_type", None))
 
 
+def context_length(config) -> int | None:
+    """The positions the model was built for (None where its config names none: ALiBi models have no table).
+    A longer sequence indexes past a learned position table (GPT-2: an IndexError inside the forward pass) and
+    runs a rotary model on positions it never saw."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def width_families() -> str:
     return ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES if f.layout)
 

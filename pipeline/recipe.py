@@ -11,7 +11,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import data, formats, ignored, models, quant_backends, sparsity, surgery
+from pipeline import data, families, formats, ignored, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -81,7 +81,7 @@ class RecipeSettings:
                 problems.append(f"tokenizer: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
-        problems += self._check_formats(source)
+        problems += self._check_formats(source) + self._check_context(source)
         if self.finetune.enabled and self.finetune.method != "full" and self.finetune.input != "auto" \
                 and sparsity.record_of(Path(self.finetune.input)) is not None:
             problems.append(f"finetune.method: '{self.finetune.input}' is sparse (its record says so), and merging a "
@@ -212,7 +212,28 @@ class RecipeSettings:
                 problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
             else:
                 problems += self._check_sparsity(surgery.config_for(config, target) if target else config)
+            default = next(f.default for f in fields(self.prune) if f.name == "round_to")
+            if (surgery.tied(config) and self.prune.target_params is not None and "mlp" not in self.prune.axes
+                    and self.prune.round_to != default):  # (no MLP and no hidden in axes: pipeline.ignored says it)
+                problems.append(f"prune.round_to: {self.prune.round_to} has no effect on this model: its attention is "
+                                f"as wide as its hidden size ({config.model_type}), so a hidden or heads cut keeps "
+                                "whole dimensions of every head, and round_to rounds MLP widths only; add mlp to "
+                                "prune.axes, or remove round_to")
         return problems
+
+    def _check_context(self, source) -> list[str]:
+        """Every data config's block_size fits the positions the model was built for: past them GPT-2's position
+        table fails inside the forward pass (an IndexError), and a rotary model trains on positions it never saw."""
+        config = models.peek_config(source, self.trust_remote_code)
+        limit = families.context_length(config) if config is not None else None
+        if limit is None:
+            return []
+        configs = {"data": self.data} | {f"{s.name}.data": getattr(self, s.name).data for s in SECTIONS
+                                         if "data" in {f.name for f in fields(s.config)}}
+        return [f"{key}.block_size: {cfg.block_size} is longer than the model's context ({limit} positions in its "
+                f"config); use at most {limit}" for key, cfg in configs.items()
+                if cfg is not None and (key == "data" or cfg.block_size != self.data.block_size)
+                and cfg.block_size > limit]
 
     def _check_sparsity(self, config) -> list[str]:
         """An N:M pattern groups M consecutive inputs: every block linear's input width must be a multiple of M."""

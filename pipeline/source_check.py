@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import families
 from pipeline.models import Source
 
 MIN_WHOLE = 0.8  # share of vocabulary words a sound tokenizer keeps whole in running text (measured: 0.97-1.0)
@@ -139,8 +140,7 @@ MAX_PIECE_TOKENS = 512  # enough context to show how well a model predicts; boun
 
 
 def _context(model) -> int:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    limit = families.context_length(getattr(model, "config", None)) or 2048
     return min(limit, MAX_PIECE_TOKENS)
 
 

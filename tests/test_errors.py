@@ -336,6 +336,29 @@ def test_validate_takes_rows_the_run_takes(tiny_models, make_recipe, tmp_path):
     assert {"text", "id", "source"} <= set(splits["train"].column_names)
 
 
+@pytest.mark.parametrize("form", ["lines", "array"])
+def test_columns_of_a_json_file_too_large_to_read_whole_are_checked_at_validate(form, tiny_models, make_recipe,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """Above FULL_CHECK_BYTES validate reads only the start of a data file; JSON is still read for the keys of every
+    row (a column may first appear on any line), so a missing column is said before the run, and a column that
+    only the last row holds passes, as `datasets` reads it. A broken line far down is named too."""
+    from pipeline import errors
+
+    monkeypatch.setattr(errors, "FULL_CHECK_BYTES", 1024)
+    rows = [{"body": d["text"] * 3} for d in DOCS] * 3
+    dump = (lambda r: lines(r)) if form == "lines" else (lambda r: json.dumps(r))
+    big = write(tmp_path / f"big-{form}.jsonl", dump(rows))
+    assert big.stat().st_size > 4 * 1024
+    err = fails(["validate", make_recipe(tiny_models["gpt2"], data={"source": str(big)})], capsys)
+    assert "data.text_column: column 'text' not in" in err and "body" in err, err
+    late = write(tmp_path / f"late-{form}.jsonl", dump(rows + [{"body": "x", "text": "the last row has it"}]))
+    assert main(["validate", str(make_recipe(tiny_models["gpt2"], name="late", data={"source": str(late)}))]) == 0
+    if form == "lines":
+        broken = write(tmp_path / "broken.jsonl", lines(rows) + '{"text": "cut off\n' + lines(rows))
+        err = fails(["validate", make_recipe(tiny_models["gpt2"], name="broken", data={"source": str(broken)})], capsys)
+        assert f"line {len(rows) + 1} is not valid JSON" in err, err
+
+
 def _folder(tmp_path, tokenizer, name="m", arch="gpt2") -> Path:
     folder = tmp_path / name
     build_model(arch, tokenizer, layers=1).save_pretrained(folder)
@@ -397,6 +420,21 @@ def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
     for needle in needles:
         assert needle in err, (needle, err)
     no_folder(tmp_path / "runs" / "tiny", "load")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_block_longer_than_the_models_context_is_refused_at_validate(arch, tiny_models, make_recipe, tmp_path,
+                                                                       capsys):
+    """GPT-2 fails inside its forward pass past its position table (once an IndexError the CLI called a bug); a
+    rotary model would train on positions it never saw. A stage's own data is checked too, and a block that fits
+    passes (the tiny models have 256 positions)."""
+    recipe = make_recipe(tiny_models[arch], data={"block_size": 512},
+                         prune={"enabled": True, "target_params": 0.7, "data": {"block_size": 300}})
+    err = fails(["run", recipe], capsys)
+    assert "data.block_size: 512 is longer than the model's context (256 positions" in err
+    assert "prune.data.block_size: 300" in err and "use at most 256" in err
+    no_folder(tmp_path / "runs" / "tiny", "load")
+    assert main(["validate", str(make_recipe(tiny_models[arch], data={"block_size": 256}))]) == 0
 
 
 def test_the_recipes_tokenizer_serves_a_folder_without_one(tokenizer, make_recipe, tmp_path, capsys):

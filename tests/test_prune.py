@@ -209,12 +209,23 @@ def _recipe(tmp_path, model, **prune_cfg):
     ("llama", {"target_params": 0.8, "intermediate_size": 64}, ["set either target_params or explicit sizes"]),
     ("llama", {"target_params": 0.3, "axes": ["depth"]}, ["prune.target_params: 0.3 of the non-embedding parameters",
                                                           "would remove 3 of the model's 4 layers", "num_hidden_layers"]),
+    # GPT-2's hidden cut narrows every head by whole dimensions: round_to, which rounds MLP widths, does nothing
+    ("gpt2", {"target_params": 0.7, "axes": ["hidden"], "round_to": 16}, ["prune.round_to: 16 has no effect on this "
+                                                                          "model", "add mlp to prune.axes"]),
 ])
 def test_impossible_targets_fail_at_validation(arch, settings, needles, tiny_models, tmp_path, capsys):
     assert main(["validate", str(_recipe(tmp_path, tiny_models[arch], **settings))]) == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, needle
+
+
+@pytest.mark.parametrize("arch,axes", [("gpt2", ["hidden", "mlp"]), ("llama", ["hidden"]), ("gpt2", ["hidden"])])
+def test_round_to_where_it_takes_effect_validates(arch, axes, tiny_models, tmp_path, capsys):
+    """The model-aware round_to check refuses only where round_to does nothing: a width it rounds (GPT-2's MLP, a
+    Llama hidden size) passes, and so does GPT-2's hidden cut while round_to keeps its default."""
+    settings = {"target_params": 0.7, "axes": axes} | ({"round_to": 16} if axes != ["hidden"] or arch != "gpt2" else {})
+    assert main(["validate", str(_recipe(tmp_path, tiny_models[arch], **settings))]) == 0, capsys.readouterr().err
 
 
 def test_target_params_gives_a_llama_hidden_size_its_config_accepts(tokenizer, make_recipe, tmp_path):
