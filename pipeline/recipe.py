@@ -11,7 +11,7 @@ from typing import get_args
 
 import yaml
 
-from pipeline import data, families, formats, ignored, models, quant_backends, sparsity, surgery
+from pipeline import data, families, formats, ignored, lora, models, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
@@ -81,7 +81,7 @@ class RecipeSettings:
                 problems.append(f"tokenizer: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
-        problems += self._check_formats(source) + self._check_context(source)
+        problems += self._check_formats(source) + self._check_context(source) + self._check_lora(source)
         if self.finetune.enabled and self.finetune.method != "full" and self.finetune.input != "auto" \
                 and sparsity.record_of(Path(self.finetune.input)) is not None:
             problems.append(f"finetune.method: '{self.finetune.input}' is sparse (its record says so), and merging a "
@@ -220,6 +220,30 @@ class RecipeSettings:
                                 "whole dimensions of every head, and round_to rounds MLP widths only; add mlp to "
                                 "prune.axes, or remove round_to")
         return problems
+
+    def _check_lora(self, source) -> list[str]:
+        """finetune.lora.target_modules name layers of the model it adapts: checked on the model built from its
+        config on the meta device (no weights, no memory), with the run's own message."""
+        ft = self.finetune
+        if not ft.enabled or ft.method == "full" or not ft.lora.target_modules or ft.lora.check():
+            return []
+        folder = ft.input if ft.input != "auto" else None
+        config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
+        if config is None:
+            return []
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        except Exception:  # noqa: BLE001 -- a config transformers cannot build is the load stage's to report
+            return []
+        try:
+            lora.targets(model, ft.lora)
+        except StageError as err:
+            return [str(err)]
+        return []
 
     def _check_context(self, source) -> list[str]:
         """Every data config's block_size fits the positions the model was built for: past them GPT-2's position

@@ -74,13 +74,20 @@ def test_adapter_methods_lower_loss_and_merge_into_plain_weights(arch, method, t
     assert delta.abs().max() > 1e-4 and torch.linalg.matrix_rank(delta, atol=1e-5) <= 8
 
 
-def test_lora_targets_that_match_nothing_exit_2(tiny_models, make_recipe, capsys):
-    path = make_recipe(tiny_models["gpt2"], finetune={"method": "lora", "lora": {"target_modules": ["c_attn", "q_proj"]},
-                                                      **QUIET})
-    assert main(["run", str(path), "--until", "finetune"]) == 2
-    err = capsys.readouterr().err
-    assert "finetune.lora.target_modules: ['q_proj'] match no layer" in err and "c_attn, c_fc, c_proj" in err
-    assert not (path.parent / "runs" / "tiny" / "finetune").exists()
+@pytest.mark.parametrize("arch,wrong,right", [("gpt2", "q_proj", "c_attn"), ("llama", "c_attn", "q_proj")])
+def test_lora_targets_that_match_nothing_exit_2_at_validate(arch, wrong, right, tiny_models, make_recipe, capsys):
+    """validate builds the model from its config on the meta device and says it before any stage runs (the load
+    stage's folder is never made); the layers a model has pass."""
+    path = make_recipe(tiny_models[arch], finetune={"method": "lora", "lora": {"target_modules": [right, wrong]},
+                                                    **QUIET})
+    for command in (["validate", str(path)], ["run", str(path), "--until", "finetune"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"finetune.lora.target_modules: ['{wrong}'] match no layer of this {arch} model" in err, err
+        assert right in err.split("adaptable layers are:")[1]
+    assert not (path.parent / "runs" / "tiny" / "base").exists()
+    fixed = make_recipe(tiny_models[arch], name="fixed", finetune={"method": "lora", "lora": {"target_modules": [right]}})
+    assert main(["validate", str(fixed)]) == 0, capsys.readouterr().err
 
 
 def test_qlora_without_bitsandbytes_is_a_recipe_error(tiny_models, make_recipe, monkeypatch, capsys):
