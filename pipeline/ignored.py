@@ -49,7 +49,7 @@ def _local(source: str) -> str | None:
     return "local data" if local_files(source) is not None else None
 
 
-def _pruned_input(r, d) -> str | None:
+def pruned_input(r, d) -> str | None:
     """Why distill's student is the pruned model (so every/keep/layers/config cannot choose it), or None."""
     if r.prune.enabled and d.input == "auto":
         return "prune.enabled is true: the student is the pruned model"
@@ -183,15 +183,15 @@ RULES = (
          if not o.enabled else None,
          "set prune.sparsity.amount (e.g. 0.5) or pattern (e.g. 2:4), or remove them", on=("amount", "pattern")),
     # --- distill ---
-    Rule("distill", ("every", "keep", "layers", "config"), lambda r, o: _pruned_input(r, o),
+    Rule("distill", ("every", "keep", "layers", "config"), lambda r, o: pruned_input(r, o),
          "remove them, or set prune.enabled: false (or point distill.input at an unpruned model)",
          on=("input", "prune.enabled")),
     Rule("distill", ("temperature", "kl"),
          lambda r, o: "distill.alpha_kd is 0 (there is no KD term)" if o.alpha_kd == 0 else None,
          "set distill.alpha_kd above 0, or remove them", on=("alpha_kd",)),
     Rule("distill", ("teacher",),
-         lambda r, o: f"distill.alpha_kd and alpha_cos are 0 and {_pruned_input(r, o)}: the teacher neither runs nor "
-         "gives the student its layers" if o.alpha_kd == 0 and o.alpha_cos == 0 and _pruned_input(r, o) else None,
+         lambda r, o: f"distill.alpha_kd and alpha_cos are 0 and {pruned_input(r, o)}: the teacher neither runs nor "
+         "gives the student its layers" if o.alpha_kd == 0 and o.alpha_cos == 0 and pruned_input(r, o) else None,
          "remove distill.teacher, or set alpha_kd above 0", on=("alpha_kd", "alpha_cos", "input", "prune.enabled")),
     Rule("distill", ("teacher_precision",),
          lambda r, o: "distill.alpha_kd and alpha_cos are 0: the teacher never runs"

@@ -11,13 +11,13 @@ from typing import get_args
 
 import yaml
 
-from pipeline import data, families, formats, ignored, lora, models, quant_backends, sparsity, surgery
+from pipeline import data, families, formats, ignored, lora, models, qat, quant_backends, sparsity, surgery
 from pipeline.config import RecipeError, parse, set_dotted
 from pipeline.data import DataConfig
 from pipeline.general import GeneralConfig
 from pipeline.errors import StageError
 from pipeline.models import Source
-from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, prune
+from pipeline.stages import CHAINED, MODEL_FOLDERS, SECTIONS, distill, prune
 
 
 @dataclass
@@ -81,7 +81,8 @@ class RecipeSettings:
                 problems.append(f"tokenizer: {err}")
         if self.prune.enabled:
             problems += self._check_prune(source)
-        problems += self._check_formats(source) + self._check_context(source) + self._check_lora(source)
+        problems += self._check_formats(source) + self._check_context(source) + self._check_finetune_layers(source)
+        problems += self._check_distill(source)
         if self.finetune.enabled and self.finetune.method != "full" and self.finetune.input != "auto" \
                 and sparsity.record_of(Path(self.finetune.input)) is not None:
             problems.append(f"finetune.method: '{self.finetune.input}' is sparse (its record says so), and merging a "
@@ -221,11 +222,13 @@ class RecipeSettings:
                                 "prune.axes, or remove round_to")
         return problems
 
-    def _check_lora(self, source) -> list[str]:
-        """finetune.lora.target_modules name layers of the model it adapts: checked on the model built from its
-        config on the meta device (no weights, no memory), with the run's own message."""
+    def _check_finetune_layers(self, source) -> list[str]:
+        """finetune.lora.target_modules name layers of the model it adapts, and finetune.qat's grid fits its
+        layers: checked on the model built from its config on the meta device (no weights, no memory), with the
+        run's own messages."""
         ft = self.finetune
-        if not ft.enabled or ft.method == "full" or not ft.lora.target_modules or ft.lora.check():
+        lora_set = ft.method != "full" and ft.lora.target_modules and not ft.lora.check()
+        if not ft.enabled or not (lora_set or ft.qat.enabled):
             return []
         folder = ft.input if ft.input != "auto" else None
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
@@ -239,11 +242,43 @@ class RecipeSettings:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
         except Exception:  # noqa: BLE001 -- a config transformers cannot build is the load stage's to report
             return []
-        try:
-            lora.targets(model, ft.lora)
-        except StageError as err:
-            return [str(err)]
-        return []
+        problems = []
+        if lora_set:
+            try:
+                lora.targets(model, ft.lora)
+            except StageError as err:
+                problems.append(str(err))
+        if ft.qat.enabled and not ft.qat.check() and (reason := qat.refusal(model, ft.qat)):
+            problems.append(f"finetune.qat: {reason}")
+        return problems
+
+    def _check_distill(self, source) -> list[str]:
+        """distill's layers, student config, cosine term and unfrozen patterns against the teacher's config (and
+        the pruned student's, when prune makes it), as the stage checks them after the stages before it ran."""
+        d = self.distill
+        if not d.enabled:
+            return []
+        def peek(folder):
+            return models.peek_config(Source("folder", folder), self.trust_remote_code)
+
+        student = None
+        if d.input != "auto" and ignored.pruned_input(self, d):  # a pruned folder: its teacher is its parent
+            if d.teacher == "auto":
+                return []
+            teacher, student = peek(d.teacher), peek(d.input)
+        else:
+            folder = d.teacher if d.teacher != "auto" else d.input if d.input != "auto" else None
+            teacher = peek(folder) if folder else models.peek_config(source, self.trust_remote_code)
+            if teacher is not None and self.prune.enabled and d.input == "auto":
+                if not self._prune_sizable():
+                    return []
+                try:
+                    student = surgery.config_for(teacher, prune.targets(self.prune, teacher))
+                except StageError:  # _check_prune says it
+                    return []
+        if teacher is None:
+            return []
+        return distill.config_problems(d, teacher, self.trust_remote_code, student)
 
     def _check_context(self, source) -> list[str]:
         """Every data config's block_size fits the positions the model was built for: past them GPT-2's position

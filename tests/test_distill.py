@@ -276,11 +276,32 @@ def test_unfrozen_parameters_mistakes_are_named(tiny_models, make_recipe):
     problems = distill.DistillConfig(unfrozen_parameters=["mlp(", "x"]).check()
     assert any("'mlp(' is not a regular expression" in p for p in problems)
     assert any("empty list trains nothing" in p for p in distill.DistillConfig(unfrozen_parameters=[]).check())
-    path = make_recipe(tiny_models["llama"], finetune={"enabled": False},
-                       distill={"every": 2, "unfrozen_parameters": ["no_such_module"]})
-    _run(path, ["load"])
-    with pytest.raises(StageError, match=r"unfrozen_parameters: \['no_such_module'\] match none"):
-        _run(path, ["distill"])
+    # patterns that match no parameter of the student: test_distill_mistakes_are_named_at_validate
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"layers": [0, 9]}, "distill.layers: [9] out of range; the teacher has layers 0..3"),
+    ({"keep": 7}, "distill.keep: 7 is more than the teacher's 4 layers"),
+    ({"config": {"num_hiden_layers": 2}}, "num_hiden_layers (did you mean num_hidden_layers?) not a setting"),
+    ({"config": {"model_type": "lama"}}, "distill.config.model_type: unknown architecture 'lama'"),
+    ({"config": {"hidden_size": 32}, "alpha_cos": 0.5}, "the student's hidden size (32) differs"),
+    ({"every": 2, "unfrozen_parameters": ["nothing_here"]}, "unfrozen_parameters: ['nothing_here'] match none"),
+    # the pruned student's names: a depth cut to 3 layers has no layers.3 (and has layers.2: the fix below)
+    ({"unfrozen_parameters": [r"layers\.3\."]}, "unfrozen_parameters: ['layers\\\\.3\\\\.'] match none"),
+])
+def test_distill_mistakes_are_named_at_validate(settings, needle, tiny_models, make_recipe, capsys):
+    """What the stage would refuse after the stages before it ran (minutes or hours) is said by validate, from the
+    teacher's config and the student built on the meta device; the same recipe fixed validates."""
+    prune = {"enabled": True, "num_hidden_layers": 3} if "layers" in str(settings) and \
+        "unfrozen" in str(settings) else {}
+    path = make_recipe(tiny_models["llama"], distill=settings, **({"prune": prune} if prune else {}))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    fixed = make_recipe(tiny_models["llama"], name="fixed",
+                        distill={"unfrozen_parameters": [r"layers\.2\."] if prune else ["mlp"]},
+                        **({"prune": prune} if prune else {}))
+    assert main(["validate", str(fixed)]) == 0, capsys.readouterr().err
 
 
 # --- the bench -------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def test_quantize_warns_when_the_shipped_grid_differs(tiny_models, make_recipe, 
 def test_qat_refusals_exit_2_and_leave_no_folder(arch, finetune, message, tiny_models, make_recipe, capsys, tmp_path):
     path = make_recipe(tiny_models[arch], finetune=finetune, distill={"enabled": False}, quantize={"enabled": False},
                        evaluate={"enabled": False})
-    assert main(["run", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert not list(tmp_path.glob("runs/*/finetune"))
+    for command in ("validate", "run"):  # said before any stage runs: the model is read from its config
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("runs/*/base")) and not list(tmp_path.glob("runs/*/finetune"))

@@ -230,6 +230,35 @@ def build_student(cfg: DistillConfig, teacher, tokenizer, trust_remote_code: boo
     return student, None
 
 
+def config_problems(cfg: DistillConfig, teacher_config, trust_remote_code: bool = False,
+                    student=None) -> list[str]:
+    """What build_student and unfreeze would refuse, from configs alone (`validate`, before any stage runs): the
+    teacher layers kept, the student's config, the cosine term, and the unfrozen patterns, matched against the
+    student's parameter names built on the meta device (no weights, no memory). `student`: the config of a
+    student made elsewhere (the pruned model). A student config named by a Hub id is left to the run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if student is None and isinstance(cfg.config, str) and not (Path(cfg.config) / "config.json").is_file():
+        return []
+    try:
+        if student is not None:
+            config = student
+        elif cfg.config is not None:
+            config = student_config(cfg.config, teacher_config, trust_remote_code)
+        else:  # the teacher's layers `keep`, renumbered from 0: names as a model of that depth has them
+            config = surgery.config_for(teacher_config, {"num_hidden_layers": len(layer_map(
+                cfg, teacher_config.num_hidden_layers))})
+        check_cos(cfg, config, teacher_config)
+        if cfg.unfrozen_parameters is not None:
+            with init_empty_weights():
+                unfreeze(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code),
+                         cfg.unfrozen_parameters)
+    except StageError as err:
+        return [str(err)]
+    return []
+
+
 def check_cos(cfg: DistillConfig, student_config, teacher_config) -> None:
     if cfg.alpha_cos > 0 and student_config.hidden_size != teacher_config.hidden_size:
         raise StageError(
