@@ -143,6 +143,22 @@ def test_sparsity_bench_schema_on_a_tiny_teacher(tmp_path):
     assert place["dominated_by"] == ["small-good"] and place["dominates"] == ["big-bad"]
 
 
+def test_sparse_speed_bench_schema_on_a_tiny_model(tmp_path):
+    """OpenVINO W8A8 of a dense and a 50%-sparse tiny Llama, timed with sparse weight decompression off and on: the
+    zeros reach the exported weights, int8 activations keep the perplexity near fp32's, and the packed weights
+    compute the same logits as the unpacked ones (the speed itself is measured only by the real run)."""
+    result = _smoke("sparse_speed", tmp_path)
+    dense, sparse = result["models"]["dense"], result["models"]["50% magnitude"]
+    assert dense["block_weight_zeros"] < 0.01 < 0.3 < sparse["block_weight_zeros"]
+    for row in (dense, sparse):
+        assert row["validation_ppl_w8a8"] == pytest.approx(row["validation_ppl_fp32"], rel=0.05)
+        assert row["rate_0.5"]["max_abs_logit_diff_vs_off"] < 1e-3
+        assert row["rate_off"]["prefill_256_ms"] > 0 and row["speedup_prefill"] > 0
+        assert not any("sparse" in k for k in row["rate_off"]["prefill_256_fc_kernels"])  # off means off
+        assert row["sparse_fc_at_0.5"].split(" of ")[1] == str(sum(row["rate_0.5"]["prefill_256_fc_kernels"].values()))
+    assert isinstance(result["amx"], bool) and result["openvino"]
+
+
 def test_heal_bench_args():
     heal = bench_module("heal")
     for bad in (["--budgets", "0"], ["--budgets", "x"], ["--settings", "web-text"], ["--variants", "uniform-60"]):
