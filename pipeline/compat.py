@@ -19,6 +19,15 @@ with AttributeError. The same hook, once optimum-intel's decoder module is impor
 answering that it has no experts kernels to switch (`{"": None}`: OpenVINO runs the compiled graph), so
 generate goes on as before. Only where the class lacks it.
 
+optimum-intel's OpenVINO export of Gemma. optimum-intel 2.2.0 caps the export of `gemma`, `gemma2` and `gemma3_text`
+at transformers 5.0 (its export config's MAX_TRANSFORMERS_VERSION), so with this project's transformers the
+export refuses. Measured (tests/test_compat.py, tiny configs with a sliding window shorter than the text): Gemma 1
+and Gemma 3 export with transformers 5.5.4 and 5.23.0 and their OpenVINO logits match torch's in f32 to 1e-5,
+greedy generation past the window included; Gemma 2 does with 5.5.4, and with 5.23.0 its export fails (the
+export loads it with SDPA attention, which transformers refuses for Gemma 2). The same hook, once optimum-intel's
+export configs are imported, raises each cap to the installed transformers where it is below the release the
+measurement covers (EXPORT_MEASURED, exclusive), and leaves it elsewhere, so `validate` still refuses the rest.
+
 optimum-intel itself and transformers are otherwise left as they are."""
 from __future__ import annotations
 
@@ -31,6 +40,11 @@ VISUAL_LANGUAGE = "optimum.intel.openvino.modeling_visual_language"
 DECODER = "optimum.intel.openvino.modeling_decoder"
 # The first transformers releases that need each workaround with optimum-intel 2.2.0
 NEEDED_FROM = {"visual_language": "5.17", "generate": "5.14"}
+EXPORT_CONFIGS = "optimum.exporters.openvino.model_configs"
+# export config class: the first transformers release its OpenVINO export was not measured to work with
+EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.24", "Gemma2OpenVINOConfig": "5.6", "Gemma3TextOpenVINOConfig": "5.24"}
+# export config class -> the cap it had and the one it has now, where the hook raised it
+lifted: dict[str, tuple[str, str]] = {}
 # Why the stand-in replaced the vision-language module (None: it imported, or has not been imported yet)
 stood_in: str | None = None
 # Whether OVModelForCausalLM was given get_experts_implementation
@@ -85,6 +99,26 @@ def _give_experts(module) -> None:
         gave_experts = True
 
 
+def _lift_caps(module) -> None:
+    """Raise the measured export configs' transformers caps to the installed release, where it is below the
+    release the measurement covers; each class gets its own attribute (Gemma 2 and 3 inherit Gemma's)."""
+    import importlib.metadata as md
+
+    from packaging.version import Version
+
+    have = Version(md.version("transformers"))
+    caps = {name: getattr(getattr(module, name, None), "MAX_TRANSFORMERS_VERSION", None) for name in EXPORT_MEASURED}
+    for name, below in EXPORT_MEASURED.items():
+        cls, cap = getattr(module, name, None), caps[name]  # (read before any is raised: they inherit)
+        if cls is None or cap is None:
+            continue
+        if Version(str(cap)) < have < Version(below):
+            cls.MAX_TRANSFORMERS_VERSION = str(have)
+            lifted[name] = (str(cap), str(have))
+        else:
+            cls.MAX_TRANSFORMERS_VERSION = cap  # its own, not the parent's raised one
+
+
 class _Loader(importlib.abc.Loader):
     def __init__(self, real):
         self.real = real
@@ -93,9 +127,9 @@ class _Loader(importlib.abc.Loader):
         return self.real.create_module(spec)
 
     def exec_module(self, module):
-        if module.__name__ == DECODER:
+        if module.__name__ in (DECODER, EXPORT_CONFIGS):
             self.real.exec_module(module)
-            _give_experts(module)
+            (_give_experts if module.__name__ == DECODER else _lift_caps)(module)
             return
         try:
             self.real.exec_module(module)
@@ -105,7 +139,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in (VISUAL_LANGUAGE, DECODER):
+        if name not in (VISUAL_LANGUAGE, DECODER, EXPORT_CONFIGS):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:

@@ -283,6 +283,12 @@ def family_table() -> str:
                  f"yes ({f.layout} layout)" if f.layout else f"no: {f.no_width}", "yes",
                  ", ".join(f.lora_targets)]
         for fmt in (formats.gguf, formats.openvino):
+            below = formats.openvino.lifted_below(config) if fmt is formats.openvino else None
+            if below is not None:  # the same cell whichever release is installed
+                note = (f"optimum-intel caps this export at transformers 5.0; measured to export correctly below "
+                        f"{below}, where pipeline/compat.py lifts the cap (above it, validate refuses)")
+                cells.append(f"yes, transformers < {below} [{reasons.setdefault(note, len(reasons) + 1)}]")
+                continue
             problem = fmt.unsupported(config)
             if problem is not None:  # one note per distinct reason, below the table
                 # the notes name no installed version, so one table holds for every version the pins allow

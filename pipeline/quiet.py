@@ -38,6 +38,9 @@ NOISE = (
     Noise("warnings", "`is_gradient_checkpointing` is deprecated", "peft 0.21 reads the attribute whenever it wraps "
           "a model, and transformers 5.23 renamed it and warns on every read; the old name still answers",
           FutureWarning),
+    Noise("warnings", "`torch.jit.trace", "OpenVINO's PyTorch frontend (under optimum-intel's export) traces the model "
+          "with TorchScript, which torch 2.15 deprecates with a warning for torch.jit.trace and trace_method on every "
+          "export; openvino's to change, the traced graph is the same", FutureWarning),
 )
 
 

@@ -87,6 +87,29 @@ def unavailable(cand, device: torch.device) -> str | None:
     return None
 
 
+def lifted_below(config) -> str | None:
+    """The transformers release below which the pipeline lifts optimum-intel's transformers cap on this model's
+    export (pipeline/compat.py, as measured), or None where it lifts nothing."""
+    if unavailable(None, torch.device("cpu")) is not None:
+        return None
+    export, _ = _export_config(config)
+    return compat.EXPORT_MEASURED.get(getattr(export, "__name__", ""))
+
+
+def _export_config(config):
+    """optimum-intel's OpenVINO export config class for this model's type, or None and why it has none."""
+    import optimum.exporters.openvino  # noqa: F401 -- registers the OpenVINO export configs
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="openvino", model_type=getattr(config, "model_type", None), task="text-generation-with-past",
+            library_name="transformers")
+    except (KeyError, ValueError) as err:
+        return None, str(err).strip("'\"").split(". Only")[0]
+    return getattr(constructor, "func", constructor), None
+
+
 def unsupported(config) -> str | None:
     """Why optimum-intel cannot export a model with this config here, or None if it can (or optimum-intel is
     missing: the candidate then reports itself unavailable). The export's own refusals, asked before any work:
@@ -95,25 +118,22 @@ def unsupported(config) -> str | None:
         return None
     import importlib.metadata as md
 
-    import optimum.exporters.openvino  # noqa: F401 -- registers the OpenVINO export configs
-    from optimum.exporters.tasks import TasksManager
     from packaging.version import Version
 
     model_type = getattr(config, "model_type", None)
-    try:
-        constructor = TasksManager.get_exporter_config_constructor(
-            exporter="openvino", model_type=model_type, task="text-generation-with-past", library_name="transformers")
-    except (KeyError, ValueError) as err:
-        reason = str(err).strip("'\"").split(". Only")[0]
+    export, reason = _export_config(config)
+    if export is None:
         return f"optimum-intel {md.version('optimum-intel')} cannot export it to OpenVINO ({reason})"
-    export = getattr(constructor, "func", constructor)
     have = Version(md.version("transformers"))
     low, high = (getattr(export, key, None) for key in ("MIN_TRANSFORMERS_VERSION", "MAX_TRANSFORMERS_VERSION"))
     if low is not None and have < Version(str(low)):
         return (f"optimum-intel's OpenVINO export of '{model_type}' needs transformers >= {low}; this is {have}")
     if high is not None and have > Version(str(high)):
+        measured = compat.EXPORT_MEASURED.get(export.__name__)  # where the pipeline lifts the cap (compat.py)
         return (f"optimum-intel's OpenVINO export of '{model_type}' allows transformers <= "
-                f"{str(high).replace('99', '*')}; this is {have}")
+                f"{str(high).replace('99', '*')}; this is {have}"
+                + (f" (measured to export correctly below {measured}, where the pipeline lifts the cap: "
+                   f"pip install 'transformers<{measured}')" if measured else ""))
     return None
 
 
