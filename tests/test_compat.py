@@ -98,7 +98,6 @@ def test_gemma_openvino_export_is_lifted_where_measured_and_matches_torch(arch, 
     pytest.importorskip("optimum.intel")
     import optimum.exporters.openvino.model_configs as configs
     import torch
-    from optimum.intel import OVModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     import tiny
