@@ -136,6 +136,28 @@ def check_tokenizer(folder: str | Path, recipe_key: bool = False) -> None:
         )
 
 
+def has_chat_template(source: Source | None) -> bool | None:
+    """Whether the tokenizer at `source` brings a chat template (a folder's chat_template.jinja / .json or its
+    tokenizer_config.json key, a GGUF file's `tokenizer.chat_template`), read without loading it; None where that
+    cannot be known now (a Hub id, a folder a stage has yet to write)."""
+    if source is None or source.kind == "hub" or not Path(source.path).exists():
+        return None
+    if source.gguf_file:
+        from gguf import GGUFReader
+
+        try:
+            return "tokenizer.chat_template" in GGUFReader(Path(source.path) / source.gguf_file).fields
+        except Exception:  # noqa: BLE001 -- a damaged file is the load stage's to report
+            return None
+    folder = Path(source.path)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def _safetensors_problem(path: Path) -> str | None:
     """Cheap completeness check of a safetensors file: its header says how many bytes must follow."""
     size = path.stat().st_size

@@ -82,7 +82,7 @@ class RecipeSettings:
         if self.prune.enabled:
             problems += self._check_prune(source)
         problems += self._check_formats(source) + self._check_context(source) + self._check_finetune_layers(source)
-        problems += self._check_distill(source)
+        problems += self._check_distill(source) + self._check_chat_template(source)
         if self.finetune.enabled and self.finetune.method != "full" and self.finetune.input != "auto" \
                 and sparsity.record_of(Path(self.finetune.input)) is not None:
             problems.append(f"finetune.method: '{self.finetune.input}' is sparse (its record says so), and merging a "
@@ -279,6 +279,28 @@ class RecipeSettings:
         if teacher is None:
             return []
         return distill.config_problems(d, teacher, self.trust_remote_code, student)
+
+    def _check_chat_template(self, source) -> list[str]:
+        """Chat data needs a chat template: the recipe's data.chat_template, or the tokenizer's own (the recipe's
+        `tokenizer`, else finetune.input's or the model's), read from its files; else the run would stop at the
+        first stage that renders a conversation, after the load stage."""
+        if self.data.format != "chat" or self.data.chat_template:
+            return []
+        ft = self.finetune
+        if ft.enabled and ft.input != "auto":
+            where = Source("folder", ft.input)
+        elif self.tokenizer is not None:
+            try:
+                where = models.tokenizer_source(self.tokenizer)
+            except models.ModelSourceError:  # said above
+                return []
+        else:
+            where = source
+        if models.has_chat_template(where) is not False:
+            return []
+        return [f"data.chat_template: the tokenizer of '{where.label}' has no chat template, and data.format is "
+                "chat; set data.chat_template to a Jinja template, e.g. \"{% for m in messages %}{{ m['role'] }}: "
+                "{{ m['content'] }}\\n{% endfor %}\", or use a tokenizer that has one"]
 
     def _check_context(self, source) -> list[str]:
         """Every data config's block_size fits the positions the model was built for: past them GPT-2's position

@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import chat, data, dist, lora, recipe, runner
+from pipeline import chat, data, dist, formats, lora, models, recipe, runner
+from pipeline.errors import StageError
 from pipeline.cli import main
 from tiny import logits as _logits, record as _record
 
@@ -205,11 +206,27 @@ def test_chat_data_without_the_named_fields_exit_2(tiny_models, make_recipe, tmp
     assert "needs a 'messages' column" in err and "instruction, output" in err and "data.prompt_column" in err
 
 
-def test_chat_without_a_template_exit_2(tiny_models, make_recipe, tmp_path, capsys):
-    path = make_recipe(tiny_models["gpt2"], data={"source": str(_qa_file(tmp_path, 20)), "format": "chat",
-                                                  "prompt_column": "question", "response_column": "answer"})
-    assert main(["run", str(path), "--until", "finetune"]) == 2
-    assert "data.chat_template: the tokenizer of this model has no chat template" in capsys.readouterr().err
+def test_chat_without_a_template_exit_2_at_validate(tiny_models, make_recipe, tmp_path, capsys):
+    """Said by validate from the tokenizer's files, before the load stage runs; a template in the recipe, or one
+    the tokenizer saved (chat_template.jinja), passes. The stage's own check stays for what validate cannot read
+    (a Hub tokenizer)."""
+    qa = {"source": str(_qa_file(tmp_path, 20)), "format": "chat", "prompt_column": "question",
+          "response_column": "answer"}
+    path = make_recipe(tiny_models["gpt2"], data=qa)
+    for command in ("validate", "run"):
+        assert main([command, str(path), *(["--until", "finetune"] if command == "run" else [])]) == 2
+        assert f"data.chat_template: the tokenizer of '{tiny_models['gpt2']}' has no chat template" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "base").exists()
+    assert main(["validate", str(make_recipe(tiny_models["gpt2"], name="own", data={**qa, "chat_template": TEMPLATE}))]) == 0
+    model, tok = formats.load_folder(tiny_models["gpt2"])
+    tok.chat_template = TEMPLATE
+    model.save_pretrained(tmp_path / "templated")
+    tok.save_pretrained(tmp_path / "templated")
+    assert main(["validate", str(make_recipe(tmp_path / "templated", name="saved", data=qa))]) == 0
+    with pytest.raises(StageError, match="the tokenizer of this model has no chat template"):
+        chat.tokenize(data.load_splits(data.DataConfig(**qa), 0), models.load_tokenizer(
+            models.Source("folder", str(tiny_models["gpt2"]))), data.DataConfig(**qa))
 
 
 # ---------- training controls ----------
