@@ -21,12 +21,15 @@ generate goes on as before. Only where the class lacks it.
 
 optimum-intel's OpenVINO export of Gemma. optimum-intel 2.2.0 caps the export of `gemma`, `gemma2` and `gemma3_text`
 at transformers 5.0 (its export config's MAX_TRANSFORMERS_VERSION), so with this project's transformers the
-export refuses. Measured (tests/test_compat.py, tiny configs with a sliding window shorter than the text): Gemma 1
-and Gemma 3 export with transformers 5.5.4 and 5.23.0 and their OpenVINO logits match torch's in f32 to 1e-5,
-greedy generation past the window included; Gemma 2 does with 5.5.4, and with 5.23.0 its export fails (the
-export loads it with SDPA attention, which transformers refuses for Gemma 2). The same hook, once optimum-intel's
-export configs are imported, raises each cap to the installed transformers where it is below the release the
-measurement covers (EXPORT_MEASURED, exclusive), and leaves it elsewhere, so `validate` still refuses the rest.
+export refuses. Measured (tests/test_compat.py, tiny configs with a sliding window shorter than the text): all
+three export with transformers 5.5.4 and 5.23.0 and their OpenVINO logits match torch's in f32 to 1e-5, greedy
+generation past the window included. The same hook, once optimum-intel's export configs are imported, raises each
+cap to the installed transformers where it is below the release the measurement covers (EXPORT_MEASURED,
+exclusive), and leaves it elsewhere, so `validate` still refuses the rest. For Gemma 2 one more mend: optimum-intel
+forces SDPA attention on it (FORCE_ATTN_MODEL_CLASSES), which transformers refuses for Gemma 2 in 5.23 (its
+`_supports_sdpa` is False; 5.5.4 accepts it); where the installed transformers refuses it, the hook drops that
+one entry when optimum-intel's export module is imported (`unforced`), so the model loads with transformers' own
+choice (eager), and exports and matches torch as the others.
 
 optimum-intel itself and transformers are otherwise left as they are."""
 from __future__ import annotations
@@ -42,7 +45,10 @@ DECODER = "optimum.intel.openvino.modeling_decoder"
 NEEDED_FROM = {"visual_language": "5.17", "generate": "5.14"}
 EXPORT_CONFIGS = "optimum.exporters.openvino.model_configs"
 # export config class: the first transformers release its OpenVINO export was not measured to work with
-EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.24", "Gemma2OpenVINOConfig": "5.6", "Gemma3TextOpenVINOConfig": "5.24"}
+EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.24", "Gemma2OpenVINOConfig": "5.24", "Gemma3TextOpenVINOConfig": "5.24"}
+EXPORT_MAIN = "optimum.exporters.openvino.__main__"
+# model type -> the attention implementation optimum-intel forces, where the hook dropped it (transformers refuses it)
+unforced: dict[str, str] = {}
 # export config class -> the cap it had and the one it has now, where the hook raised it
 lifted: dict[str, tuple[str, str]] = {}
 # Why the stand-in replaced the vision-language module (None: it imported, or has not been imported yet)
@@ -119,6 +125,16 @@ def _lift_caps(module) -> None:
             cls.MAX_TRANSFORMERS_VERSION = cap  # its own, not the parent's raised one
 
 
+def _unforce(module) -> None:
+    """Drop optimum-intel's forced attention implementation for Gemma 2 where transformers refuses it."""
+    forced = getattr(module, "FORCE_ATTN_MODEL_CLASSES", {})
+    if forced.get("gemma2") == "sdpa":
+        from transformers.models.gemma2.modeling_gemma2 import Gemma2PreTrainedModel
+
+        if not getattr(Gemma2PreTrainedModel, "_supports_sdpa", True):
+            unforced["gemma2"] = forced.pop("gemma2")
+
+
 class _Loader(importlib.abc.Loader):
     def __init__(self, real):
         self.real = real
@@ -127,9 +143,10 @@ class _Loader(importlib.abc.Loader):
         return self.real.create_module(spec)
 
     def exec_module(self, module):
-        if module.__name__ in (DECODER, EXPORT_CONFIGS):
+        mends = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce}
+        if module.__name__ in mends:
             self.real.exec_module(module)
-            (_give_experts if module.__name__ == DECODER else _lift_caps)(module)
+            mends[module.__name__](module)
             return
         try:
             self.real.exec_module(module)
@@ -139,7 +156,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in (VISUAL_LANGUAGE, DECODER, EXPORT_CONFIGS):
+        if name not in (VISUAL_LANGUAGE, DECODER, EXPORT_CONFIGS, EXPORT_MAIN):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:

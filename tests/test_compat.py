@@ -114,6 +114,13 @@ def test_gemma_openvino_export_is_lifted_where_measured_and_matches_torch(arch, 
         assert Version(cap) >= TRANSFORMERS
         pytest.fail(f"optimum-intel {md.version('optimum-intel')} exports {arch} with transformers {TRANSFORMERS}: "
                     "drop it from compat.EXPORT_MEASURED")
+    if arch == "gemma2":  # optimum-intel forces SDPA on Gemma 2: dropped exactly where transformers refuses it
+        import optimum.exporters.openvino.__main__ as export_main
+        from transformers.models.gemma2.modeling_gemma2 import Gemma2PreTrainedModel
+
+        refuses = not Gemma2PreTrainedModel._supports_sdpa
+        assert ("gemma2" in compat.unforced) == refuses
+        assert ("gemma2" in export_main.FORCE_ATTN_MODEL_CLASSES) == (not refuses)
     ov = formats.openvino._export(folder, False)
     ov.ov_config = {"INFERENCE_PRECISION_HINT": "f32"}
     ov.compile()
