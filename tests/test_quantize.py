@@ -235,15 +235,17 @@ def test_bad_candidates_are_recipe_errors(tiny_models, make_recipe, capsys):
 
 def test_an_architecture_optimum_intel_will_not_export_is_refused_at_validation(tokenizer, make_recipe, tmp_path,
                                                                                  capsys):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import GlmConfig, GlmForCausalLM
 
-    folder = tmp_path / "tiny-gemma2"
-    Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer))).save_pretrained(folder)
+    folder = tmp_path / "tiny-glm"
+    GlmForCausalLM(GlmConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=16, vocab_size=len(tokenizer), pad_token_id=0,
+                             eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    # optimum-intel 2.2.0 (what `make install` pins) caps its Gemma 2 export at transformers 5.0: the export
-    # itself would fail inside the quantize stage, after fine-tuning
-    reason = formats.openvino.unsupported(Gemma2Config())
+    # optimum-intel 2.2.0 (what `make install` pins) caps its GLM export at transformers 5.0 (a cap the pipeline
+    # does not lift: unlike Gemma's, pipeline/compat.py, it was not measured): the export itself would fail inside
+    # the quantize stage, after fine-tuning
+    reason = formats.openvino.unsupported(GlmConfig())
     assert reason is not None and "transformers <= 5.0" in reason
     path = make_recipe(folder, quantize={"candidates": [{"method": "bnb-int8"}, {"method": "openvino-int8"}]})
     assert main(["validate", str(path)]) == 2
