@@ -325,7 +325,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize": [("quantize", _quantize)],
     "quantize-all-layers": [("quantize-all-layers", _quantize)],
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
-    "sparsity-healed": [("sparsity-healed", _sparsity)],
+    "sparsity-healed": [("sparsity-healed", _sparsity), ("sparsity-healed-wanda", _sparsity)],
     "sparse-speed": [("sparse-speed", _sparse_speed)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
