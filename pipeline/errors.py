@@ -221,9 +221,9 @@ def file_check(path: Path, whole: bool = True) -> tuple[str | None, dict[str, bo
 
 
 def _large_json_lines(path: Path) -> tuple[str | None, dict[str, bool] | None]:
-    """A JSON Lines file too large to read whole, checked line by line: every line, and the keys of every row. Memory stays one line; the time is
-    about a second per 100 MB, once per version of the file (data.py caches it). A first line that is not JSON
-    may be one object spread over many lines: the whole-file check says which."""
+    """A JSON Lines file too large to read whole, checked line by line: every line, and the keys of every row.
+    Memory stays one line; the time is about a second per 100 MB, once per version of the file (data.py caches
+    it). A first line that is not JSON may be one object spread over many lines: the whole-file check says which."""
     keys: dict[str, bool] = {}
     try:
         with path.open(encoding="utf-8-sig") as f:  # (a UTF-8 byte-order mark: every reader skips it)

@@ -136,6 +136,20 @@ def check_tokenizer(folder: str | Path, recipe_key: bool = False) -> None:
         )
 
 
+def meta_model(config, trust_remote_code: bool = False):
+    """The model of `config` built on the meta device (no weights, no memory): its layer and parameter names, for
+    checks `validate` makes before any stage runs. None where transformers cannot build it (the load stage says
+    why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 -- a config transformers cannot build is the load stage's to report
+        return None
+
+
 def has_chat_template(source: Source | None) -> bool | None:
     """Whether the tokenizer at `source` brings a chat template (a folder's chat_template.jinja / .json or its
     tokenizer_config.json key, a GGUF file's `tokenizer.chat_template`), read without loading it; None where that

@@ -118,11 +118,15 @@ class RecipeSettings:
     def _check_columns(self) -> list[str]:
         """The columns each data config reads (data, <stage>.data, their mix sources) are in its local files. What
         <stage>.data shares with data (it takes every key it does not set) is data's problem, named once."""
-        configs = {f"{s.name}.data": getattr(self, s.name).data for s in SECTIONS
-                   if "data" in {f.name for f in fields(s.config)}}
+        configs = self._stage_data()
         return data.column_problems(self.data, "data") + [
             problem for key, cfg in configs.items() if cfg is not None and cfg != self.data
             for problem in data.column_problems(cfg, key, skip=self.data)]
+
+    def _stage_data(self) -> dict:
+        """`<stage>.data` of every stage that has one (None where the recipe leaves it to `data`)."""
+        return {f"{s.name}.data": getattr(self, s.name).data for s in SECTIONS
+                if "data" in {f.name for f in fields(s.config)}}
 
     def _check_quantize_input(self) -> list[str]:
         """quantize.input and every quantize.inputs folder must hold full-precision weights: quantizing a quantized
@@ -213,9 +217,8 @@ class RecipeSettings:
                 problems += ["prune." + p for p in str(err).removeprefix("prune.").split("; prune.")]
             else:
                 problems += self._check_sparsity(surgery.config_for(config, target) if target else config)
-            default = next(f.default for f in fields(self.prune) if f.name == "round_to")
             if (surgery.tied(config) and self.prune.target_params is not None and "mlp" not in self.prune.axes
-                    and self.prune.round_to != default):  # (no MLP and no hidden in axes: pipeline.ignored says it)
+                    and self.prune.round_to != type(self.prune).round_to):  # set, not its default  # (no MLP and no hidden in axes: pipeline.ignored says it)
                 problems.append(f"prune.round_to: {self.prune.round_to} has no effect on this model: its attention is "
                                 f"as wide as its hidden size ({config.model_type}), so a hidden or heads cut keeps "
                                 "whole dimensions of every head, and round_to rounds MLP widths only; add mlp to "
@@ -234,13 +237,8 @@ class RecipeSettings:
         config = models.peek_config(Source("folder", folder) if folder else source, self.trust_remote_code)
         if config is None:
             return []
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
-        try:
-            with init_empty_weights():
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
-        except Exception:  # noqa: BLE001 -- a config transformers cannot build is the load stage's to report
+        model = models.meta_model(config, self.trust_remote_code)
+        if model is None:
             return []
         problems = []
         if lora_set:
@@ -309,8 +307,7 @@ class RecipeSettings:
         limit = families.context_length(config) if config is not None else None
         if limit is None:
             return []
-        configs = {"data": self.data} | {f"{s.name}.data": getattr(self, s.name).data for s in SECTIONS
-                                         if "data" in {f.name for f in fields(s.config)}}
+        configs = {"data": self.data} | self._stage_data()
         return [f"{key}.block_size: {cfg.block_size} is longer than the model's context ({limit} positions in its "
                 f"config); use at most {limit}" for key, cfg in configs.items()
                 if cfg is not None and (key == "data" or cfg.block_size != self.data.block_size)

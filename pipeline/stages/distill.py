@@ -236,9 +236,6 @@ def config_problems(cfg: DistillConfig, teacher_config, trust_remote_code: bool 
     teacher layers kept, the student's config, the cosine term, and the unfrozen patterns, matched against the
     student's parameter names built on the meta device (no weights, no memory). `student`: the config of a
     student made elsewhere (the pruned model). A student config named by a Hub id is left to the run."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     if student is None and isinstance(cfg.config, str) and not (Path(cfg.config) / "config.json").is_file():
         return []
     try:
@@ -250,10 +247,8 @@ def config_problems(cfg: DistillConfig, teacher_config, trust_remote_code: bool 
             config = surgery.config_for(teacher_config, {"num_hidden_layers": len(layer_map(
                 cfg, teacher_config.num_hidden_layers))})
         check_cos(cfg, config, teacher_config)
-        if cfg.unfrozen_parameters is not None:
-            with init_empty_weights():
-                unfreeze(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code),
-                         cfg.unfrozen_parameters)
+        if cfg.unfrozen_parameters is not None and (model := models.meta_model(config, trust_remote_code)):
+            unfreeze(model, cfg.unfrozen_parameters)
     except StageError as err:
         return [str(err)]
     return []
