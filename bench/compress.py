@@ -38,14 +38,17 @@ VARIANTS = {
     "depth-80": ("prune", {"target_params": 0.8, "axes": ["depth"]}),
     "width-60": ("prune", {"target_params": 0.6, "axes": ["mlp"]}),
     "width-80": ("prune", {"target_params": 0.8, "axes": ["mlp"]}),
+    # the grid's other widths (bench/grid.py): run when named
+    "width-70": ("prune", {"target_params": 0.7, "axes": ["mlp"]}),
+    "width-90": ("prune", {"target_params": 0.9, "axes": ["mlp"]}),
     "mix-60": ("prune", {"target_params": 0.6, "axes": ["depth", "mlp"]}),
     "mix-80": ("prune", {"target_params": 0.8, "axes": ["depth", "mlp"]}),
     # Minitron's width axes: MLP channels and hidden (embedding) channels together
     "hidden-mlp-60": ("prune", {"target_params": 0.6, "axes": ["hidden", "mlp"]}),
     "hidden-mlp-80": ("prune", {"target_params": 0.8, "axes": ["hidden", "mlp"]}),
 }
-# What compress.json holds; the hidden-mlp pair runs when named (`--variants hidden-mlp-80`).
-DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("hidden-mlp")]
+# What compress.json holds; the hidden-mlp pair and the grid's widths run when named (`--variants hidden-mlp-80`).
+DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("hidden-mlp") and n not in ("width-70", "width-90")]
 # Set by the script for every variant (besides output_dir): the README's reproduce line leaves them out
 OWN_OVERRIDES = ("quantize.enabled=false", "evaluate.enabled=false")
 SMOKE_OVERRIDES = ["data.block_size=32", "data.max_train_blocks=16", "distill.max_steps=2", "distill.batch_size=2",
@@ -73,6 +76,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return common.variant_args(p, argv, VARIANTS)
 
 
+def smoke_teacher(overrides: list[str], tmp: Path) -> Path:
+    """A tiny Llama, "fine-tuned" for two steps by the pipeline itself."""
+    from pipeline import recipe, runner
+
+    tiny = recipe.load(ROOT / "recipes" / "quickstart.yaml",
+                       [*overrides, "name=compress-teacher", f"model={common.tiny_folder(tmp)}",
+                        "check_source=false",  # random weights: the load stage's source gate refuses them
+                        "finetune.max_steps=2", "prune.enabled=false"])
+    return runner.run(tiny, until="finetune")["finetune"]
+
+
+def quickstart_teacher() -> Path:
+    """The quick start's own fine-tune (skipped when it is up to date)."""
+    from pipeline import recipe, runner
+
+    qs = recipe.load(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={ROOT / 'runs'}"])
+    return runner.run(qs, until="finetune")["finetune"]
+
+
 def scores(model, tokenizer, val_ids: list[int], wiki_text: str, args) -> dict:
     from pipeline.metrics import perplexity
 
@@ -92,17 +114,8 @@ def main(argv=None) -> None:
     # the caller's overrides last: they win over the smoke sizes too (bench/heal.py sets distill.max_steps)
     overrides = [f"output_dir={work}", *OWN_OVERRIDES, *(SMOKE_OVERRIDES if args.smoke else []), *args.override]
     tmp = tempfile.TemporaryDirectory()
-    if args.smoke:  # a tiny Llama, "fine-tuned" for two steps by the pipeline itself
-        tiny = recipe.load(ROOT / "recipes" / "quickstart.yaml",
-                           [*overrides, "name=compress-teacher", f"model={common.tiny_folder(Path(tmp.name))}",
-                            "check_source=false",  # random weights: the load stage's source gate refuses them
-                            "finetune.max_steps=2", "prune.enabled=false"])
-        teacher_folder = runner.run(tiny, until="finetune")["finetune"]
-    elif args.teacher:
-        teacher_folder = Path(args.teacher)
-    else:  # the quick start's own fine-tune (skipped when it is up to date)
-        qs = recipe.load(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={ROOT / 'runs'}"])
-        teacher_folder = runner.run(qs, until="finetune")["finetune"]
+    teacher_folder = (Path(args.teacher) if args.teacher else smoke_teacher(overrides, Path(tmp.name)) if args.smoke
+                      else quickstart_teacher())
     base = recipe.load(ROOT / "recipes" / "quickstart.yaml", overrides)
     teacher, tokenizer = formats.load_folder(teacher_folder, dtype=torch.float32)
     val_ids = data.eval_stream(data.prepare(base.data, tokenizer, base.seed)["validation"])[: args.max_tokens]

@@ -63,13 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
+def kd_steps(smoke: bool) -> int:
+    """The quick start's KD steps (a budget of 1), or the smoke runs' ones."""
     from pipeline import recipe
 
+    if smoke:
+        return next(int(o.split("=")[1]) for o in compress.SMOKE_OVERRIDES if o.startswith("distill.max_steps="))
+    return recipe.load(ROOT / "recipes" / "quickstart.yaml").distill.max_steps
+
+
+def main(argv=None) -> None:
     args = parse_args(argv)
-    steps = recipe.load(ROOT / "recipes" / "quickstart.yaml").distill.max_steps
-    if args.smoke:
-        steps = next(int(o.split("=")[1]) for o in compress.SMOKE_OVERRIDES if o.startswith("distill.max_steps="))
+    steps = kd_steps(args.smoke)
     result = {"settings": {"recipe": "recipes/quickstart.yaml", "variants": args.variants.split(","),
                            "budgets": args.budgets, "distill_max_steps": steps,
                            "overrides": {s: SETTINGS[s] for s in args.settings.split(",")},

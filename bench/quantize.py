@@ -43,6 +43,10 @@ PRESETS = {
                              "scale_estimation": True, **CALIBRATED},
     "int4-g64-all-awq-se": {"method": "openvino-int4", "group_size": 64, "all_layers": True, "awq": True,
                             "scale_estimation": True, **CALIBRATED},
+    "int4-g32-all-lora": {"method": "openvino-int4", "group_size": 32, "all_layers": True, "lora_correction": True,
+                          **CALIBRATED},
+    "int4-g64-all-lora": {"method": "openvino-int4", "group_size": 64, "all_layers": True, "lora_correction": True,
+                          **CALIBRATED},
     # GGUF: the file, as transformers reloads it
     **{f"gguf-{t}": {"method": f"gguf-{t}"} for t in ("f16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")},
     # Q8_0 with the output head (SmolLM2: the tied embedding) kept F16, as llama-quantize --output-tensor-type f16
@@ -239,7 +243,7 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     load_before = os.getloadavg()  # other jobs on the machine slow every number down
     if args.smoke:
-        folder = common.tiny_folder(work)
+        folder = args.input or common.tiny_folder(work)
         args.stdlib_tokens, args.wiki_tokens = 256, 256
         args.context, args.stride, args.prefill_tokens, args.new_tokens, args.rounds = 64, 32, 32, 4, 1
     else:

@@ -323,7 +323,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate)],
     "e2e": [("e2e", _e2e)],
     "quantize": [("quantize", _quantize)],
-    "quantize-all-layers": [("quantize-all-layers", _quantize)],
+    "quantize-all-layers": [("quantize-all-layers", _quantize), ("quantize-all-layers-lora", _quantize)],
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
     "sparsity-healed": [("sparsity-healed", _sparsity), ("sparsity-healed-wanda", _sparsity)],
     "sparse-speed": [("sparse-speed", _sparse_speed)],

@@ -1,6 +1,7 @@
-"""Workarounds for library releases the pipeline uses that are wrong with newer releases of the libraries under
-them: one place, each naming the versions that need it (transformers 5.14-5.23 of the 5.5-5.23 pyproject.toml
-allows, see docs/reference.md, stage quantize); tests/test_compat.py fails when one breaks or is no longer needed.
+"""Workarounds for library releases the pipeline uses where they are wrong (mostly with newer releases of the
+libraries under them): one place, each naming the versions that need it (transformers 5.14-5.23 of the 5.5-5.23
+pyproject.toml allows, see docs/reference.md, stage quantize; nncf 3.4); tests/test_compat.py fails when one breaks
+or is no longer needed.
 
 optimum-intel's vision-language module (`optimum.intel.openvino.modeling_visual_language`). optimum-intel 2.2.0
 (the newest release; its main branch of 2026-08 too) imports it eagerly, from `optimum.intel.openvino` and from
@@ -31,7 +32,15 @@ forces SDPA attention on it (FORCE_ATTN_MODEL_CLASSES), which transformers refus
 one entry when optimum-intel's export module is imported (`unforced`), so the model loads with transformers' own
 choice (eager), and exports and matches torch as the others.
 
-optimum-intel itself and transformers are otherwise left as they are."""
+nncf's LoRA correction with the embedding in 4-bit. With `all_layers` (the input embedding compressed to 4-bit like
+the linear layers) and `lora_correction`, nncf 3.4 fails with a KeyError: it asks every 4-bit weight for
+adapters, and the embedding's Gather node has no activation statistics (its input is token ids). The hook, once
+nncf's LoRA correction module is imported, makes a weight without statistics get no adapters (the embedding is
+compressed to 4-bit as without LoRA correction, every linear layer gets its adapters), where nncf itself would
+fail on it (`lora_skipped` counts them); measured with nncf 3.4.0 (tests/test_compat.py: the combination exports
+and its adapters are there; the test fails when nncf no longer needs it).
+
+optimum-intel, nncf and transformers are otherwise left as they are."""
 from __future__ import annotations
 
 import importlib.abc
@@ -47,6 +56,10 @@ EXPORT_CONFIGS = "optimum.exporters.openvino.model_configs"
 # export config class: the first transformers release its OpenVINO export was not measured to work with
 EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.24", "Gemma2OpenVINOConfig": "5.24", "Gemma3TextOpenVINOConfig": "5.24"}
 EXPORT_MAIN = "optimum.exporters.openvino.__main__"
+LORA = "nncf.quantization.algorithms.weight_compression.lora_correction"
+# weights the hook kept from nncf's LoRA correction because nncf collected no statistics for them (the 4-bit
+# embedding): their node names
+lora_skipped: list[str] = []
 # model type -> the attention implementation optimum-intel forces, where the hook dropped it (transformers refuses it)
 unforced: dict[str, str] = {}
 # export config class -> the cap it had and the one it has now, where the hook raised it
@@ -135,6 +148,31 @@ def _unforce(module) -> None:
             unforced["gemma2"] = forced.pop("gemma2")
 
 
+def _skip_statless(module) -> None:
+    """Give LoRA adapters only to the weights nncf has activation statistics for (pipeline/compat.py)."""
+    cls = module.LoraCorrectionAlgorithm
+    if getattr(cls.is_applicable, "_pipeline_mend", False):
+        return
+    original = cls.is_applicable
+
+    def is_applicable(self, wc_params):
+        if not original(self, wc_params):
+            return False
+        name = wc_params.node_with_weight.node_name
+        if name in self._statistics:
+            return True
+        lora_skipped.append(name)
+        return False
+
+    is_applicable._pipeline_mend = True
+    is_applicable.original = original
+    cls.is_applicable = is_applicable
+
+
+# module -> the mend applied once it is imported
+MENDS = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce, LORA: _skip_statless}
+
+
 class _Loader(importlib.abc.Loader):
     def __init__(self, real):
         self.real = real
@@ -143,10 +181,9 @@ class _Loader(importlib.abc.Loader):
         return self.real.create_module(spec)
 
     def exec_module(self, module):
-        mends = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce}
-        if module.__name__ in mends:
+        if module.__name__ in MENDS:
             self.real.exec_module(module)
-            mends[module.__name__](module)
+            MENDS[module.__name__](module)
             return
         try:
             self.real.exec_module(module)
@@ -156,7 +193,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in (VISUAL_LANGUAGE, DECODER, EXPORT_CONFIGS, EXPORT_MAIN):
+        if name != VISUAL_LANGUAGE and name not in MENDS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
@@ -168,3 +205,5 @@ def install() -> None:
     """Put the hook in front of the import system (once); a no-op for imports done before."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
+        if LORA in sys.modules:  # nncf imported first (a script that uses it directly): mend it now
+            _skip_statless(sys.modules[LORA])

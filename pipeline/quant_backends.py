@@ -77,10 +77,6 @@ class Candidate:
             problems.append(f"ratio: {self.ratio} must be in (0, 1]")
         if self.gptq and self.lora_correction:
             problems.append("gptq and lora_correction: nncf cannot apply both to one model; pick one")
-        if self.all_layers and self.lora_correction:
-            # nncf 3.4 fails on the embedding's Gather node (KeyError) when it is compressed to 4-bit
-            problems.append("all_layers and lora_correction: nncf's LoRA correction fails on the 4-bit embedding; "
-                            "drop one (all_layers with awq / scale_estimation / gptq works)")
         if self.sensitivity_metric is not None and (self.ratio is None or self.ratio == 1):
             problems.append("sensitivity_metric: only ranks layers for the backup precision when ratio < 1; "
                             "set ratio (e.g. 0.8) or drop it")

@@ -180,3 +180,36 @@ def test_heal_bench_smoke(tmp_path):
     record = json.loads((tmp_path / "runs" / "width-80-own-text-1x" / "compress-width-80" / "distill" /
                          "pipeline.json").read_text())
     assert any(name.startswith("own-text-") for name in record["distill_data"]["train_blocks"])
+
+
+def test_grid_bench_args():
+    grid = bench_module("grid")
+    for bad in (["--keeps", "50"], ["--keeps", "x"], ["--budgets", "0"], ["--types", "int3"]):
+        with pytest.raises(SystemExit):
+            grid.parse_args(bad)
+    args = grid.parse_args([])
+    assert args.keeps == [100, 90, 80, 70, 60] and args.budgets == [1, 4] and args.types == grid.TYPES
+
+
+@pytest.mark.slow  # a tiny teacher, one cut healed, two models through bench/quantize.py: ~1 min
+def test_grid_bench_smoke(tmp_path):
+    work = ["--work", str(tmp_path / "work"), "--heal-work", str(tmp_path / "heal")]
+    result = _smoke("grid", tmp_path, "--keeps", "100,80", "--budgets", "1", "--types", "openvino-int8,gguf-q4_1",
+                    *work)
+    pts = {p["name"]: p for p in result["points"]}
+    assert {"finetune/fp32", "finetune/openvino-int8", "width-80-1x/fp32", "width-80-1x/openvino-int8"} <= set(pts)
+    assert pts["finetune/fp32"]["ratio"] == {"stdlib-validation": 1.0, "wikitext-2-test": 1.0}
+    assert pts["width-80-1x/fp32"]["disk_mb"] < pts["finetune/fp32"]["disk_mb"]
+    for p in pts.values():  # dominance as pipeline/frontier.py says it, on both texts
+        by = p.get("dominated_by")
+        if by:
+            assert pts[by]["disk_mb"] <= p["disk_mb"]
+            assert all(pts[by]["quality"][t] <= p["quality"][t] for t in p["quality"])
+    assert (tmp_path / "grid.png").is_file()
+    # a second run reuses every student and quantize JSON: it trains and converts nothing
+    made = [*(tmp_path / "work").glob("quantize-*.json"), *(tmp_path / "heal").rglob("model.safetensors")]
+    stamps = {f: f.stat().st_mtime_ns for f in made}
+    assert len(list((tmp_path / "work").glob("quantize-*.json"))) == 2  # the fine-tuned model and one student
+    again = _smoke("grid", tmp_path, "--keeps", "100,80", "--budgets", "1", "--types", "openvino-int8,gguf-q4_1",
+                   *work)
+    assert again["points"] == result["points"] and {f: f.stat().st_mtime_ns for f in made} == stamps

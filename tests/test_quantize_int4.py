@@ -116,7 +116,6 @@ def test_each_data_aware_option_reaches_nncf(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("candidate, message", [
     ({"method": "openvino-int4", "gptq": True, "lora_correction": True}, "gptq and lora_correction"),
-    ({"method": "openvino-int4", "all_layers": True, "lora_correction": True}, "all_layers and lora_correction"),
     ({"method": "openvino-int8", "all_layers": True}, "all_layers: does not apply to openvino-int8"),
     ({"method": "openvino-int8", "awq": True}, "awq: does not apply to openvino-int8"),
     ({"method": "openvino-int8", "scale_estimation": True}, "scale_estimation: does not apply to openvino-int8"),
