@@ -4,6 +4,10 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 # CPU build by default (a local wheel on our CI machines); on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA index
 TORCH ?= torch==2.13.0
+# pyproject.toml allows transformers 5.5-5.25; the default install takes the newest release whose KV cache
+# optimum-intel 2.2.0 can still export (OpenVINO models generate 2-2.6x faster with it: docs/reference.md, stage
+# quantize). TRANSFORMERS="transformers==5.25.0" installs the newest, where OpenVINO models export without it.
+TRANSFORMERS ?= transformers<5.24
 ARGS ?=
 
 BENCH_ARGS ?=
@@ -14,7 +18,7 @@ install:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,openvino,qat,tasks]"
+	$(PY) -m pip install -q -e ".[dev,openvino,qat,tasks]" "$(TRANSFORMERS)"
 	# OpenVINO quantization: optimum-intel declares torchvision and huggingface_hub<1.22 (which clash with
 	# datasets); neither is needed for causal LMs, so it goes in without its declared dependencies
 	$(PY) -m pip install -q --no-deps optimum-intel==2.2.0

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-work", default=str(ROOT / "runs" / "bench-heal"), help="where the students' runs go")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-grid"), help="where each model's quantize JSON goes")
     p.add_argument("--out", default=str(common.RESULTS / "grid.json"))
+    p.add_argument("--measured-only", action="store_true",
+                   help="train and convert nothing: gather the students and quantize runs already made (a grid cut "
+                        "short), listing the missing ones")
     p.add_argument("--smoke", action="store_true", help="tiny Llama teacher and sizes, for a quick check")
     args = p.parse_args(argv)
     try:
@@ -71,21 +74,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def student(keep: int, budget: int, teacher: Path, args, tmp: Path) -> Path:
-    """The width cut to `keep`% healed with `budget` x the quick start's KD tokens (heal.py's recipe-text run)."""
+def student(keep: int, budget: int, teacher: Path, args, tmp: Path) -> Path | None:
+    """The width cut to `keep`% healed with `budget` x the quick start's KD tokens (heal.py's recipe-text run);
+    None where it is not there yet and --measured-only."""
     variant, name = f"width-{keep}", f"width-{keep}-recipe-text-{budget}x"
     folder = Path(args.heal_work) / name / f"compress-{variant}" / "distill"
     if not (folder / "model.safetensors").is_file():  # stage folders are written whole (pipeline/folders.py)
+        if args.measured_only:
+            return None
         heal.main(["--variants", variant, "--budgets", str(budget), "--settings", "recipe-text", "--teacher",
                    str(teacher), "--work", str(args.heal_work), "--out", str(tmp / f"{name}.json"),
                    *(["--smoke"] if args.smoke else [])])
     return folder
 
 
-def quantized(label: str, folder: Path, args) -> dict:
-    """bench/quantize.py on one model folder: fp32 and every type, both texts, size and speed."""
+def quantized(label: str, folder: Path, args) -> dict | None:
+    """bench/quantize.py on one model folder: fp32 and every type, both texts, size and speed; None where it has
+    not run yet and --measured-only."""
     out = Path(args.work) / f"quantize-{label}.json"
     if not out.is_file():
+        if args.measured_only:
+            return None
         quantize.main(["--input", str(folder), "--candidates", *args.types, "--stdlib-tokens", str(args.stdlib_tokens),
                        "--wiki-tokens", str(args.wiki_tokens), "--rounds", str(args.rounds), "--out", str(out),
                        *(["--smoke"] if args.smoke else [])])
@@ -126,6 +135,9 @@ def main(argv=None) -> dict:
                                    "speeds: one bench/quantize.py run per model folder, at the load average shown"},
               "teacher": None, "points": []}
     base = quantized("finetune", teacher, args)
+    if base is None:
+        raise SystemExit(f"--measured-only: the fine-tuned model's quantize run ({args.work}/quantize-finetune.json) "
+                         "is not there yet; run the grid without --measured-only first")
     teacher_ppl = {t: base["fp32"]["ppl"][t] for t in TEXTS if t in base["fp32"]["ppl"]}
     result["teacher"] = {"folder": str(teacher), "ppl": teacher_ppl, "disk_mb": base["fp32"]["disk_mb"]}
 
@@ -141,8 +153,13 @@ def main(argv=None) -> dict:
         for keep in [k for k in args.keeps if k != 100]:
             label = f"width-{keep}-{budget}x"
             folder = student(keep, budget, teacher, args, tmp)
-            result["points"] += points(label, keep, budget, quantized(label, folder, args), teacher_ppl)
+            q = None if folder is None else quantized(label, folder, args)
+            if q is None:  # --measured-only, not made yet
+                result.setdefault("missing", []).append(label)
+                continue
+            result["points"] += points(label, keep, budget, q, teacher_ppl)
             save()
+    save()
     plot(result, Path(args.out).with_suffix(".png"))
     return result
 

@@ -86,7 +86,8 @@ def load(folder: Path, threads: int | None):
     if formats.openvino.holds(folder) and threads:
         from optimum.intel import OVModelForCausalLM
 
-        return OVModelForCausalLM.from_pretrained(folder, ov_config={"INFERENCE_NUM_THREADS": str(threads)})
+        return OVModelForCausalLM.from_pretrained(folder, ov_config={"INFERENCE_NUM_THREADS": str(threads)},
+                                                  use_cache=formats.openvino.kv_cache(folder))
     return formats.load_folder(folder, device_map="cpu")[0]
 
 

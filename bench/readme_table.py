@@ -319,6 +319,37 @@ def _gguf_grid(r: dict) -> list[str]:
     return rows + ["", _machine(r["machine"])]
 
 
+def _grid(r: dict) -> list[str]:
+    s, pts = r["settings"], r["points"]
+    texts = list(r["teacher"]["ppl"])
+    t = r["teacher"]
+    rows = [f"Fine-tuned model (fp32): {t['disk_mb']:.0f} MB, perplexity "
+            + ", ".join(f"{t['ppl'][x]:.2f} on {x}" for x in texts) + "; every ratio is against it.", "",
+            f"| model | KD budget | type | disk MB | {' | '.join(f'ppl {x} (×)' for x in texts)} | generate tok/s | "
+            "frontier |", "|---" * (len(texts) + 6) + "|"]
+    for p in sorted(pts, key=lambda p: p["disk_mb"]):
+        model = "fine-tuned" if p["keep"] == 100 else f"width-{p['keep']}"
+        quality = " | ".join(f"{p['quality'][x]:.2f} ({p['ratio'][x]:.2f}×)" for x in texts)
+        frontier = f"dominated by {p['dominated_by']}" if p.get("dominated_by") else "**yes**"
+        gen = "–" if p.get("gen_tok_s") is None else f"{p['gen_tok_s']:.1f}"
+        budget = "–" if p["budget"] is None else f"{p['budget']}×"
+        rows.append(f"| {model} | {budget} | {p['type']} | {p['disk_mb']:.1f} | {quality} | {gen} | {frontier} |")
+    best = r.get("best_under_15pct")
+    if best:
+        ratio = " / ".join(f"{best['ratio'][x]:.2f}×" for x in texts)
+        rows += ["", f"Best under 15% of the base ({best['limit_mb']:.0f} MB), by the worse of the two ratios: "
+                     f"`{best['name']}`, {best['disk_mb']:.1f} MB at {ratio}."]
+    if r.get("missing"):
+        rows += ["", f"Not measured (the grid was cut short): {', '.join(r['missing'])}."]
+    load = sorted({p["load_average_1min"]["end"] for p in pts})
+    return rows + ["", f"*KD budgets: {', '.join(f'{b}× = {n} steps' for b, n in s['kd_steps'].items())} of the quick "
+                       f"start's distill settings on its training split; {s['stdlib_tokens']:,} validation and "
+                       f"{s['wiki_tokens']:,} WikiText-2 tokens scored. Generate speed: one round per model folder "
+                       f"while the grid's other work ran (1-min load {load[0]}–{load[-1]}): rough.*", "",
+                   f"Reproduce: `python bench/grid.py --keeps {','.join(map(str, s['keeps']))} --budgets "
+                   f"{','.join(map(str, s['budgets']))}`", "", _machine(r["machine"])]
+
+
 BLOCKS = {  # README block: the results it shows, in order
     "main": [("finetune", _finetune), ("cpu-speed", _cpu_speed), ("precision", _precision), ("evaluate", _evaluate)],
     "e2e": [("e2e", _e2e)],
@@ -333,6 +364,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "compress": [("compress", _compress)],
     "heal": [("heal", _heal)],
     "gguf-grid": [("gguf-grid", _gguf_grid)],
+    "grid": [("grid", _grid)],
 }
 
 

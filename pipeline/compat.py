@@ -1,5 +1,5 @@
 """Workarounds for library releases the pipeline uses where they are wrong (mostly with newer releases of the
-libraries under them): one place, each naming the versions that need it (transformers 5.14-5.23 of the 5.5-5.23
+libraries under them): one place, each naming the versions that need it (transformers 5.14-5.25 of the 5.5-5.25
 pyproject.toml allows, see docs/reference.md, stage quantize; nncf 3.4); tests/test_compat.py fails when one breaks
 or is no longer needed.
 
@@ -40,6 +40,17 @@ compressed to 4-bit as without LoRA correction, every linear layer gets its adap
 fail on it (`lora_skipped` counts them); measured with nncf 3.4.0 (tests/test_compat.py: the combination exports
 and its adapters are there; the test fails when nncf no longer needs it).
 
+optimum-intel's export of the KV cache. From transformers 5.24 the models' `past_key_values` argument is named
+`cache` (the old name is a deprecated alias) and the cache layers' `update` takes other arguments; optimum-intel
+2.2.0's exporter checks its dummy inputs against the model's signature, drops the `past_key_values` input its
+patched forward no longer finds there, and replaces `DynamicLayer.update` with a function of the old signature,
+so a model exported with its KV cache fails to trace. Exported without it (`use_cache=False`: inputs input_ids,
+attention_mask, position_ids; output logits) the same models trace, and their OpenVINO logits and greedy
+generation equal torch's (tests/test_compat.py). `kv_cache_export()` says which one the installed transformers
+allows; pipeline/formats/openvino.py exports without the cache from 5.24 on (KV_CACHE_BELOW), so perplexity and
+prefill are as before and generation recomputes the whole prefix for each new token (slower; measured in
+bench/results/quantize-transformers.json).
+
 optimum-intel, nncf and transformers are otherwise left as they are."""
 from __future__ import annotations
 
@@ -54,8 +65,12 @@ DECODER = "optimum.intel.openvino.modeling_decoder"
 NEEDED_FROM = {"visual_language": "5.17", "generate": "5.14"}
 EXPORT_CONFIGS = "optimum.exporters.openvino.model_configs"
 # export config class: the first transformers release its OpenVINO export was not measured to work with
-EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.24", "Gemma2OpenVINOConfig": "5.24", "Gemma3TextOpenVINOConfig": "5.24"}
+# (Gemma 1 measured with 5.25.0 too, exported without KV cache; Gemma 2 and 3's export patchers look up a
+# `past_key_values` argument that 5.24 renamed, with or without the cache)
+EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.26", "Gemma2OpenVINOConfig": "5.24", "Gemma3TextOpenVINOConfig": "5.24"}
 EXPORT_MAIN = "optimum.exporters.openvino.__main__"
+# the first transformers release whose KV cache optimum-intel 2.2.0 cannot trace
+KV_CACHE_BELOW = "5.24"
 LORA = "nncf.quantization.algorithms.weight_compression.lora_correction"
 # weights the hook kept from nncf's LoRA correction because nncf collected no statistics for them (the 4-bit
 # embedding): their node names
@@ -146,6 +161,15 @@ def _unforce(module) -> None:
 
         if not getattr(Gemma2PreTrainedModel, "_supports_sdpa", True):
             unforced["gemma2"] = forced.pop("gemma2")
+
+
+def kv_cache_export() -> bool:
+    """Whether optimum-intel can export models with their KV cache under the installed transformers."""
+    import importlib.metadata as md
+
+    from packaging.version import Version
+
+    return Version(md.version("transformers")) < Version(KV_CACHE_BELOW)
 
 
 def _skip_statless(module) -> None:

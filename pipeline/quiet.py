@@ -22,6 +22,10 @@ class Noise:
 NOISE = (
     Noise("bitsandbytes.backends.cpu.ops", None, "bitsandbytes tries to fetch an optional CPU kernel from the Hub on "
           "import and warns when it cannot (offline, every import); it falls back to its built-in kernel"),
+    Noise("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/",
+          "bitsandbytes asks the kernels package for its optional CPU kernel on import (kernels 0.19 installs with "
+          "transformers 5.25); offline, kernels says it skips the publisher check of that community kernel, and "
+          "bitsandbytes falls back to its built-in kernel as above"),
     Noise("bitsandbytes.autograd._functions", None, "LLM.int8 on CPU says 'inputs will be cast' on every forward call "
           "of every 8-bit layer (840 lines for one generate)"),
     Noise("torchao", None, "peft imports torchao (the [qat] extra) to check its version; on a CPU build of torch its "

@@ -213,3 +213,8 @@ def test_grid_bench_smoke(tmp_path):
     again = _smoke("grid", tmp_path, "--keeps", "100,80", "--budgets", "1", "--types", "openvino-int8,gguf-q4_1",
                    *work)
     assert again["points"] == result["points"] and {f: f.stat().st_mtime_ns for f in made} == stamps
+    # a grid cut short: --measured-only gathers what is there and lists the rest, making nothing
+    cut = _smoke("grid", tmp_path, "--keeps", "100,80,60", "--budgets", "1,2", "--types", "openvino-int8,gguf-q4_1",
+                 "--measured-only", *work)
+    assert cut["points"] == result["points"] and cut["missing"] == ["width-60-1x", "width-80-2x", "width-60-2x"]
+    assert {f: f.stat().st_mtime_ns for f in made} == stamps and not (tmp_path / "heal" / "width-60-recipe-text-1x").exists()

@@ -81,12 +81,46 @@ def test_openvino_generate_works_and_get_experts_implementation_is_given_only_wh
                     "get_experts_implementation: remove that workaround from pipeline/compat.py")
     assert not hasattr(GenerationMixin, "get_experts_implementation")  # else the class would inherit it
     folder = tiny_models["llama"]
-    ov = OVModelForCausalLM.from_pretrained(folder, export=True, load_in_8bit=False)
+    ov = formats.openvino._export(folder, False, load_in_8bit=False)  # with its KV cache where transformers allows
+    ov.compile()
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([tokenizer("The quick brown fox jumps over").input_ids])
     kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids),
                   pad_token_id=tokenizer.eos_token_id)
     assert torch.equal(ov.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_openvino_exports_its_kv_cache_where_optimum_intel_can_trace_it_and_runs_without_it_elsewhere(
+        tiny_models, tokenizer, tmp_path):
+    """From transformers 5.24 optimum-intel 2.2.0 cannot trace the KV cache: the pipeline exports without it, and
+    the model the card's snippet loads generates what torch does."""
+    pytest.importorskip("optimum.intel")
+    import torch
+    from optimum.intel import OVModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    folder, out = tiny_models["llama"], tmp_path / "ov"
+    formats.openvino._export(folder, False, load_in_8bit=False).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    assert formats.openvino.kv_cache(out) == compat.kv_cache_export() == (TRANSFORMERS < Version(compat.KV_CACHE_BELOW))
+    snippet = formats.openvino.usage(out, str(out))
+    assert ("use_cache=False" in snippet) != compat.kv_cache_export()
+    scope = {}
+    exec(snippet, scope)  # what the model card tells a user to run
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over").input_ids])
+    kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=tokenizer.eos_token_id)
+    want = AutoModelForCausalLM.from_pretrained(folder).eval().generate(ids, **kwargs)
+    assert torch.equal(scope["model"].generate(ids, **kwargs), want)
+    if compat.kv_cache_export():
+        return
+    try:  # with its cache, as optimum-intel exports by default
+        OVModelForCausalLM.from_pretrained(folder, export=True, compile=False, load_in_8bit=False)
+    except (RuntimeError, ValueError) as err:
+        assert "past_key_values" in str(err) or "tracing" in str(err), err
+    else:
+        pytest.fail(f"optimum-intel {md.version('optimum-intel')} exports the KV cache with transformers "
+                    f"{TRANSFORMERS}: raise compat.KV_CACHE_BELOW past it")
 
 
 @pytest.mark.parametrize("arch,config_class", [("gemma", "GemmaOpenVINOConfig"), ("gemma2", "Gemma2OpenVINOConfig"),

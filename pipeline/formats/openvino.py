@@ -49,7 +49,17 @@ def load(folder: Path, **kwargs):
     except ImportError as err:
         raise models.ModelSourceError(f"'{folder}' is an OpenVINO model folder; loading it needs optimum-intel: "
                                       f"{INSTALL}") from err
-    return OVModelForCausalLM.from_pretrained(folder), models.load_tokenizer(models.Source("folder", str(folder)))
+    return (OVModelForCausalLM.from_pretrained(folder, use_cache=kv_cache(folder)),
+            models.load_tokenizer(models.Source("folder", str(folder))))
+
+
+def kv_cache(folder: Path) -> bool:
+    """Whether the IR takes a KV cache (a stateful model, or past_key_values inputs). optimum-intel loads one
+    exported without it (with transformers >= 5.24: pipeline/compat.py) only when told `use_cache=False`."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(Path(folder) / "openvino_model.xml"))
+    return any(name.startswith(("past_key_values", "beam_idx")) for port in model.inputs for name in port.get_names())
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -58,9 +68,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def usage(folder: Path, ref: str) -> str:
+    cached = kv_cache(folder)
     return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
             "# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed\n"
-            f'model = OVModelForCausalLM.from_pretrained("{ref}")\n'
+            + ("" if cached else "# exported without KV cache (transformers >= 5.24), so optimum-intel needs use_cache=False\n")
+            + f'model = OVModelForCausalLM.from_pretrained("{ref}"{"" if cached else ", use_cache=False"})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
 
 
@@ -72,7 +84,8 @@ def lm_eval_model(model, tokenizer, folder: Path, batch_size: int):
     """lm-eval's own OpenVINO model type (`openvino`, OptimumLM) over the folder."""
     from lm_eval.models.optimum_lm import OptimumLM
 
-    return OptimumLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size)
+    return OptimumLM(pretrained=str(folder), tokenizer=tokenizer, batch_size=batch_size,
+                     **({} if kv_cache(folder) else {"use_cache": False}))
 
 
 # --- quantize candidates (optimum-intel + NNCF) ----------------------------------------------------------
@@ -182,7 +195,7 @@ def convert(cand, job):
     if calibration is None:
         raise ValueError(f"{cand.label} is data-aware and needs calibration blocks")
     model = OVModelForCausalLM.from_pretrained(_float_ir(calibration, job.source, job.trust_remote_code),
-                                               compile=False)
+                                               compile=False, use_cache=compat.kv_cache_export())
     shape = cand.calibration_shape(calibration.block_size)
     settings = config(cand, calibration.work / f"nncf-statistics-{shape[0]}x{shape[1]}")
     quantizer = OVQuantizer.from_pretrained(model)
@@ -224,6 +237,8 @@ def _export(source: Path, trust_remote_code: bool, **options):
     """`source` exported to OpenVINO IR by optimum-intel (not compiled), with `options` for the export."""
     from optimum.intel import OVModelForCausalLM
 
+    if not compat.kv_cache_export():  # transformers >= 5.24: optimum-intel traces the model only without it
+        options.setdefault("use_cache", False)
     with warnings.catch_warnings():  # tracing the torch model warns about every data-dependent branch
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return OVModelForCausalLM.from_pretrained(source, export=True, compile=False,
@@ -248,6 +263,8 @@ def describe(cand) -> str:
         if cand.data_aware:
             text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {cand.num_samples} calibration "
                      f"sequences of {cand.calibration_tokens or 'data.block_size'} tokens from the training split")
+    if not compat.kv_cache_export():
+        text += "; without KV cache: optimum-intel cannot export it with transformers >= 5.24, generation is slower"
     return text + ")"
 
 
