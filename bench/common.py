@@ -55,6 +55,19 @@ def save(name: str, payload: dict, out: Path | None = None) -> Path:
     return out
 
 
+def save_figure(fig, axes, legend_title: str, title: str, path: Path) -> None:
+    """One legend entry per label on the first panel, the title, then the file (the benches' two-panel plots)."""
+    import matplotlib.pyplot as plt
+
+    handles = {h.get_label(): h for h in axes[0].collections}
+    axes[0].legend(handles.values(), handles.keys(), fontsize=8, title=legend_title, title_fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def run_child(cmd: list[str], what: str) -> tuple[str, dict]:
     """Run `cmd` in the repository root; its stdout, wall seconds and the child's own peak RSS (wait4).
     Output goes to files, not pipes: progress bars can fill a pipe and stall a child nobody reads."""

@@ -220,13 +220,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{text}")
         ax.grid(True, alpha=0.3)
-    handles = {h.get_label(): h for h in axes[0].collections}  # one entry per kind
-    axes[0].legend(handles.values(), handles.keys(), fontsize=8, title="cut", title_fontsize=8)
-    fig.suptitle("Compressed SmolLM2-135M students after the quick start's KD budget (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"wrote {path}")
+    common.save_figure(fig, axes, "cut", "Compressed SmolLM2-135M students after the quick start's KD budget "
+                       "(lower is better)", path)  # one legend entry per kind of cut
 
 
 if __name__ == "__main__":

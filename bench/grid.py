@@ -204,14 +204,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("perplexity / fine-tuned model's (fp32)")
         ax.set_title(text)
         ax.grid(True, alpha=0.3)
-    handles = {h.get_label(): h for h in axes[0].collections}
-    axes[0].legend(handles.values(), handles.keys(), fontsize=8, title="filled: frontier; o 1x, s 4x KD",
-                   title_fontsize=8)
-    fig.suptitle("Keep x healing x weight type on SmolLM2-135M (lower is better; hollow = dominated)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"wrote {path}")
+    common.save_figure(fig, axes, "filled: frontier; o 1x, s 4x KD",
+                       "Keep x healing x weight type on SmolLM2-135M (lower is better; hollow = dominated)", path)
 
 
 if __name__ == "__main__":
