@@ -10,11 +10,14 @@ and no worse on both texts).
 
 Students are bench/heal.py's recipe-text runs (`runs/bench-heal/width-K-recipe-text-Bx/`, reused when there:
 delete one to make it again); each model's quantization is one bench/quantize.py run whose JSON is kept in
---work and reused, so a killed grid goes on where it stopped.
+--work and reused, so a killed grid goes on where it stopped. On a fresh checkout (no --work), `--reuse
+bench/results/grid.json` keeps the points that file already has, once the fine-tuned model made here scores what
+it recorded, and measures only the rest.
 
     python bench/grid.py                                 # ~2 h on 2 CPU cores
     python bench/grid.py --keeps 100,60 --budgets 1 --out /tmp/g.json
     python bench/grid.py --smoke --out /tmp/g.json       # tiny Llama, a few minutes
+    python bench/grid.py --reuse bench/results/grid.json # add what a committed grid lacks
 
 Writes bench/results/grid.json and grid.png.
 """
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-work", default=str(ROOT / "runs" / "bench-heal"), help="where the students' runs go")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-grid"), help="where each model's quantize JSON goes")
     p.add_argument("--out", default=str(common.RESULTS / "grid.json"))
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="a grid JSON written earlier: its points for models that have no quantize JSON in --work are "
+                        "kept as they are, if the fine-tuned model scores what that file recorded (else it stops)")
     p.add_argument("--measured-only", action="store_true",
                    help="train and convert nothing: gather the students and quantize runs already made (a grid cut "
                         "short), listing the missing ones")
@@ -134,24 +140,36 @@ def main(argv=None) -> dict:
                            "note": "ratios: perplexity over the fine-tuned model's in fp32 on the same text; "
                                    "speeds: one bench/quantize.py run per model folder, at the load average shown"},
               "teacher": None, "points": []}
-    base = quantized("finetune", teacher, args)
-    if base is None:
-        raise SystemExit(f"--measured-only: the fine-tuned model's quantize run ({args.work}/quantize-finetune.json) "
-                         "is not there yet; run the grid without --measured-only first")
-    teacher_ppl = {t: base["fp32"]["ppl"][t] for t in TEXTS if t in base["fp32"]["ppl"]}
-    result["teacher"] = {"folder": str(teacher), "ppl": teacher_ppl, "disk_mb": base["fp32"]["disk_mb"]}
+    earlier = reusable(args.reuse, teacher, args) if args.reuse else {}
+    if earlier:
+        result["settings"]["reused"] = {"from": str(args.reuse), "models": sorted(earlier)}
+    if "finetune" in earlier and not (Path(args.work) / "quantize-finetune.json").is_file():
+        result["teacher"] = json.loads(args.reuse.read_text())["teacher"] | {"folder": str(teacher)}
+        teacher_ppl = result["teacher"]["ppl"]
+    else:
+        base = quantized("finetune", teacher, args)
+        if base is None:
+            raise SystemExit(f"--measured-only: the fine-tuned model's quantize run ({args.work}/quantize-finetune.json) "
+                             "is not there yet; run the grid without --measured-only first")
+        teacher_ppl = {t: base["fp32"]["ppl"][t] for t in TEXTS if t in base["fp32"]["ppl"]}
+        result["teacher"] = {"folder": str(teacher), "ppl": teacher_ppl, "disk_mb": base["fp32"]["disk_mb"]}
+        earlier.pop("finetune", None)
 
     def save():
         frontier.mark(result["points"])
-        result["best_under_15pct"] = best_under(result["points"], 0.15 * base["fp32"]["disk_mb"])
+        result["best_under_15pct"] = best_under(result["points"], 0.15 * result["teacher"]["disk_mb"])
         common.save("grid", result, Path(args.out))  # after every model: a killed grid keeps what it had
 
     if 100 in args.keeps:
-        result["points"] += points("finetune", 100, None, base, teacher_ppl)
+        result["points"] += earlier.get("finetune") or points("finetune", 100, None, base, teacher_ppl)
         save()
     for budget in args.budgets:  # every cut at the small budget first: a grid cut short still spans the sizes
         for keep in [k for k in args.keeps if k != 100]:
             label = f"width-{keep}-{budget}x"
+            if label in earlier and not (Path(args.work) / f"quantize-{label}.json").is_file():
+                result["points"] += earlier[label]
+                save()
+                continue
             folder = student(keep, budget, teacher, args, tmp)
             q = None if folder is None else quantized(label, folder, args)
             if q is None:  # --measured-only, not made yet
@@ -162,6 +180,25 @@ def main(argv=None) -> dict:
     save()
     plot(result, Path(args.out).with_suffix(".png"))
     return result
+
+
+def reusable(path: Path, teacher: Path, args) -> dict[str, list[dict]]:
+    """The points of an earlier grid JSON by model label, once `teacher` is shown to be the model it was measured
+    against: its fp32 perplexities on the same tokens agree within 0.1% (a fine-tune made again on the same
+    recipe, machine and libraries agrees to the digit; one that does not cannot share ratios)."""
+    earlier = json.loads(path.read_text())
+    qargs = quantize.parse_args(["--stdlib-tokens", str(args.stdlib_tokens), "--wiki-tokens", str(args.wiki_tokens),
+                                 *(["--smoke"] if args.smoke else [])])
+    _, texts = quantize.scored_texts(teacher, qargs)
+    now = quantize.ppl(quantize.load(teacher, None), texts, qargs)
+    recorded = earlier["teacher"]["ppl"]
+    if set(now) != set(recorded) or any(abs(now[t] / recorded[t] - 1) > 1e-3 for t in recorded):
+        raise SystemExit(f"--reuse {path}: the fine-tuned model scores {now}, that grid's scored {recorded}: it was "
+                         "measured against another model; run without --reuse (or with that model as --teacher)")
+    by_label: dict[str, list[dict]] = {}
+    for p in earlier["points"]:
+        by_label.setdefault(p["name"].split("/")[0], []).append({k: v for k, v in p.items() if k != "dominated_by"})
+    return by_label
 
 
 def best_under(pts: list[dict], limit_mb: float) -> dict | None:

@@ -233,22 +233,14 @@ def llamacpp_targets(result: dict) -> dict | None:
             "gen_tok_s": gen}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    import torch
-
+def scored_texts(folder: Path, args) -> tuple:
+    """The tokenizer of `folder` and the token ids every model is scored on (--smoke: fewer, and smaller
+    settings throughout)."""
     from pipeline import data, models
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
-    load_before = os.getloadavg()  # other jobs on the machine slow every number down
     if args.smoke:
-        folder = args.input or common.tiny_folder(work)
         args.stdlib_tokens, args.wiki_tokens = 256, 256
         args.context, args.stride, args.prefill_tokens, args.new_tokens, args.rounds = 64, 32, 32, 4, 1
-    else:
-        folder = args.input or common.smollm2_folder()
     tokenizer = models.load_tokenizer(models.Source("folder", str(folder)))
     stdlib = data.eval_stream(data.prepare(data.DataConfig(), tokenizer, 42)["validation"])
     texts = {"stdlib-validation": stdlib[: args.stdlib_tokens]}
@@ -257,6 +249,19 @@ def main(argv=None) -> dict:
         texts["wikitext-2-test"] = wiki[: args.wiki_tokens]
     elif not args.smoke:
         raise SystemExit(f"{args.wikitext} does not exist; pass --wikitext path/to/wikitext-2/test.txt")
+    return tokenizer, texts
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
+    load_before = os.getloadavg()  # other jobs on the machine slow every number down
+    folder = args.input or (common.tiny_folder(work) if args.smoke else common.smollm2_folder())
+    tokenizer, texts = scored_texts(folder, args)
 
     (work / "main").mkdir()
     main_result, folders = quantize_all(folder, work / "main", args.candidates, tokenizer, texts, args)

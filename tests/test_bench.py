@@ -1,5 +1,6 @@
 """Bench scripts: argument parsing and a tiny-model smoke run each (the real runs are too slow for CI)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,18 @@ def test_grid_bench_smoke(tmp_path):
                  "--measured-only", *work)
     assert cut["points"] == result["points"] and cut["missing"] == ["width-60-1x", "width-80-2x", "width-60-2x"]
     assert {f: f.stat().st_mtime_ns for f in made} == stamps and not (tmp_path / "heal" / "width-60-recipe-text-1x").exists()
+    # a fresh checkout: --reuse keeps an earlier grid's points for what --work lacks, checking the teacher first
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(result))
+    (tmp_path / "work" / "quantize-width-80-1x.json").unlink()
+    shutil.rmtree(tmp_path / "heal")
+    reused = _smoke("grid", tmp_path, "--keeps", "100,80", "--budgets", "1", "--types", "openvino-int8,gguf-q4_1",
+                    "--reuse", str(earlier), *work)
+    assert reused["points"] == result["points"] and reused["settings"]["reused"]["models"] == ["finetune", "width-80-1x"]
+    assert not (tmp_path / "heal").exists() and not (tmp_path / "work" / "quantize-width-80-1x.json").exists()
+    result["teacher"]["ppl"]["stdlib-validation"] *= 1.01  # measured against another model: refused
+    earlier.write_text(json.dumps(result))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "grid.py"), "--smoke", "--out", str(tmp_path / "x.json"),
+                           "--keeps", "100,80", "--budgets", "1", "--reuse", str(earlier), *work],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--reuse" in proc.stderr and not (tmp_path / "x.json").exists()
