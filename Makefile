@@ -4,10 +4,9 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 # CPU build by default (a local wheel on our CI machines); on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA index
 TORCH ?= torch==2.13.0
-# pyproject.toml allows transformers 5.5-5.25; the default install takes the newest release whose KV cache
-# optimum-intel 2.2.0 can still export (OpenVINO models generate 2-2.6x faster with it: docs/reference.md, stage
-# quantize). TRANSFORMERS="transformers==5.25.0" installs the newest, where OpenVINO models export without it.
-TRANSFORMERS ?= transformers<5.24
+# pyproject.toml allows transformers 5.5-5.25 (the newest measured) and the default install takes the newest of
+# them; pin another release with e.g. TRANSFORMERS="transformers==5.23.0" (docs/reference.md, stage quantize)
+TRANSFORMERS ?= transformers
 ARGS ?=
 
 BENCH_ARGS ?=

@@ -119,7 +119,7 @@ def points(label: str, keep: int, budget: int | None, q: dict, teacher_ppl: dict
                     "disk_mb": row["disk_mb"], "quality": ppl,
                     "ratio": {t: round(v / teacher_ppl[t], 3) for t, v in ppl.items()},
                     "prefill_tok_s": row.get("prefill_tok_s"), "gen_tok_s": row.get("gen_tok_s"),
-                    "load_average_1min": q["settings"]["load_average_1min"]})
+                    "load_average_1min": q["settings"]["load_average_1min"], "cpu": q["machine"]["cpu"]})
     return out
 
 
@@ -196,8 +196,9 @@ def reusable(path: Path, teacher: Path, args) -> dict[str, list[dict]]:
         raise SystemExit(f"--reuse {path}: the fine-tuned model scores {now}, that grid's scored {recorded}: it was "
                          "measured against another model; run without --reuse (or with that model as --teacher)")
     by_label: dict[str, list[dict]] = {}
-    for p in earlier["points"]:
-        by_label.setdefault(p["name"].split("/")[0], []).append({k: v for k, v in p.items() if k != "dominated_by"})
+    for p in earlier["points"]:  # the CPU it was measured on: OpenVINO's kernels and every speed depend on it
+        by_label.setdefault(p["name"].split("/")[0], []).append(
+            {"cpu": earlier["machine"]["cpu"], **{k: v for k, v in p.items() if k != "dominated_by"}})
     return by_label
 
 

@@ -342,6 +342,13 @@ def _grid(r: dict) -> list[str]:
     if r.get("missing"):
         rows += ["", f"Not measured (the grid was cut short): {', '.join(r['missing'])}."]
     load = sorted({p["load_average_1min"]["end"] for p in pts})
+    cpus = {}
+    for p in pts:
+        cpus.setdefault(p.get("cpu", r["machine"]["cpu"]), set()).add(p["name"].split("/")[0])
+    if len(cpus) > 1:  # a grid resumed on another machine (--reuse): say which numbers came from where
+        rows += ["", "Measured on " + "; ".join(f"{cpu}: {', '.join(sorted(models))}" for cpu, models in cpus.items())
+                 + " (fp32 perplexities agree across them to the digit; OpenVINO's can differ in the third digit, "
+                   "and speeds compare only within one machine)."]
     return rows + ["", f"*KD budgets: {', '.join(f'{b}× = {n} steps' for b, n in s['kd_steps'].items())} of the quick "
                        f"start's distill settings on its training split; {s['stdlib_tokens']:,} validation and "
                        f"{s['wiki_tokens']:,} WikiText-2 tokens scored. Generate speed: one round per model folder "

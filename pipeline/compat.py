@@ -40,16 +40,21 @@ compressed to 4-bit as without LoRA correction, every linear layer gets its adap
 fail on it (`lora_skipped` counts them); measured with nncf 3.4.0 (tests/test_compat.py: the combination exports
 and its adapters are there; the test fails when nncf no longer needs it).
 
-optimum-intel's export of the KV cache. From transformers 5.24 the models' `past_key_values` argument is named
-`cache` (the old name is a deprecated alias) and the cache layers' `update` takes other arguments; optimum-intel
-2.2.0's exporter checks its dummy inputs against the model's signature, drops the `past_key_values` input its
-patched forward no longer finds there, and replaces `DynamicLayer.update` with a function of the old signature,
-so a model exported with its KV cache fails to trace. Exported without it (`use_cache=False`: inputs input_ids,
-attention_mask, position_ids; output logits) the same models trace, and their OpenVINO logits and greedy
-generation equal torch's (tests/test_compat.py). `kv_cache_export()` says which one the installed transformers
-allows; pipeline/formats/openvino.py exports without the cache from 5.24 on (KV_CACHE_BELOW), so perplexity and
-prefill are as before and generation recomputes the whole prefix for each new token (slower; measured in
-bench/results/quantize-transformers.json).
+optimum-intel's export of the KV cache. From transformers 5.24 the models' `past_key_values` argument and output
+field are named `cache` (the old names are deprecated aliases) and the cache layers' `update` takes other
+arguments; optimum-intel 2.2.0's exporter looks for `past_key_values` in the model's signature (to check and
+order its dummy inputs, and to turn the legacy tuples it traces with into a cache) and in its outputs (to name
+the `present.*` outputs), and replaces `DynamicLayer.update` during tracing with a function of the old
+signature, so no model exports with its KV cache. The same hook, once optimum-intel's patching module is
+imported, gives every export patcher whose model names the argument `cache` a forward that takes and returns it
+under the old name (`cache_renamed` lists those model classes), and lets optimum-intel's replacement `update`
+accept the new arguments (it never used the old ones). And `generate` hands the cache back to the model as
+`cache`, which optimum-intel's `prepare_inputs_for_generation` does not read, so each new token would reset the
+stateful model and recompute the prefix: once its decoder module is imported, the hook passes it on as
+`past_key_values` (`cache_handed`). Measured with 5.25.0 (tests/test_compat.py): Llama,
+Qwen3, Mistral, Phi-3, GPT-2, GPT-NeoX and Gemma 1-3 export stateful models whose f32 logits match torch's to
+1e-5 and whose greedy generation, past a sliding window included, equals torch's. Releases before 5.24 name it
+`past_key_values` and are left alone.
 
 optimum-intel, nncf and transformers are otherwise left as they are."""
 from __future__ import annotations
@@ -65,12 +70,14 @@ DECODER = "optimum.intel.openvino.modeling_decoder"
 NEEDED_FROM = {"visual_language": "5.17", "generate": "5.14"}
 EXPORT_CONFIGS = "optimum.exporters.openvino.model_configs"
 # export config class: the first transformers release its OpenVINO export was not measured to work with
-# (Gemma 1 measured with 5.25.0 too, exported without KV cache; Gemma 2 and 3's export patchers look up a
-# `past_key_values` argument that 5.24 renamed, with or without the cache)
-EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.26", "Gemma2OpenVINOConfig": "5.24", "Gemma3TextOpenVINOConfig": "5.24"}
+# (all three measured with 5.25.0 too, with their KV cache under the old name: `_old_cache_name`)
+EXPORT_MEASURED = {"GemmaOpenVINOConfig": "5.26", "Gemma2OpenVINOConfig": "5.26", "Gemma3TextOpenVINOConfig": "5.26"}
 EXPORT_MAIN = "optimum.exporters.openvino.__main__"
-# the first transformers release whose KV cache optimum-intel 2.2.0 cannot trace
-KV_CACHE_BELOW = "5.24"
+PATCHING = "optimum.exporters.openvino.patching_utils"
+# model classes whose forward the hook showed optimum-intel's exporter under the old cache name
+cache_renamed: list[str] = []
+# OpenVINO model classes the hook handed generate's `cache` to as `past_key_values` (once per generated token)
+cache_handed: list[str] = []
 LORA = "nncf.quantization.algorithms.weight_compression.lora_correction"
 # weights the hook kept from nncf's LoRA correction because nncf collected no statistics for them (the 4-bit
 # embedding): their node names
@@ -131,6 +138,32 @@ def _give_experts(module) -> None:
     if hasattr(PreTrainedModel, "get_experts_implementation") and not hasattr(cls, "get_experts_implementation"):
         cls.get_experts_implementation = _no_experts
         gave_experts = True
+    _take_cache(module)
+
+
+def _take_cache(module) -> None:
+    """optimum-intel's decoders' `prepare_inputs_for_generation` given the cache under the name transformers >= 5.24
+    hands it over with (`cache`), where they take `past_key_values`: without it, every generated token resets the
+    OpenVINO model's state and recomputes the whole prefix (right tokens, prefill cost per token)."""
+    import inspect
+
+    for cls in vars(module).values():
+        if not (isinstance(cls, type) and issubclass(cls, module.OVModelForCausalLM)):
+            continue
+        own = vars(cls).get("prepare_inputs_for_generation")
+        if own is None or getattr(own, "_pipeline_mend", False) or \
+                "past_key_values" not in inspect.signature(own).parameters:
+            continue
+
+        def prepare_inputs_for_generation(self, input_ids, *args, _own=own, **kwargs):
+            if "cache" in kwargs and kwargs.get("past_key_values") is None and not args:
+                kwargs["past_key_values"] = kwargs.pop("cache")
+                cache_handed.append(type(self).__name__)
+            return _own(self, input_ids, *args, **kwargs)
+
+        prepare_inputs_for_generation._pipeline_mend = True
+        prepare_inputs_for_generation.__wrapped__ = own
+        cls.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 def _lift_caps(module) -> None:
@@ -163,13 +196,63 @@ def _unforce(module) -> None:
             unforced["gemma2"] = forced.pop("gemma2")
 
 
-def kv_cache_export() -> bool:
-    """Whether optimum-intel can export models with their KV cache under the installed transformers."""
-    import importlib.metadata as md
+class _Outputs(dict):
+    """A model's outputs as optimum-intel's export patchers read them: by key (`.items()`) and by attribute."""
 
-    from packaging.version import Version
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
-    return Version(md.version("transformers")) < Version(KV_CACHE_BELOW)
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def _old_cache_name(forward):
+    """`forward` with its `cache` argument and output named `past_key_values`, as optimum-intel expects."""
+    import inspect
+
+    signature = inspect.signature(forward)
+    params = [p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()]
+
+    def renamed(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        out = forward(*args, **kwargs)
+        if isinstance(out, dict) and "cache" in out:  # ModelOutput: an ordered dict of the fields that are set
+            out = _Outputs(("past_key_values" if k == "cache" else k, v) for k, v in out.items())
+        return out
+
+    renamed.__signature__ = signature.replace(parameters=params)
+    renamed.__name__ = getattr(forward, "__name__", "forward")
+    return renamed
+
+
+def _old_cache_names(module) -> None:
+    """optimum-intel's export patchers shown models (transformers >= 5.24) that name their cache `cache`."""
+    import inspect
+
+    cls = module.ModelPatcher
+    if getattr(cls.__init__, "_pipeline_mend", False):
+        return
+    init, update = cls.__init__, module.patched_dynamic_layer_update
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        params = inspect.signature(self.orig_forward).parameters
+        if "cache" in params and "past_key_values" not in params:
+            self.orig_forward = _old_cache_name(self.orig_forward)  # subclasses' patched forwards wrap this one
+            self.patched_forward.__signature__ = self.orig_forward.__signature__  # the base's wrapped the old one
+            cache_renamed.append(type(self._model).__name__)
+
+    def patched_dynamic_layer_update(self, key_states, value_states, *args, **kwargs):
+        return update(self, key_states, value_states)  # optimum-intel's ignores everything after the states
+
+    __init__._pipeline_mend = True
+    __init__.__wrapped__ = init
+    cls.__init__ = __init__
+    module.patched_dynamic_layer_update = patched_dynamic_layer_update
 
 
 def _skip_statless(module) -> None:
@@ -194,7 +277,8 @@ def _skip_statless(module) -> None:
 
 
 # module -> the mend applied once it is imported
-MENDS = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce, LORA: _skip_statless}
+MENDS = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce, LORA: _skip_statless,
+         PATCHING: _old_cache_names}
 
 
 class _Loader(importlib.abc.Loader):
@@ -229,5 +313,6 @@ def install() -> None:
     """Put the hook in front of the import system (once); a no-op for imports done before."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
-        if LORA in sys.modules:  # nncf imported first (a script that uses it directly): mend it now
-            _skip_statless(sys.modules[LORA])
+        for name in (LORA, PATCHING):  # imported first (a script that uses it directly): mend it now
+            if name in sys.modules:
+                MENDS[name](sys.modules[name])

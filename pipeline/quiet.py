@@ -39,6 +39,12 @@ NOISE = (
           "optimum-intel 2.2.0's OpenVINO export still passes the old name; the pipeline passes `dtype`"),
     Noise("transformers.masking_utils", "`cache_position` is deprecated as an arg",
           "transformers 5.5's masks, called by optimum-intel 2.2.0's export with the old argument (gone from 5.6)"),
+    Noise("transformers.utils.generic", "`past_key_values`/`cache_params` are deprecated. Use `cache` instead.",
+          "transformers >= 5.24 renamed the models' cache; optimum-intel 2.2.0's OpenVINO models still build their "
+          "outputs with the old name, which transformers maps to the new one (once per run, on the first generate)"),
+    Noise("optimum.intel.openvino.modeling_base", "Could not infer whether the model was already converted or not",
+          "offline (HF_HUB_OFFLINE=1) optimum-intel 2.2.0 looks a local folder up in the Hub cache by calling a "
+          "string method on the path it was given, fails, says so, and keeps the `export` flag the pipeline passed"),
     Noise("warnings", "`is_gradient_checkpointing` is deprecated", "peft 0.21 reads the attribute whenever it wraps "
           "a model, and transformers 5.23 renamed it and warns on every read; the old name still answers",
           FutureWarning),

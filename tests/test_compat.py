@@ -81,7 +81,7 @@ def test_openvino_generate_works_and_get_experts_implementation_is_given_only_wh
                     "get_experts_implementation: remove that workaround from pipeline/compat.py")
     assert not hasattr(GenerationMixin, "get_experts_implementation")  # else the class would inherit it
     folder = tiny_models["llama"]
-    ov = formats.openvino._export(folder, False, load_in_8bit=False)  # with its KV cache where transformers allows
+    ov = formats.openvino._export(folder, False, load_in_8bit=False)  # with its KV cache
     ov.compile()
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([tokenizer("The quick brown fox jumps over").input_ids])
@@ -90,37 +90,97 @@ def test_openvino_generate_works_and_get_experts_implementation_is_given_only_wh
     assert torch.equal(ov.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
-def test_openvino_exports_its_kv_cache_where_optimum_intel_can_trace_it_and_runs_without_it_elsewhere(
-        tiny_models, tokenizer, tmp_path):
-    """From transformers 5.24 optimum-intel 2.2.0 cannot trace the KV cache: the pipeline exports without it, and
-    the model the card's snippet loads generates what torch does."""
-    pytest.importorskip("optimum.intel")
+def _generate_as_card_says(folder, tokenizer):
+    """What the model card's snippet loads from `folder`, and its greedy tokens from a short prompt."""
     import torch
-    from optimum.intel import OVModelForCausalLM
-    from transformers import AutoModelForCausalLM
 
-    folder, out = tiny_models["llama"], tmp_path / "ov"
-    formats.openvino._export(folder, False, load_in_8bit=False).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    assert formats.openvino.kv_cache(out) == compat.kv_cache_export() == (TRANSFORMERS < Version(compat.KV_CACHE_BELOW))
-    snippet = formats.openvino.usage(out, str(out))
-    assert ("use_cache=False" in snippet) != compat.kv_cache_export()
+    snippet = formats.openvino.usage(folder, str(folder))
     scope = {}
     exec(snippet, scope)  # what the model card tells a user to run
     ids = torch.tensor([tokenizer("The quick brown fox jumps over").input_ids])
     kwargs = dict(max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids),
                   pad_token_id=tokenizer.eos_token_id)
-    want = AutoModelForCausalLM.from_pretrained(folder).eval().generate(ids, **kwargs)
-    assert torch.equal(scope["model"].generate(ids, **kwargs), want)
-    if compat.kv_cache_export():
-        return
-    try:  # with its cache, as optimum-intel exports by default
+    return snippet, scope["model"].generate(ids, **kwargs), (ids, kwargs)
+
+
+def _tokens_fed(model, ids, kwargs) -> list[int]:
+    """How many tokens each forward call of `model` gets while it generates from `ids`."""
+    import functools
+
+    fed, forward = [], model.forward
+
+    @functools.wraps(forward)  # generate checks its arguments against the forward's signature
+    def counting(*args, **kw):
+        fed.append((kw.get("input_ids") if "input_ids" in kw else args[0]).shape[1])
+        return forward(*args, **kw)
+
+    model.forward = counting
+    try:
+        model.generate(ids, **kwargs)
+    finally:
+        del model.forward
+    return fed
+
+
+def test_openvino_exports_the_kv_cache_on_every_release_and_the_card_loads_either_kind(tiny_models, tokenizer,
+                                                                                     tmp_path):
+    """From transformers 5.24 models name their cache `cache`; the hook shows optimum-intel 2.2.0's exporter the
+    old name, so the IR is stateful (generation reuses the cache) and generates what torch does. An IR exported
+    without the cache (a user's own) loads too, as the card's snippet says."""
+    pytest.importorskip("optimum.intel")
+    import torch
+    from optimum.intel import OVModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models["llama"]
+    want = None
+    compat.cache_handed.clear()
+    for cached in (False, True):  # the stateful one last: the mends are checked on it below
+        out = tmp_path / f"ov-{cached}"
+        compat.cache_renamed.clear()
+        formats.openvino._export(folder, False, load_in_8bit=False, use_cache=cached).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        assert formats.openvino.kv_cache(out) == cached
+        snippet, got, (ids, kwargs) = _generate_as_card_says(out, tokenizer)
+        assert ("use_cache=False" in snippet) != cached
+        if want is None:
+            want = AutoModelForCausalLM.from_pretrained(folder).eval().generate(ids, **kwargs)
+        assert torch.equal(got, want)
+        model = OVModelForCausalLM.from_pretrained(out, use_cache=cached)
+        assert model.stateful == cached
+        # with its cache each step feeds one new token (without it, the whole sequence so far)
+        assert _tokens_fed(model, ids, kwargs) == ([ids.shape[1]] + [1] * 7 if cached else
+                                                   [ids.shape[1] + i for i in range(8)])
+    renames = "cache" in __import__("inspect").signature(AutoModelForCausalLM.from_pretrained(folder).forward).parameters
+    assert renames == (TRANSFORMERS >= Version("5.24"))
+    assert bool(compat.cache_renamed) == renames
+
+    assert bool(compat.cache_handed) == renames  # generate handed the cache over under its new name
+
+    # without the mends generate recomputes the prefix for every token, and the exporter cannot trace the cache;
+    # when optimum-intel does either by itself, its mend goes
+    import optimum.intel.openvino.modeling_decoder as decoder
+    import optimum.exporters.openvino.patching_utils as patching
+
+    taking = decoder.OVModelForCausalLM.prepare_inputs_for_generation
+    decoder.OVModelForCausalLM.prepare_inputs_for_generation = taking.__wrapped__
+    try:
+        fed = _tokens_fed(model, ids, kwargs)
+    finally:
+        decoder.OVModelForCausalLM.prepare_inputs_for_generation = taking
+    assert (fed == [ids.shape[1] + i for i in range(8)]) == renames, fed
+
+    mended = patching.ModelPatcher.__init__
+    patching.ModelPatcher.__init__ = mended.__wrapped__
+    try:
         OVModelForCausalLM.from_pretrained(folder, export=True, compile=False, load_in_8bit=False)
-    except (RuntimeError, ValueError) as err:
-        assert "past_key_values" in str(err) or "tracing" in str(err), err
+    except (RuntimeError, ValueError, TypeError) as err:
+        assert renames, f"the export fails without the mend on {TRANSFORMERS}, which names it past_key_values: {err}"
     else:
-        pytest.fail(f"optimum-intel {md.version('optimum-intel')} exports the KV cache with transformers "
-                    f"{TRANSFORMERS}: raise compat.KV_CACHE_BELOW past it")
+        assert not renames, (f"optimum-intel {md.version('optimum-intel')} exports the KV cache with transformers "
+                             f"{TRANSFORMERS} by itself: remove pipeline/compat.py's _old_cache_names")
+    finally:
+        patching.ModelPatcher.__init__ = mended
 
 
 @pytest.mark.parametrize("arch,config_class", [("gemma", "GemmaOpenVINOConfig"), ("gemma2", "Gemma2OpenVINOConfig"),

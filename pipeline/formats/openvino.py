@@ -55,7 +55,7 @@ def load(folder: Path, **kwargs):
 
 def kv_cache(folder: Path) -> bool:
     """Whether the IR takes a KV cache (a stateful model, or past_key_values inputs). optimum-intel loads one
-    exported without it (with transformers >= 5.24: pipeline/compat.py) only when told `use_cache=False`."""
+    exported without it (`use_cache=False` at export, by a user or a tool) only when told `use_cache=False`."""
     import openvino as ov
 
     model = ov.Core().read_model(str(Path(folder) / "openvino_model.xml"))
@@ -71,7 +71,7 @@ def usage(folder: Path, ref: str) -> str:
     cached = kv_cache(folder)
     return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
             "# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed\n"
-            + ("" if cached else "# exported without KV cache (transformers >= 5.24), so optimum-intel needs use_cache=False\n")
+            + ("" if cached else "# exported without KV cache, so optimum-intel needs use_cache=False\n")
             + f'model = OVModelForCausalLM.from_pretrained("{ref}"{"" if cached else ", use_cache=False"})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
 
@@ -195,7 +195,7 @@ def convert(cand, job):
     if calibration is None:
         raise ValueError(f"{cand.label} is data-aware and needs calibration blocks")
     model = OVModelForCausalLM.from_pretrained(_float_ir(calibration, job.source, job.trust_remote_code),
-                                               compile=False, use_cache=compat.kv_cache_export())
+                                               compile=False)
     shape = cand.calibration_shape(calibration.block_size)
     settings = config(cand, calibration.work / f"nncf-statistics-{shape[0]}x{shape[1]}")
     quantizer = OVQuantizer.from_pretrained(model)
@@ -237,8 +237,6 @@ def _export(source: Path, trust_remote_code: bool, **options):
     """`source` exported to OpenVINO IR by optimum-intel (not compiled), with `options` for the export."""
     from optimum.intel import OVModelForCausalLM
 
-    if not compat.kv_cache_export():  # transformers >= 5.24: optimum-intel traces the model only without it
-        options.setdefault("use_cache", False)
     with warnings.catch_warnings():  # tracing the torch model warns about every data-dependent branch
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return OVModelForCausalLM.from_pretrained(source, export=True, compile=False,
@@ -263,8 +261,6 @@ def describe(cand) -> str:
         if cand.data_aware:
             text += (f"; data-aware{': ' + ', '.join(used) if used else ''}, {cand.num_samples} calibration "
                      f"sequences of {cand.calibration_tokens or 'data.block_size'} tokens from the training split")
-    if not compat.kv_cache_export():
-        text += "; without KV cache: optimum-intel cannot export it with transformers >= 5.24, generation is slower"
     return text + ")"
 
 
