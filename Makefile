@@ -2,7 +2,9 @@
 RECIPE ?= recipes/quickstart.yaml
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
-# CPU build by default (a local wheel on our CI machines); on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA index
+# CPU build by default (a local wheel on our CI machines); on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA
+# index. The newest, TORCH="torch==2.15.0", is PyPI's CUDA build for Linux (6.8 GB in the venv against 2.4 GB): the
+# same tests pass with it (docs/reference.md, stage quantize)
 TORCH ?= torch==2.13.0
 # pyproject.toml allows transformers 5.5-5.25 (the newest measured) and the default install takes the newest of
 # them; pin another release with e.g. TRANSFORMERS="transformers==5.23.0" (docs/reference.md, stage quantize)
