@@ -140,11 +140,15 @@ def main(argv=None) -> dict:
                            "note": "ratios: perplexity over the fine-tuned model's in fp32 on the same text; "
                                    "speeds: one bench/quantize.py run per model folder, at the load average shown"},
               "teacher": None, "points": []}
-    earlier = reusable(args.reuse, teacher, args) if args.reuse else {}
+    earlier_teacher, earlier = reusable(args.reuse, teacher, args) if args.reuse else (None, {})
     if earlier:
         result["settings"]["reused"] = {"from": str(args.reuse), "models": sorted(earlier)}
-    if "finetune" in earlier and not (Path(args.work) / "quantize-finetune.json").is_file():
-        result["teacher"] = json.loads(args.reuse.read_text())["teacher"] | {"folder": str(teacher)}
+
+    def from_earlier(label: str) -> bool:  # a quantize JSON made here wins over the earlier grid's points
+        return label in earlier and not (Path(args.work) / f"quantize-{label}.json").is_file()
+
+    if from_earlier("finetune"):
+        result["teacher"] = earlier_teacher | {"folder": str(teacher)}
         teacher_ppl = result["teacher"]["ppl"]
     else:
         base = quantized("finetune", teacher, args)
@@ -166,7 +170,7 @@ def main(argv=None) -> dict:
     for budget in args.budgets:  # every cut at the small budget first: a grid cut short still spans the sizes
         for keep in [k for k in args.keeps if k != 100]:
             label = f"width-{keep}-{budget}x"
-            if label in earlier and not (Path(args.work) / f"quantize-{label}.json").is_file():
+            if from_earlier(label):
                 result["points"] += earlier[label]
                 save()
                 continue
@@ -182,10 +186,10 @@ def main(argv=None) -> dict:
     return result
 
 
-def reusable(path: Path, teacher: Path, args) -> dict[str, list[dict]]:
-    """The points of an earlier grid JSON by model label, once `teacher` is shown to be the model it was measured
-    against: its fp32 perplexities on the same tokens agree within 0.1% (a fine-tune made again on the same
-    recipe, machine and libraries agrees to the digit; one that does not cannot share ratios)."""
+def reusable(path: Path, teacher: Path, args) -> tuple[dict, dict[str, list[dict]]]:
+    """The teacher record and the points by model label of an earlier grid JSON, once `teacher` is shown to be the
+    model it was measured against: its fp32 perplexities on the same tokens agree within 0.1% (a fine-tune made
+    again on the same recipe, machine and libraries agrees to the digit; one that does not cannot share ratios)."""
     earlier = json.loads(path.read_text())
     qargs = quantize.parse_args(["--stdlib-tokens", str(args.stdlib_tokens), "--wiki-tokens", str(args.wiki_tokens),
                                  *(["--smoke"] if args.smoke else [])])
@@ -199,7 +203,7 @@ def reusable(path: Path, teacher: Path, args) -> dict[str, list[dict]]:
     for p in earlier["points"]:  # the CPU it was measured on: OpenVINO's kernels and every speed depend on it
         by_label.setdefault(p["name"].split("/")[0], []).append(
             {"cpu": earlier["machine"]["cpu"], **{k: v for k, v in p.items() if k != "dominated_by"}})
-    return by_label
+    return earlier["teacher"], by_label
 
 
 def best_under(pts: list[dict], limit_mb: float) -> dict | None:

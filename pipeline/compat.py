@@ -76,8 +76,8 @@ EXPORT_MAIN = "optimum.exporters.openvino.__main__"
 PATCHING = "optimum.exporters.openvino.patching_utils"
 # model classes whose forward the hook showed optimum-intel's exporter under the old cache name
 cache_renamed: list[str] = []
-# OpenVINO model classes the hook handed generate's `cache` to as `past_key_values` (once per generated token)
-cache_handed: list[str] = []
+# OpenVINO model classes the hook handed generate's `cache` to as `past_key_values` (a set: it happens per token)
+cache_handed: set[str] = set()
 LORA = "nncf.quantization.algorithms.weight_compression.lora_correction"
 # weights the hook kept from nncf's LoRA correction because nncf collected no statistics for them (the 4-bit
 # embedding): their node names
@@ -138,7 +138,6 @@ def _give_experts(module) -> None:
     if hasattr(PreTrainedModel, "get_experts_implementation") and not hasattr(cls, "get_experts_implementation"):
         cls.get_experts_implementation = _no_experts
         gave_experts = True
-    _take_cache(module)
 
 
 def _take_cache(module) -> None:
@@ -158,7 +157,7 @@ def _take_cache(module) -> None:
         def prepare_inputs_for_generation(self, input_ids, *args, _own=own, **kwargs):
             if "cache" in kwargs and kwargs.get("past_key_values") is None and not args:
                 kwargs["past_key_values"] = kwargs.pop("cache")
-                cache_handed.append(type(self).__name__)
+                cache_handed.add(type(self).__name__)
             return _own(self, input_ids, *args, **kwargs)
 
         prepare_inputs_for_generation._pipeline_mend = True
@@ -276,9 +275,14 @@ def _skip_statless(module) -> None:
     cls.is_applicable = is_applicable
 
 
-# module -> the mend applied once it is imported
-MENDS = {DECODER: _give_experts, EXPORT_CONFIGS: _lift_caps, EXPORT_MAIN: _unforce, LORA: _skip_statless,
-         PATCHING: _old_cache_names}
+# module -> the mends applied once it is imported, in order
+MENDS = {DECODER: (_give_experts, _take_cache), EXPORT_CONFIGS: (_lift_caps,), EXPORT_MAIN: (_unforce,),
+         LORA: (_skip_statless,), PATCHING: (_old_cache_names,)}
+
+
+def _mend(module) -> None:
+    for mend in MENDS[module.__name__]:
+        mend(module)
 
 
 class _Loader(importlib.abc.Loader):
@@ -291,7 +295,7 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module):
         if module.__name__ in MENDS:
             self.real.exec_module(module)
-            MENDS[module.__name__](module)
+            _mend(module)
             return
         try:
             self.real.exec_module(module)
@@ -315,4 +319,4 @@ def install() -> None:
         sys.meta_path.insert(0, _Finder())
         for name in (LORA, PATCHING):  # imported first (a script that uses it directly): mend it now
             if name in sys.modules:
-                MENDS[name](sys.modules[name])
+                _mend(sys.modules[name])
