@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(err.render(), file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 -- checking a recipe against a model config can fail in a library too
+        return report(err, args.debug)
     if args.command == "validate":
         print(f"{args.recipe}: OK (run folder {recipe.run_dir})")
         return 0

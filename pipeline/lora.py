@@ -20,7 +20,9 @@ DEFAULT_TARGETS = {t: list(f.lora_targets) for f in families.FAMILIES for t in f
 class LoraSettings:
     r: int = 8  # adapter rank (`lora` and `qlora`)
     alpha: float = 16.0  # the adapter's update is scaled by alpha / r
-    dropout: float = 0.05  # dropout on the adapter's input
+    # dropout on the adapter's input; null = 0.05, or 0 on a model whose experts are fused into 3-D weights
+    # (mixture-of-experts models in transformers 5), which peft adapts through its ParamWrapper, which takes none
+    dropout: float | None = None
     # layer names to adapt; null = GPT-2 `c_attn, c_proj, c_fc`, Llama/Mistral/Qwen2/Gemma `q/k/v/o/gate/up/down_proj`,
     # other architectures `[all-linear]`
     target_modules: list[str] | None = None
@@ -31,7 +33,7 @@ class LoraSettings:
             problems.append(f"r: {self.r} must be at least 1")
         if self.alpha <= 0:
             problems.append(f"alpha: {self.alpha} must be positive")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"dropout: {self.dropout} must be in [0, 1)")
         if self.target_modules == []:
             problems.append("target_modules: empty; name modules (e.g. [q_proj, v_proj]), use [all-linear], or null")
@@ -86,6 +88,24 @@ def _fan_in_fan_out(model, chosen: list[str] | str) -> bool:
     return any(isinstance(m, Conv1D) and (chosen == "all-linear" or _matches(n, chosen)) for n, m in picked)
 
 
+def fused_experts(model) -> list[str]:
+    """The 3-D expert weights of a mixture-of-experts model (transformers 5 fuses each layer's experts into one
+    [experts, out, in] tensor per projection): peft's `all-linear` adapts them as parameters (ParamWrapper)."""
+    return [n for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in f".{n}"]
+
+
+def dropout(model, settings: LoraSettings, chosen: list[str] | str) -> float:
+    """The adapter dropout: the recipe's, else 0.05, or 0 where peft adapts fused experts (it refuses any other)."""
+    experts = fused_experts(model) if chosen == "all-linear" else []
+    if settings.dropout is None:
+        return 0.0 if experts else 0.05
+    if experts and settings.dropout > 0:
+        raise StageError(f"finetune.lora.dropout: {settings.dropout} cannot apply to this "
+                         f"{model.config.model_type} model: its experts are fused 3-D weights ({experts[0]}, ...), "
+                         "which peft adapts without dropout; set finetune.lora.dropout: 0 (or null)")
+    return settings.dropout
+
+
 def add_adapter(model, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
@@ -93,7 +113,7 @@ def add_adapter(model, settings: LoraSettings):
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
+        lora_dropout=dropout(model, settings, chosen),
         target_modules=chosen,
         fan_in_fan_out=_fan_in_fan_out(model, chosen),
         task_type="CAUSAL_LM",

@@ -48,6 +48,12 @@ NOISE = (
     Noise("warnings", "`is_gradient_checkpointing` is deprecated", "peft 0.21 reads the attribute whenever it wraps "
           "a model, and transformers 5.23 renamed it and warns on every read; the old name still answers",
           FutureWarning),
+    Noise("warnings", "The following rank_pattern keys did not match any targeted module", "peft 0.21 maps a "
+          "mixture-of-experts model's pre-transformers-5 expert names onto the fused 3-D experts and sets a double "
+          "rank for the fused gate|up weight under a name its own parameter wrapping never matches; the pipeline "
+          "sets no rank pattern, so every adapted weight keeps the recipe's rank", RuntimeWarning),
+    Noise("warnings", "The following alpha_pattern keys did not match any targeted module", "the same for the "
+          "alpha peft pairs with that rank: every adapter keeps the recipe's alpha / r", RuntimeWarning),
     Noise("warnings", "`torch.jit.trace", "OpenVINO's PyTorch frontend (under optimum-intel's export) traces the model "
           "with TorchScript, which torch 2.15 deprecates with a warning for torch.jit.trace and trace_method on every "
           "export; openvino's to change, the traced graph is the same", FutureWarning),

@@ -226,11 +226,12 @@ class RecipeSettings:
         return problems
 
     def _check_finetune_layers(self, source) -> list[str]:
-        """finetune.lora.target_modules name layers of the model it adapts, and finetune.qat's grid fits its
+        """finetune.lora.target_modules name layers of the model it adapts (and its dropout is one they take), and finetune.qat's grid fits its
         layers: checked on the model built from its config on the meta device (no weights, no memory), with the
         run's own messages."""
         ft = self.finetune
-        lora_set = ft.method != "full" and ft.lora.target_modules and not ft.lora.check()
+        adapter = ft.method != "full" and not ft.lora.check()
+        lora_set = adapter and (ft.lora.target_modules or ft.lora.dropout)  # what the model may refuse
         if not ft.enabled or not (lora_set or ft.qat.enabled):
             return []
         folder = ft.input if ft.input != "auto" else None
@@ -243,7 +244,7 @@ class RecipeSettings:
         problems = []
         if lora_set:
             try:
-                lora.targets(model, ft.lora)
+                lora.dropout(model, ft.lora, lora.targets(model, ft.lora))
             except StageError as err:
                 problems.append(str(err))
         if ft.qat.enabled and not ft.qat.check() and (reason := qat.refusal(model, ft.qat)):

@@ -124,13 +124,18 @@ def decoder_stack(model) -> tuple[str, torch.nn.ModuleList]:
 def config_for(config, target: dict):
     """`config` with the dimensions in `target` (keys of `sizes`; absent ones stay)."""
     config = copy.deepcopy(config)
-    s = {**sizes(config), **{k: v for k, v in target.items() if v is not None}}
+    before = sizes(config)
+    s = {**before, **{k: v for k, v in target.items() if v is not None}}
     n = s["num_hidden_layers"]
     if n != config.num_hidden_layers and isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:n]  # new_config passes the kept layers' own types
     config.num_hidden_layers = n
     if getattr(config, "max_window_layers", None) is not None:  # Qwen2: sliding window above this layer
         config.max_window_layers = min(config.max_window_layers, n)
+    if all(s[k] == v for k, v in before.items() if k != "num_hidden_layers"):
+        # a depth cut leaves the width as the config states it: families width cuts do not know may derive
+        # their sizes otherwise (Falcon's head_dim is a read-only property)
+        return config
     if config.model_type == "gpt2":
         config.n_inner, config.n_embd, config.n_head = s["intermediate_size"], s["hidden_size"], s["num_attention_heads"]
     elif layout(config) == "neox":

@@ -938,6 +938,14 @@ def test_unexpected_errors_say_bug_and_exit_1(tiny_models, make_recipe, monkeypa
     monkeypatch.setattr(runner, "_run", broken)
     err = fails(["run", make_recipe(tiny_models["gpt2"])], capsys, code=1)
     assert "ZeroDivisionError" in err and "--debug" in err
+    # checking the recipe against the model (library code runs there too) ends the same way, for every command
+    from pipeline import recipe
+
+    monkeypatch.setattr(recipe.RecipeSettings, "_check_prune", broken)
+    for command in ("validate", "run"):
+        err = fails([command, make_recipe(tiny_models["gpt2"], prune={"enabled": True, "intermediate_size": 64})],
+                    capsys, code=1)
+        assert "ZeroDivisionError" in err and "--debug" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

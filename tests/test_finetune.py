@@ -406,3 +406,37 @@ def test_lora_under_an_fsdp_config_on_cpu_trains_merges_and_says_it_used_ddp(tin
     ids = torch.arange(1, 33).unsqueeze(0)
     assert torch.allclose(_logits(merged, ids), _logits(adapted, ids), atol=1e-4)
     assert not torch.allclose(_logits(merged, ids), _logits(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]), ids), atol=1e-4)
+
+
+def test_lora_on_fused_experts_trains_without_dropout_and_refuses_one(tokenizer, make_recipe, tmp_path, capsys):
+    """transformers 5 fuses each mixture-of-experts layer's experts into 3-D weights, which peft's all-linear
+    adapts as parameters and only without dropout: by default the adapter takes none there (and trains the
+    experts), an explicit dropout is refused at validate with the fix."""
+    from peft import PeftModel
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, vocab_size=len(tokenizer),
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+    folder = tmp_path / "tiny-moe"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert lora.fused_experts(model)
+    refused = make_recipe(folder, name="refused", finetune={"method": "lora", "lora": {"dropout": 0.05}})
+    assert main(["validate", str(refused)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.lora.dropout: 0.05" in err and "set finetune.lora.dropout: 0" in err, err
+    path = make_recipe(folder, finetune={"method": "lora", "max_steps": 6, "learning_rate": 1e-2, **QUIET})
+    out = _finetune(path)
+    adapter = json.loads((out["finetune"] / "adapter" / "adapter_config.json").read_text())
+    assert adapter["lora_dropout"] == 0.0
+    merged = AutoModelForCausalLM.from_pretrained(out["finetune"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(out["load"]).eval()
+    name = next(n for n, p in base.named_parameters() if p.dim() == 3)
+    assert (merged.state_dict()[name] - base.state_dict()[name]).abs().max() > 1e-5, f"{name} was not trained"
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with_adapter = PeftModel.from_pretrained(base, out["finetune"] / "adapter").eval()
+    assert torch.allclose(_logits(merged, ids), _logits(with_adapter, ids), atol=1e-4)

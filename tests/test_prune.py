@@ -394,6 +394,26 @@ def test_families_the_width_cut_cannot_slice_are_refused_at_validation_and_cut_i
     assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
 
 
+@pytest.mark.parametrize("arch", ["falcon", "mixtral"])
+def test_families_not_described_are_refused_in_width_and_cut_in_depth(arch, tokenizer, make_recipe, tmp_path, capsys):
+    """A family pipeline/families.py does not describe (Falcon: sizes its config derives, no MLP width key;
+    Mixtral: fused experts) gets a clear refusal for a width cut and a working depth cut, through validate."""
+    folder = tiny.save_tiny(tmp_path / f"tiny-{arch}", arch, tokenizer)
+    common = {"finetune": {"enabled": False}, "distill": {"enabled": False}, "quantize": {"enabled": False},
+              "evaluate": {"enabled": False}}
+    width = make_recipe(folder, name="width", prune={"enabled": True, "intermediate_size": 64}, **common)
+    assert main(["validate", str(width)]) == 2
+    err = capsys.readouterr().err
+    assert "width pruning supports" in err and f"this model is '{arch}'" in err and "axes: [depth]" in err, err
+    depth = make_recipe(folder, name="depth", prune={"enabled": True, "num_hidden_layers": 3,
+                                                     "calibration_blocks": 4}, **common)
+    assert main(["run", str(depth)]) == 0, capsys.readouterr().err
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "depth" / "prune").eval()
+    assert pruned.config.num_hidden_layers == 3 and type(pruned).__name__ == type(
+        AutoModelForCausalLM.from_pretrained(folder)).__name__
+    assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
+
+
 def _neox(tokenizer, rotary: float = 0.25, **changes):
     """A two-layer tiny GPT-NeoX: tests/tiny.py's, with `rotary` of each head rotated and `changes` to its config."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM

@@ -111,6 +111,16 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         return GPTNeoXForCausalLM(GPTNeoXConfig(
             num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             max_position_embeddings=256, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos))
+    if arch == "falcon":  # not described in pipeline/families.py: sizes derived (no intermediate_size; head_dim
+        # a read-only property)
+        from transformers import FalconConfig, FalconForCausalLM
+
+        return FalconForCausalLM(FalconConfig(num_hidden_layers=layers, hidden_size=64, num_attention_heads=4,
+                                              vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos))
+    if arch == "mixtral":  # not described either: a mixture of experts, fused into 3-D weights in transformers 5
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
     return LlamaForCausalLM(LlamaConfig(**shape))
 
 

@@ -112,7 +112,7 @@ def targets(cfg: PruneConfig, config) -> dict:
     problems = []
     wanted = {k: getattr(cfg, k) for k in SIZE_KEYS if getattr(cfg, k) is not None}
     for key, value in wanted.items():
-        if value > s[key]:
+        if s[key] is not None and value > s[key]:  # (None: a size this family's config does not state)
             problems.append(f"prune.{key}: {value} is more than the model has ({s[key]})")
     if any(k != "num_hidden_layers" for k in wanted):
         try:
@@ -259,7 +259,8 @@ def run(cfg: PruneConfig, ctx: Context) -> Path:
     text = general.with_own_text(cfg.data or ctx.data, cfg.own_text, model, tokenizer, ctx.inputs["prune"],
                                  ctx.run_dir, ctx.seed)
     blocks = data.calibration_blocks(text, tokenizer, ctx.seed, cfg.calibration_blocks, "prune.calibration_blocks")
-    width = any(target.get(k, before[k]) < before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
+    # (a size a family's config does not state, e.g. Falcon's MLP width, reads None and is never cut)
+    width = any(target.get(k) is not None and target[k] != before[k] for k in SIZE_KEYS if k != "num_hidden_layers")
     imp, cut = None, None
     if cfg.structured:
         log.info("prune: measuring importance on %d calibration blocks (%d tokens)", len(blocks), blocks.numel())
