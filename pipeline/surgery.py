@@ -123,12 +123,12 @@ def decoder_stack(model) -> tuple[str, torch.nn.ModuleList]:
 
 def config_for(config, target: dict):
     """`config` with the dimensions in `target` (keys of `sizes`; absent ones stay)."""
-    config = copy.deepcopy(config)
+    original, config = config, copy.deepcopy(config)
     before = sizes(config)
     s = {**before, **{k: v for k, v in target.items() if v is not None}}
     n = s["num_hidden_layers"]
-    if n != config.num_hidden_layers and isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:n]  # new_config passes the kept layers' own types
+    if n != config.num_hidden_layers:  # the first n layers' entries (new_config passes the kept layers' own)
+        keep_layers(original, config, list(range(n)))
     config.num_hidden_layers = n
     if getattr(config, "max_window_layers", None) is not None:  # Qwen2: sliding window above this layer
         config.max_window_layers = min(config.max_window_layers, n)
@@ -154,6 +154,30 @@ def config_for(config, target: dict):
     return config
 
 
+# config entries that list layer indices (Qwen-MoE: the layers with a dense MLP instead of experts)
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
+
+
+def keep_layers(config, out, layers: list[int]) -> None:
+    """Point `out`'s per-layer config entries at the teacher layers it keeps: a list with one entry per layer
+    (`layer_types`; SmolLM3's `no_rope_layers`, read when a layer is built, so a wrong entry would run a NoPE
+    layer with rotary positions and no weight would tell) takes the kept layers' entries; Qwen-MoE's dense layers
+    (`mlp_only_layers`, and `decoder_sparse_step`: experts on every k-th layer) are renumbered to the kept ones."""
+    n = config.num_hidden_layers
+    for key, value in config.to_dict().items():
+        if key in LAYER_INDEX_KEYS or key == "architectures" or key.endswith(("token_id", "token_ids")):
+            continue
+        if isinstance(value, list) and len(value) == n:
+            setattr(out, key, [value[i] for i in layers])
+    if isinstance(getattr(config, "mlp_only_layers", None), list):
+        dense = set(config.mlp_only_layers)
+        step = getattr(config, "decoder_sparse_step", None)
+        if isinstance(step, int) and step > 1:  # experts where (index + 1) % step == 0, which renumbering breaks
+            dense |= {i for i in range(n) if (i + 1) % step}
+            out.decoder_sparse_step = 1
+        out.mlp_only_layers = [j for j, i in enumerate(layers) if i in dense]
+
+
 def new_config(model, cut: Cut):
     """The teacher's config with the dimensions the cut leaves."""
     config = model.config
@@ -173,8 +197,7 @@ def new_config(model, cut: Cut):
                           num_attention_heads=kept * (s["num_attention_heads"] // s["num_key_value_heads"]))
     out = config_for(config, target) if (cut.mlp or cut.hidden is not None or cut.heads) else copy.deepcopy(config)
     out.num_hidden_layers = len(cut.layers)
-    if isinstance(getattr(config, "layer_types", None), list):
-        out.layer_types = [config.layer_types[i] for i in cut.layers]
+    keep_layers(config, out, cut.layers)
     if getattr(out, "max_window_layers", None) is not None:
         out.max_window_layers = min(out.max_window_layers, len(cut.layers))
     return out

@@ -414,6 +414,33 @@ def test_families_not_described_are_refused_in_width_and_cut_in_depth(arch, toke
     assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3", "phi3", "gpt_neox", "falcon", "mixtral",
+                                  "smollm3", "qwen3_moe"])
+def test_a_depth_cut_computes_what_the_teacher_does_without_the_dropped_layers(arch, tokenizer):
+    """The student of a depth cut equals the teacher with the dropped layers taken out of its stack: each kept
+    layer keeps what its config entries made it (sliding or full attention, rotary or none, experts or a dense
+    MLP), whatever its new index."""
+    import copy
+
+    teacher = tiny.build_model(arch, tokenizer).eval()
+    if arch == "qwen2":  # sliding-window layers above max_window_layers
+        teacher = type(teacher)(type(teacher.config)(**{**teacher.config.to_dict(), "use_sliding_window": True,
+                                                        "sliding_window": 4, "max_window_layers": 2})).eval()
+    keep = [1, 2]
+    student = surgery.apply(teacher, surgery.Cut(layers=keep))
+    reference = copy.deepcopy(teacher)
+    prefix, stack = surgery.decoder_stack(reference)
+    parent, _, name = prefix.rpartition(".")
+    setattr(reference.get_submodule(parent), name, torch.nn.ModuleList([stack[i] for i in keep]))
+    reference.config.num_hidden_layers = len(keep)  # the stack's loop reads these two
+    if isinstance(getattr(reference.config, "layer_types", None), list):
+        reference.config.layer_types = [teacher.config.layer_types[i] for i in keep]
+    with torch.no_grad():  # (no cache: the kept layers still carry their teacher indices)
+        expected = reference(IDS[:2], use_cache=False).logits
+    torch.testing.assert_close(tiny.logits(student, IDS[:2]), expected)
+    assert (tiny.logits(student, IDS[:2]) - tiny.logits(teacher, IDS[:2])).abs().max() > 1e-3
+
+
 def _neox(tokenizer, rotary: float = 0.25, **changes):
     """A two-layer tiny GPT-NeoX: tests/tiny.py's, with `rotary` of each head rotated and `changes` to its config."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM

@@ -121,6 +121,15 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         from transformers import MixtralConfig, MixtralForCausalLM
 
         return MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
+    if arch == "smollm3":  # not described: NoPE layers (no_rope_layers, one entry per layer, read when built)
+        from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+        return SmolLM3ForCausalLM(SmolLM3Config(**shape, no_rope_layer_interval=2))
+    if arch == "qwen3_moe":  # not described: experts on every other layer (decoder_sparse_step), fused 3-D weights
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, decoder_sparse_step=2))
     return LlamaForCausalLM(LlamaConfig(**shape))
 
 
