@@ -55,12 +55,13 @@ def save(name: str, payload: dict, out: Path | None = None) -> Path:
     return out
 
 
-def save_figure(fig, axes, legend_title: str, title: str, path: Path) -> None:
-    """One legend entry per label on the first panel, the title, then the file (the benches' two-panel plots)."""
+def save_figure(fig, axes, legend_title: str, title: str, path: Path, handles: list | None = None) -> None:
+    """One legend entry per label on the first panel (or the `handles` given, for plots whose points vary in
+    more than one way), the title, then the file (the benches' two-panel plots)."""
     import matplotlib.pyplot as plt
 
-    handles = {h.get_label(): h for h in axes[0].collections}
-    axes[0].legend(handles.values(), handles.keys(), fontsize=8, title=legend_title, title_fontsize=8)
+    by_label = {h.get_label(): h for h in (handles or axes[0].collections)}
+    axes[0].legend(by_label.values(), by_label.keys(), fontsize=8, title=legend_title, title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

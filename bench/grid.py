@@ -246,8 +246,21 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("perplexity / fine-tuned model's (fp32)")
         ax.set_title(text)
         ax.grid(True, alpha=0.3)
-    common.save_figure(fig, axes, "filled: frontier; o 1x, s 4x KD",
-                       "Keep x healing x weight type on SmolLM2-135M (lower is better; hollow = dominated)", path)
+    # a legend of what each property means, not of the first point of each kind: colour = share kept, shape =
+    # KD budget, fill = frontier or dominated
+    from matplotlib.lines import Line2D
+
+    def key(label, marker="o", colour="grey", fill=True):
+        return Line2D([], [], ls="", marker=marker, markersize=7, label=label, markeredgecolor=colour,
+                      markerfacecolor=colour if fill else "none")
+
+    budgets = sorted({p["budget"] for p in pts}, key=lambda b: -1 if b is None else b)
+    handles = ([key(f"keep {k}%" + (" (fine-tuned)" if k == 100 else ""), colour=colours[k]) for k in keeps]
+               + [key("no cut" if b is None else f"{b}x KD", markers.get(b, "^")) for b in budgets]
+               + [key("dominated", fill=False)])
+    common.save_figure(fig, axes, "colour: kept; shape: KD budget",
+                       "Keep x healing x weight type on SmolLM2-135M (lower is better; hollow = dominated)", path,
+                       handles=handles)
 
 
 if __name__ == "__main__":
