@@ -27,6 +27,16 @@ def local_files(source: str) -> list[Path] | None:
     return None
 
 
+def unread(source: str) -> list[str]:
+    """What a folder `source` holds that is not read: files of other types and sub-folders (only the folder's own
+    data files are)."""
+    path = Path(source).expanduser()
+    if any(c in source for c in "*?[") or not path.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                  if not p.name.startswith(".") and (p.is_dir() or p.suffix not in LOCAL_FORMATS))
+
+
 def _is_text(feature) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 

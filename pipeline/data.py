@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import chat, errors
-from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, missing_columns, require_text_column
+from pipeline.columns import LOCAL_FORMATS, cap_train, local_files, missing_columns, require_text_column, unread
 from pipeline.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -36,7 +36,7 @@ class MixSource:
 @dataclass
 class DataConfig:
     # `stdlib` (offline corpus), a Hub dataset (`wikitext`), or local `.txt`/`.jsonl`/`.csv`/`.parquet` data: a file,
-    # a folder of them, or a glob (`data/*.jsonl`)
+    # a folder of them (its own files; a warning names what else it holds), or a glob (`data/**/*.jsonl`)
     source: str = "stdlib"
     config: str | None = None  # Hub dataset configuration, e.g. `wikitext-2-raw-v1`
     split: str = "train"  # split to train on
@@ -213,6 +213,9 @@ def load_splits(cfg: DataConfig, seed: int):
     return _checked(split, cfg) if cfg.format == "text" else split
 
 
+_said_unread: set[str] = set()
+
+
 def read_local(source: str, files: list[Path]):
     """Local data files as one Dataset; a file `datasets` cannot read is named with its line and the fix."""
     import datasets
@@ -230,6 +233,14 @@ def read_local(source: str, files: list[Path]):
         datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise StageError(f"data.source: '{source}' holds no documents; put data in it or point data.source elsewhere")
+    skipped = unread(source)
+    if skipped and source not in _said_unread:  # a README beside the data is normal; documents in another
+        # format or a sub-folder may not be (said once a run: several stages read the same source)
+        _said_unread.add(source)
+        log.warning("data: read the %d %s file(s) of '%s'; not read: %s%s (formats read: %s; sub-folders: use a glob "
+                    "such as '%s/**/*%s')", len(files), files[0].suffix, source, ", ".join(skipped[:5]),
+                    f" and {len(skipped) - 5} more" if len(skipped) > 5 else "", ", ".join(LOCAL_FORMATS),
+                    source.rstrip("/"), files[0].suffix)
     return ds
 
 

@@ -230,6 +230,23 @@ def test_data_folders_and_globs_load(tiny_models, make_recipe, tmp_path, capsys)
         assert len(splits["train"]) + len(splits["validation"]) == 40
 
 
+def test_what_a_data_folder_holds_but_is_not_read_is_said_once(tokenizer, tmp_path, caplog):
+    """A folder source reads its own files of one data type: documents in another format or a sub-folder are
+    named in one warning (with the glob that reads sub-folders), not skipped in silence."""
+    from pipeline import data
+
+    write(tmp_path / "docs" / "a.jsonl", lines(DOCS))
+    write(tmp_path / "docs" / "notes.md", "# more documents, in Markdown")
+    write(tmp_path / "docs" / "2024" / "c.jsonl", lines(DOCS[:5]))
+    write(tmp_path / "clean" / "a.jsonl", lines(DOCS))
+    with caplog.at_level("WARNING", logger="pipeline"):
+        for _ in range(2):
+            data.load_splits(data.DataConfig(source=str(tmp_path / "docs")), seed=0)
+        data.load_splits(data.DataConfig(source=str(tmp_path / "clean")), seed=0)
+    said = [r.getMessage() for r in caplog.records if "not read" in r.getMessage()]
+    assert len(said) == 1 and "not read: 2024/, notes.md" in said[0] and "/**/*.jsonl" in said[0], said
+
+
 @pytest.mark.parametrize("name,content", [
     ("array.jsonl", json.dumps(DOCS, indent=1)),  # `datasets` reads a JSON array and JSON Lines under either name
     ("lines.json", lines(DOCS)),
