@@ -160,6 +160,22 @@ def test_sparse_speed_bench_schema_on_a_tiny_model(tmp_path):
     assert isinstance(result["amx"], bool) and result["openvino"]
 
 
+def test_sparse_cuda_bench_measures_2_4_kernels_or_says_why_not(tmp_path):
+    """PyTorch's 2:4 kernels: on a CUDA GPU of capability >= 8.0 the sparse student computes its dense self's
+    logits and both are timed; anywhere else the JSON says why nothing was timed (this machine: no GPU)."""
+    import torch
+
+    sparse_cuda = bench_module("sparse_cuda")
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
+    assert sparse_cuda.two_four(w) and not sparse_cuda.two_four(w + 1) and not sparse_cuda.two_four(w[:, :6])
+    result = _smoke("sparse_cuda", tmp_path)
+    if sparse_cuda.unavailable() is not None:
+        assert result["skipped"] == sparse_cuda.unavailable() and "saves disk, not time" in result["note"]
+    else:
+        assert result["linears_swapped"] > 0 and result["max_abs_logit_diff"] < 0.05
+        assert all(result["dense_ms"][k] > 0 and result["speedup"][k] > 0 for k in ("prefill", "decode_like"))
+
+
 def test_heal_bench_args():
     heal = bench_module("heal")
     for bad in (["--budgets", "0"], ["--budgets", "x"], ["--settings", "web-text"], ["--variants", "uniform-60"]):
