@@ -226,9 +226,9 @@ class RecipeSettings:
         return problems
 
     def _check_finetune_layers(self, source) -> list[str]:
-        """finetune.lora.target_modules name layers of the model it adapts (and its dropout is one they take), and finetune.qat's grid fits its
-        layers: checked on the model built from its config on the meta device (no weights, no memory), with the
-        run's own messages."""
+        """finetune.lora.target_modules name layers of the model it adapts (and its dropout is one they take), and
+        finetune.qat's grid fits its layers: checked on the model built from its config on the meta device (no
+        weights, no memory), with the run's own messages."""
         ft = self.finetune
         adapter = ft.method != "full" and not ft.lora.check()
         lora_set = adapter and (ft.lora.target_modules or ft.lora.dropout)  # what the model may refuse
