@@ -72,6 +72,15 @@ FAMILIES = (
            gguf_norm_shift=1.0, gguf_window=True, gguf_activation="gelu_pytorch_tanh",
            gguf_unread=("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "layer_types",
                         "attention_bias", "rope_parameters", "use_bidirectional_attention")),
+    # SmolLM3 and Granite: the Llama layout under other names; transformers' GGUF loader reads neither back
+    Family("SmolLM3", ("smollm3",), "llama", LLAMA_PROJECTIONS, None,
+           ("NoPE layers (no_rope_layers: a depth cut keeps each layer's own)", "tied head"),
+           gguf_no="transformers' GGUF loader reads no 'smollm3' architecture (no GGUF_CONFIG_MAPPING entry), so "
+                   "the file could not be reloaded and scored; llama.cpp runs it"),
+    Family("Granite", ("granite",), "llama", LLAMA_PROJECTIONS, None,
+           ("embedding, residual, attention and logit multipliers", "tied or untied head"),
+           gguf_no="transformers' GGUF loader reads no 'granite' architecture (no GGUF_CONFIG_MAPPING entry), so "
+                   "the file could not be reloaded and scored; llama.cpp runs it"),
     # llama.cpp disables Phi-3's sliding window (ggml-org/llama.cpp#13676) and transformers reads none back
     Family("Phi-3", ("phi3",), "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3",
            ("fused qkv_proj and gate_up_proj", "untied head"),

@@ -121,7 +121,12 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         from transformers import MixtralConfig, MixtralForCausalLM
 
         return MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
-    if arch == "smollm3":  # not described: NoPE layers (no_rope_layers, one entry per layer, read when built)
+    if arch == "granite":  # the Llama layout with scalar multipliers on embeddings, residuals, attention, logits
+        from transformers import GraniteConfig, GraniteForCausalLM
+
+        return GraniteForCausalLM(GraniteConfig(**shape, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                attention_multiplier=0.0156, logits_scaling=8.0))
+    if arch == "smollm3":  # NoPE layers (no_rope_layers, one entry per layer, read when a layer is built)
         from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
         return SmolLM3ForCausalLM(SmolLM3Config(**shape, no_rope_layer_interval=2))
