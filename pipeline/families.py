@@ -81,6 +81,15 @@ FAMILIES = (
            ("embedding, residual, attention and logit multipliers", "tied or untied head"),
            gguf_no="transformers' GGUF loader reads no 'granite' architecture (no GGUF_CONFIG_MAPPING entry), so "
                    "the file could not be reloaded and scored; llama.cpp runs it"),
+    Family("OLMo", ("olmo",), "llama", LLAMA_PROJECTIONS, None,
+           ("LayerNorm without weights", "q/k/v clipping (clip_qkv)", "tied or untied head"),
+           gguf_no="transformers' GGUF loader reads no 'olmo' architecture (no GGUF_CONFIG_MAPPING entry), so the "
+                   "file could not be reloaded and scored; llama.cpp runs it"),
+    Family("OLMo 2", ("olmo2",), "llama", LLAMA_PROJECTIONS, None,
+           ("q/k RMSNorm over the whole projection (a head cut slices it)", "norms after attention and MLP",
+            "untied head"),
+           gguf_no="transformers' GGUF loader reads no 'olmo2' architecture (no GGUF_CONFIG_MAPPING entry), so the "
+                   "file could not be reloaded and scored; llama.cpp runs it"),
     # llama.cpp disables Phi-3's sliding window (ggml-org/llama.cpp#13676) and transformers reads none back
     Family("Phi-3", ("phi3",), "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3",
            ("fused qkv_proj and gate_up_proj", "untied head"),

@@ -265,6 +265,9 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
         kv_rows = _head_rows(groups, dim) if groups else None
         mlp = cut.mlp.get(layer)
         module, _, kind = name.rpartition(".")
+        if module in ("self_attn.q_norm", "self_attn.k_norm") and t.shape[0] != dim:
+            # OLMo 2 normalises the whole q / k projection (a weight per row of it); Qwen3 and Gemma 3 each head
+            return _take(t, 0, q_rows if module == "self_attn.q_norm" else kv_rows)
         q_width, kv_width, inner = s["num_attention_heads"] * dim, s["num_key_value_heads"] * dim, s["intermediate_size"]
         qkv = None if groups is None else [*q_rows, *(q_width + r for r in kv_rows),
                                            *(q_width + kv_width + r for r in kv_rows)]
@@ -441,8 +444,10 @@ def measure(model, blocks: torch.Tensor, batch_size: int = 8, width: bool = True
         hooks.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
     if fam is not None:
         heads, dim = cfg.num_attention_heads, head_dim(cfg)
+        # (OLMo's LayerNorms have no weight: their normalized shape says they are the residual stream's)
         norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()
-                 and getattr(m, "weight", None) is not None and m.weight.shape == (cfg.hidden_size,)]
+                 and (m.weight.shape if getattr(m, "weight", None) is not None
+                      else tuple(getattr(m, "normalized_shape", ()))) == (cfg.hidden_size,)]
         for m in norms:
             hooks.append(m.register_forward_hook(lambda mod, a, out: add("hidden", out.abs().sum((0, 1)))))
         for i, layer in enumerate(stack):

@@ -26,8 +26,8 @@ CUTS = [
     # the rest of the Llama family: Qwen2 (q/k/v biases), Mistral (untied head, sliding window)
     # ... Qwen3 (q/k norms), Gemma (embedding scaling), Gemma 2 (four norms, soft-capping), Gemma 3, Phi-3 (fused
     # qkv_proj and gate_up_proj)
-    *[(arch, cut) for arch in ("qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "granite")
-      for cut in (
+    *[(arch, cut) for arch in ("qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "granite",
+                                   "olmo", "olmo2") for cut in (
         {"num_attention_heads": 2, "num_key_value_heads": 1}, {"hidden_size": 40},
         {"num_hidden_layers": 3, "intermediate_size": 64, "hidden_size": 48, "num_attention_heads": 2,
          "num_key_value_heads": 1})],
@@ -85,7 +85,7 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
-                                  "gpt_neox", "smollm3", "granite"])
+                                  "gpt_neox", "smollm3", "granite", "olmo", "olmo2"])
 def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     imp = surgery.measure(teacher, IDS, grams=True)
@@ -415,8 +415,8 @@ def test_families_not_described_are_refused_in_width_and_cut_in_depth(arch, toke
     assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3", "phi3", "gpt_neox", "granite", "falcon",
-                                  "mixtral", "smollm3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3", "phi3", "gpt_neox", "granite", "olmo2",
+                                  "falcon", "mixtral", "smollm3", "qwen3_moe"])
 def test_a_depth_cut_computes_what_the_teacher_does_without_the_dropped_layers(arch, tokenizer):
     """The student of a depth cut equals the teacher with the dropped layers taken out of its stack: each kept
     layer keeps what its config entries made it (sliding or full attention, rotary or none, experts or a dense

@@ -121,6 +121,11 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         from transformers import MixtralConfig, MixtralForCausalLM
 
         return MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
+    if arch in ("olmo", "olmo2"):  # OLMo: weightless LayerNorms; OLMo 2: q/k norms over the whole projection
+        import transformers
+
+        name = {"olmo": "Olmo", "olmo2": "Olmo2"}[arch]
+        return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
     if arch == "granite":  # the Llama layout with scalar multipliers on embeddings, residuals, attention, logits
         from transformers import GraniteConfig, GraniteForCausalLM
 
