@@ -219,8 +219,8 @@ def frontier_section(rows: list[dict]) -> list[str]:
     if len(pts) < 2 or not texts:
         return []
     lines = ["", "## Frontier: size against quality", "",
-             "Every model the run measured, smallest first. A model is dominated when another is no larger and no "
-             "worse on every text; only the others are worth shipping.", "",
+             "Every model the run measured, smallest first. A model is dominated when another is no larger (sizes "
+             "within 0.1% count as equal) and no worse on every text; only the others are worth shipping.", "",
              "| model | disk MB | " + " | ".join(f"ppl {t}" for t in texts) + " | generate tok/s | |",
              "|---|---|" + "---|" * len(texts) + "---|---|"]
     for p in sorted(pts, key=lambda p: p["disk_mb"]):

@@ -63,6 +63,13 @@ def test_dominance():
     assert "dominated_by" not in small_good and "dominated_by" not in twin  # equal is not dominated
     assert "no smaller and no better than a" in frontier.describe(big_bad, small_good)
     assert len(pts) == 4
+    # a file 0.05% smaller (some kilobytes of one architecture and type) but worse is dominated: sizes within
+    # frontier.SIZE_TOLERANCE count as equal; 0.5% smaller is a real size difference
+    healed_more = {"name": "e", "disk_mb": 61.39, "quality": {"val": 14.2, "gen": 84.3}}
+    healed_less = {"name": "f", "disk_mb": 61.36, "quality": {"val": 17.3, "gen": 92.2}}
+    smaller = {"name": "g", "disk_mb": 61.08, "quality": {"val": 17.4, "gen": 92.3}}
+    frontier.mark([healed_more, healed_less, smaller])
+    assert healed_less["dominated_by"] == "e" and "dominated_by" not in smaller and "dominated_by" not in healed_more
 
 
 @pytest.fixture(scope="module")

@@ -500,7 +500,7 @@ def summary(cand: Candidate, winner: dict, reference: dict, rows: list[dict], cf
         f"→ {winner['perplexity']:.3f} ({winner['ppl_increase_pct']:+.2f}%){general_note}{kl_note}. {why}",
         "", scores, ""]
     if dominated:
-        lines += ["Dominated (another candidate is no larger and no worse on every text):", ""]
+        lines += ["Dominated (another candidate is no larger, within 0.1%, and no worse on every text):", ""]
         lines += [f"- {d}" for d in dominated] + [""]
     lines.append(
         f"Perplexity: validation split{' and general English (base-model samples)' if winner.get('general_perplexity') else ''}, "
