@@ -154,28 +154,34 @@ def config_for(config, target: dict):
     return config
 
 
-# config entries that list layer indices (Qwen-MoE: the layers with a dense MLP instead of experts)
-LAYER_INDEX_KEYS = ("mlp_only_layers",)
+# config entries that list layer indices: Qwen-MoE's layers with a dense MLP instead of experts, Llama 4's MoE
+# layers, LFM2's attention layers (the others convolve)
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "full_attn_idxs")
 
 
 def keep_layers(config, out, layers: list[int]) -> None:
     """Point `out`'s per-layer config entries at the teacher layers it keeps: a list with one entry per layer
     (`layer_types`; SmolLM3's `no_rope_layers`, read when a layer is built, so a wrong entry would run a NoPE
-    layer with rotary positions and no weight would tell) takes the kept layers' entries; Qwen-MoE's dense layers
-    (`mlp_only_layers`, and `decoder_sparse_step`: experts on every k-th layer) are renumbered to the kept ones."""
+    layer with rotary positions and no weight would tell) takes the kept layers' entries; lists of layer indices
+    (LAYER_INDEX_KEYS; Qwen-MoE's `decoder_sparse_step`: experts on every k-th layer) are renumbered to the kept
+    ones."""
     n = config.num_hidden_layers
     for key, value in config.to_dict().items():
         if key in LAYER_INDEX_KEYS or key == "architectures" or key.endswith(("token_id", "token_ids")):
             continue
         if isinstance(value, list) and len(value) == n:
             setattr(out, key, [value[i] for i in layers])
-    if isinstance(getattr(config, "mlp_only_layers", None), list):
-        dense = set(config.mlp_only_layers)
+    for key in LAYER_INDEX_KEYS:
+        listed = getattr(config, key, None)
+        if not isinstance(listed, list):
+            continue
+        chosen = set(listed)
         step = getattr(config, "decoder_sparse_step", None)
-        if isinstance(step, int) and step > 1:  # experts where (index + 1) % step == 0, which renumbering breaks
-            dense |= {i for i in range(n) if (i + 1) % step}
+        if key == "mlp_only_layers" and isinstance(step, int) and step > 1:
+            # Qwen-MoE: experts where (index + 1) % step == 0, which renumbering breaks
+            chosen |= {i for i in range(n) if (i + 1) % step}
             out.decoder_sparse_step = 1
-        out.mlp_only_layers = [j for j, i in enumerate(layers) if i in dense]
+        setattr(out, key, [j for j, i in enumerate(layers) if i in chosen])
 
 
 def new_config(model, cut: Cut):

@@ -126,6 +126,11 @@ def build_model(arch: str, tokenizer, layers: int = 4):
 
         name = {"olmo": "Olmo", "olmo2": "Olmo2"}[arch]
         return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
+    if arch == "lfm2":  # not described: convolution and attention layers (layer_types, full_attn_idxs)
+        from transformers import Lfm2Config, Lfm2ForCausalLM
+
+        return Lfm2ForCausalLM(Lfm2Config(**{k: v for k, v in shape.items() if k != "intermediate_size"},
+                                          intermediate_size=128, full_attn_idxs=[1, 3], block_auto_adjust_ff_dim=False))
     if arch == "granite":  # the Llama layout with scalar multipliers on embeddings, residuals, attention, logits
         from transformers import GraniteConfig, GraniteForCausalLM
 
