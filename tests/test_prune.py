@@ -416,7 +416,7 @@ def test_families_not_described_are_refused_in_width_and_cut_in_depth(arch, toke
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma3", "phi3", "gpt_neox", "granite", "olmo2",
-                                  "falcon", "mixtral", "smollm3", "qwen3_moe", "lfm2"])
+                                  "falcon", "mixtral", "smollm3", "qwen3_moe", "lfm2", "llama4"])
 def test_a_depth_cut_computes_what_the_teacher_does_without_the_dropped_layers(arch, tokenizer):
     """The student of a depth cut equals the teacher with the dropped layers taken out of its stack: each kept
     layer keeps what its config entries made it (sliding or full attention, rotary or none, experts or a dense
@@ -440,8 +440,9 @@ def test_a_depth_cut_computes_what_the_teacher_does_without_the_dropped_layers(a
         expected = reference(IDS[:2], use_cache=False).logits
     torch.testing.assert_close(tiny.logits(student, IDS[:2]), expected)
     assert (tiny.logits(student, IDS[:2]) - tiny.logits(teacher, IDS[:2])).abs().max() > 1e-3
-    if arch == "lfm2":  # a list of layer indices is renumbered to the kept layers (teacher layer 1 is now 0)
-        assert student.config.full_attn_idxs == [0] and student.config.layer_types == ["full_attention", "conv"]
+    if arch in ("lfm2", "llama4"):  # a list of layer indices is renumbered to the kept layers (1 is now 0)
+        key = "full_attn_idxs" if arch == "lfm2" else "moe_layers"
+        assert getattr(teacher.config, key) == [1, 3] and getattr(student.config, key) == [0]
 
 
 def _neox(tokenizer, rotary: float = 0.25, **changes):

@@ -126,6 +126,13 @@ def build_model(arch: str, tokenizer, layers: int = 4):
 
         name = {"olmo": "Olmo", "olmo2": "Olmo2"}[arch]
         return getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**shape))
+    if arch == "llama4":  # not described: experts on every other layer (moe_layers), NoPE and chunked layers
+        from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+        return Llama4ForCausalLM(Llama4TextConfig(**{**shape, "tie_word_embeddings": False}, head_dim=16,
+                                                  intermediate_size_mlp=128, num_local_experts=2,
+                                                  num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                                  attention_chunk_size=16))
     if arch == "lfm2":  # not described: convolution and attention layers (layer_types, full_attn_idxs)
         from transformers import Lfm2Config, Lfm2ForCausalLM
 
