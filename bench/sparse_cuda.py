@@ -47,21 +47,17 @@ def unavailable() -> str | None:
     return None
 
 
-def two_four(weight) -> bool:
-    """Whether every group of four consecutive input weights of each row holds at least two zeros."""
-    rows, cols = weight.shape
-    return cols % 4 == 0 and bool(((weight.reshape(rows, cols // 4, 4) == 0).sum(-1) >= 2).all())
-
-
 def sparsify(model) -> list[str]:
-    """Swap the 2:4 weights of the block linears for their semi-structured form; the names swapped."""
+    """Swap the 2:4 weights of the block linears (nn.Linear, [out, in]) for their semi-structured form; the names
+    swapped."""
     import torch
     from torch.sparse import to_sparse_semi_structured
 
-    head = model.get_output_embeddings()
+    from pipeline import sparsity
+
     swapped = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head and two_four(module.weight):
+    for name, (module, in_dim) in sparsity.block_linears(model).items():
+        if in_dim == 1 and sparsity.fits_pattern(module.weight, (2, 4)):
             module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()), requires_grad=False)
             swapped.append(name)
     return swapped

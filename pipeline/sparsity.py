@@ -362,14 +362,17 @@ def measure(model) -> dict:
             "layers": layers}
 
 
-def check_pattern(model, keep_nm: tuple[int, int]) -> bool:
-    """Every group of M consecutive inputs of every block weight has at least M - N zeros."""
+def fits_pattern(weight: torch.Tensor, keep_nm: tuple[int, int], in_dim: int = 1) -> bool:
+    """Every group of M consecutive inputs of `weight` has at least M - N zeros (False when its input width is no
+    multiple of M)."""
     n, m = keep_nm
-    for module, in_dim in block_linears(model).values():
-        w = _rows_last(module.weight.detach(), in_dim)
-        if ((w != 0).reshape(w.shape[0], -1, m).sum(-1) > n).any():
-            return False
-    return True
+    w = _rows_last(weight.detach(), in_dim)
+    return w.shape[1] % m == 0 and not ((w != 0).reshape(w.shape[0], -1, m).sum(-1) > n).any()
+
+
+def check_pattern(model, keep_nm: tuple[int, int]) -> bool:
+    """Every block weight fits the N:M pattern (`fits_pattern`)."""
+    return all(fits_pattern(module.weight, keep_nm, in_dim) for module, in_dim in block_linears(model).values())
 
 
 def record_of(folder: Path) -> dict | None:

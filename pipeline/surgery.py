@@ -121,14 +121,15 @@ def decoder_stack(model) -> tuple[str, torch.nn.ModuleList]:
     raise StageError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
-def config_for(config, target: dict):
-    """`config` with the dimensions in `target` (keys of `sizes`; absent ones stay)."""
+def config_for(config, target: dict, layers: list[int] | None = None):
+    """`config` with the dimensions in `target` (keys of `sizes`; absent ones stay); its per-layer entries those of
+    the teacher `layers` kept (default: the first `num_hidden_layers`)."""
     original, config = config, copy.deepcopy(config)
     before = sizes(config)
     s = {**before, **{k: v for k, v in target.items() if v is not None}}
     n = s["num_hidden_layers"]
-    if n != config.num_hidden_layers:  # the first n layers' entries (new_config passes the kept layers' own)
-        keep_layers(original, config, list(range(n)))
+    if layers is not None or n != config.num_hidden_layers:
+        keep_layers(original, config, list(range(n)) if layers is None else layers)
     config.num_hidden_layers = n
     if getattr(config, "max_window_layers", None) is not None:  # Qwen2: sliding window above this layer
         config.max_window_layers = min(config.max_window_layers, n)
@@ -171,12 +172,12 @@ def keep_layers(config, out, layers: list[int]) -> None:
             continue
         if isinstance(value, list) and len(value) == n:
             setattr(out, key, [value[i] for i in layers])
+    step = getattr(config, "decoder_sparse_step", None)
     for key in LAYER_INDEX_KEYS:
         listed = getattr(config, key, None)
         if not isinstance(listed, list):
             continue
         chosen = set(listed)
-        step = getattr(config, "decoder_sparse_step", None)
         if key == "mlp_only_layers" and isinstance(step, int) and step > 1:
             # Qwen-MoE: experts where (index + 1) % step == 0, which renumbering breaks
             chosen |= {i for i in range(n) if (i + 1) % step}
@@ -201,12 +202,7 @@ def new_config(model, cut: Cut):
             s = sizes(config)
             target.update(num_key_value_heads=kept,
                           num_attention_heads=kept * (s["num_attention_heads"] // s["num_key_value_heads"]))
-    out = config_for(config, target) if (cut.mlp or cut.hidden is not None or cut.heads) else copy.deepcopy(config)
-    out.num_hidden_layers = len(cut.layers)
-    keep_layers(config, out, cut.layers)
-    if getattr(out, "max_window_layers", None) is not None:
-        out.max_window_layers = min(out.max_window_layers, len(cut.layers))
-    return out
+    return config_for(config, target, cut.layers)
 
 
 def apply(model, cut: Cut):

@@ -165,9 +165,12 @@ def test_sparse_cuda_bench_measures_2_4_kernels_or_says_why_not(tmp_path):
     logits and both are timed; anywhere else the JSON says why nothing was timed (this machine: no GPU)."""
     import torch
 
+    from pipeline import sparsity
+
     sparse_cuda = bench_module("sparse_cuda")
-    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
-    assert sparse_cuda.two_four(w) and not sparse_cuda.two_four(w + 1) and not sparse_cuda.two_four(w[:, :6])
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0]])  # which weights it swaps
+    assert sparsity.fits_pattern(w, (2, 4)) and not sparsity.fits_pattern(w + 1, (2, 4))
+    assert not sparsity.fits_pattern(w[:, :6], (2, 4))
     result = _smoke("sparse_cuda", tmp_path)
     if sparse_cuda.unavailable() is not None:
         assert result["skipped"] == sparse_cuda.unavailable() and "saves disk, not time" in result["note"]
