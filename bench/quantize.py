@@ -155,8 +155,7 @@ def quantize_all(folder: Path, work: Path, names: list[str], tokenizer, texts: d
         started = time.perf_counter()
         try:
             model = qb.quantize(cand, folder, torch.device("cpu"), calibration=calibration)
-            qb.save(model, out)
-            tokenizer.save_pretrained(out)
+            qb.save(model, out, cand, tokenizer)
             del model
             row = {"description": qb.describe(cand), "convert_seconds": round(time.perf_counter() - started, 1),
                    "disk_mb": formats.disk_mb(out)}

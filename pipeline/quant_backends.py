@@ -159,13 +159,16 @@ def quantize(cand: Candidate, source: Path, device: torch.device, trust_remote_c
     return cand.format.convert(cand, Job(source, device, trust_remote_code, calibration, name, origin))
 
 
-def save(model, folder: Path, cand: Candidate | None = None) -> None:
-    """Write what `quantize` returned, as the candidate's format does (a torch model: as a transformers folder)."""
+def save(model, folder: Path, cand: Candidate | None = None, tokenizer=None) -> None:
+    """Write what `quantize` returned, and `tokenizer`, as the candidate's format does (a torch model: as a
+    transformers folder)."""
     fmt = cand.format if cand is not None else formats.transformers if hasattr(model, "parameters") else None
     if fmt is None:
         model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     else:
-        fmt.save(model, folder)
+        fmt.save(model, folder, tokenizer)
 
 
 def describe(cand: Candidate) -> str:

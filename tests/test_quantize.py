@@ -98,8 +98,7 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     cand = qb.Candidate(method, group_size=32 if method == "openvino-int4" else None)  # hidden size 64
     model = qb.quantize(cand, tiny_models[arch], CPU)
     before = logits(model)
-    qb.save(model, tmp_path)
-    tokenizer.save_pretrained(tmp_path)  # as the quantize stage does: a model folder holds its tokenizer
+    qb.save(model, tmp_path, cand, tokenizer)  # as the quantize stage does: a model folder holds its tokenizer
     reloaded, _ = formats.load_folder(tmp_path, device_map="cpu")  # what the evaluate stage does
     assert isinstance(reloaded, OVModelForCausalLM)
     assert torch.equal(logits(reloaded), before)
@@ -113,8 +112,10 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     assert not floats & {s for w in wanted for s in (w, w[::-1])}
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "openvino_model.xml" in files and not any(f.endswith(".safetensors") for f in files)
+    assert {"openvino_tokenizer.xml", "openvino_detokenizer.xml"} <= set(files)  # for OpenVINO GenAI
     weights, graph = ((tmp_path / f"openvino_model.{ext}").stat().st_size for ext in ("bin", "xml"))
-    assert formats.disk_size(tmp_path) == weights + graph  # the graph is ~200 KB: most of a tiny model's folder
+    # the graph is ~200 KB: most of a tiny model's folder; the tokenizer's IRs are not weights
+    assert formats.disk_size(tmp_path) == weights + graph
     assert weights < 0.3 * formats.disk_size(tiny_models[arch])
     err = (logits(reloaded) - logits(fp32)).abs().max().item()
     assert 0 < err < (0.05 if method == "openvino-int8" else 0.3), err
@@ -125,6 +126,70 @@ def test_openvino_compresses_every_projection_and_reloads_identically(arch, meth
     assert ov[0]["scored_tokens"] == ov[1]["scored_tokens"] == torch_ppl["scored_tokens"] == 298
     assert ov[0]["perplexity"] == pytest.approx(ov[1]["perplexity"], rel=1e-5)
     assert ov[0]["perplexity"] == pytest.approx(torch_ppl["perplexity"], rel=0.02)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_openvino_folder_runs_in_openvino_genai_as_in_optimum_intel(arch, tiny_models, make_recipe):
+    """OpenVINO GenAI (LLMPipeline, as the OpenVINO model server runs models) tokenizes inside OpenVINO and refuses a
+    folder without the tokenizer's IRs, which `optimum-cli export openvino` writes and OVModelForCausalLM's
+    save_pretrained does not: the quantize stage writes them, and GenAI then generates what optimum-intel does."""
+    import openvino_genai
+    from optimum.intel import OVModelForCausalLM
+    from transformers import AutoTokenizer
+
+    path = _recipe(make_recipe, tiny_models[arch], candidates=[{"method": "openvino-int8"}], max_ppl_increase=50.0)
+    assert main(["run", str(path), "--until", "quantize"]) == 0
+    out = path.parent / "runs" / "tiny" / "quantize"
+    assert formats.openvino.genai_ready(out)
+    assert "openvino_genai.LLMPipeline" in (out / "README.md").read_text()  # the card shows how
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = "The Python interpreter reads"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert openvino_genai.Tokenizer(str(out)).encode(prompt).input_ids.data.tolist() == ids.tolist()
+    model = OVModelForCausalLM.from_pretrained(out)
+    want = tokenizer.decode(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:],
+                            skip_special_tokens=True)
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens, config.min_new_tokens, config.do_sample = 16, 16, False
+    config.apply_chat_template = False
+    assert openvino_genai.LLMPipeline(str(out), "CPU").generate(prompt, config) == want
+
+
+def _unigram_tokenizer():
+    """A Unigram tokenizer with a Metaspace pre-tokenizer (T5-like), trained on the stdlib corpus."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(tok_models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator((topics[k] for k in sorted(topics)),
+                            trainers.UnigramTrainer(vocab_size=500, special_tokens=["<unk>", "</s>"], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_tokenizer_openvino_cannot_convert_faithfully_leaves_no_tokenizer_irs_and_says_why(
+        tokenizer, tmp_path, monkeypatch, caplog):
+    """openvino-tokenizers 2026.4 converts this Unigram tokenizer but splits runs of spaces otherwise (measured):
+    GenAI would run the model on other tokens than it was trained and scored on, so the folder keeps no tokenizer
+    IRs (GenAI refuses it) and a warning says where the split differs. A conversion that fails is named too."""
+    import openvino_tokenizers
+
+    folder = tmp_path / "unigram"
+    assert not formats.openvino.save_tokenizer_irs(_unigram_tokenizer(), folder)
+    assert list(folder.iterdir()) == [] and "splits" in caplog.text and "otherwise: from token" in caplog.text
+    caplog.clear()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no converter for this model type")
+
+    monkeypatch.setattr(openvino_tokenizers, "convert_tokenizer", refuse)
+    folder = tmp_path / "refused"
+    folder.mkdir()
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    assert not formats.openvino.save_tokenizer_irs(tokenizer, folder)
+    assert list(folder.iterdir()) == [] and "no converter for this model type" in caplog.text
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == sides  # optimum's export sets them; put back
 
 
 def test_gate_picks_by_policy_reports_failures_and_evaluate_reads_the_winner(tiny_models, make_recipe):

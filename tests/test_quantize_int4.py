@@ -105,8 +105,7 @@ def test_each_data_aware_option_reaches_nncf(tiny_models, tmp_path):
         assert cand.check() == []
         model = qb.quantize(cand, source, torch.device("cpu"), calibration=calib)
         out = tmp_path / f"c{i}"
-        qb.save(model, out)
-        AutoTokenizer.from_pretrained(source).save_pretrained(out)  # as the quantize stage does
+        qb.save(model, out, cand, AutoTokenizer.from_pretrained(source))  # as the quantize stage does
         info = _rt_info(out)
         assert {k: info[k] for k in expected} == expected, (cand, info)
         reloaded, _ = formats.load_folder(out)

@@ -658,8 +658,10 @@ def convert(cand, job) -> GGUFExport:
                       cand.output_tensor_type, job.origin)
 
 
-def save(model: GGUFExport, folder: Path) -> None:
+def save(model: GGUFExport, folder: Path, tokenizer=None) -> None:
     model.save_pretrained(folder)
+    if tokenizer is not None:  # the file holds the tokenizer for llama.cpp; these files are for transformers
+        tokenizer.save_pretrained(folder)
 
 
 def describe(cand) -> str:

@@ -3,6 +3,7 @@ writes it, weights compressed by NNCF; `OVModelForCausalLM.from_pretrained` relo
 through OpenVINO. The `openvino-*` candidates export through optimum-intel with NNCF weight compression."""
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from pipeline import compat, models
 # optimum-intel 2.2.0 imports its vision-language module eagerly, and that module fails to import with
 # transformers >= 5.17: the hook keeps it from taking OVModelForCausalLM down with it (see pipeline/compat.py)
 compat.install()
+
+log = logging.getLogger("pipeline")
 
 NAME = "openvino"
 BACKEND = "openvino"
@@ -33,8 +36,13 @@ OPTIONS = {
     "calibration_samples": ("openvino-int4",),
     "calibration_tokens": ("openvino-int4",),
 }
-INSTALL = ("pip install openvino nncf optimum==2.3.0 && pip install --no-deps optimum-intel==2.2.0 "
-           "(or `make install`)")
+INSTALL = ("pip install openvino openvino-tokenizers nncf optimum==2.3.0 && pip install --no-deps "
+           "optimum-intel==2.2.0 (or `make install`)")
+# The tokenizer and detokenizer as OpenVINO models (optimum-intel's OV_TOKENIZER_NAME / OV_DETOKENIZER_NAME):
+# OpenVINO GenAI's LLMPipeline and the OpenVINO model server tokenize inside OpenVINO and refuse a folder without them
+TOKENIZER_IRS = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+# text the converted tokenizer must split as the transformers one does: prose, digits, code, accents, other scripts
+TOKENIZER_CHECK = "The Python interpreter reads 12 lines.\n\tdef f(x):  return x  # naïve café — 東京 Ünïcode"
 
 
 def holds(folder: Path) -> bool:
@@ -63,17 +71,32 @@ def kv_cache(folder: Path) -> bool:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The IR: the graph (.xml) and the weights (.bin)."""
-    return [p for p in Path(folder).glob("openvino_*") if p.suffix in (".xml", ".bin")]
+    """The model's IR: the graph (.xml) and the weights (.bin); not the tokenizer's IRs beside it (a GGUF file
+    holds its tokenizer too, but a transformers folder's size leaves tokenizer.json out, and so does this)."""
+    tokenizer = {Path(name).stem for name in TOKENIZER_IRS}
+    return [p for p in Path(folder).glob("openvino_*") if p.suffix in (".xml", ".bin") and p.stem not in tokenizer]
 
 
 def usage(folder: Path, ref: str) -> str:
     cached = kv_cache(folder)
-    return ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+    text = ("from optimum.intel import OVModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
             "# needs `pip install optimum-intel openvino`; runs on the CPU through OpenVINO, weights stay compressed\n"
             + ("" if cached else "# exported without KV cache, so optimum-intel needs use_cache=False\n")
             + f'model = OVModelForCausalLM.from_pretrained("{ref}"{"" if cached else ", use_cache=False"})\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{ref}")')
+    if cached and genai_ready(folder):  # LLMPipeline needs the KV cache (a stateful model) and the tokenizer IRs
+        local = Path(ref).is_dir()
+        text += ("\n\n# or with OpenVINO GenAI (`pip install openvino-genai`), which reads a local folder\n"
+                 + ("import openvino_genai\n\n" if local else "import huggingface_hub\nimport openvino_genai\n\n")
+                 + "pipe = openvino_genai.LLMPipeline("
+                 + (f'"{ref}"' if local else f'huggingface_hub.snapshot_download("{ref}")') + ', "CPU")\n'
+                 'print(pipe.generate("The Python interpreter", max_new_tokens=64))')
+    return text
+
+
+def genai_ready(folder: Path) -> bool:
+    """Whether the folder holds the tokenizer IRs OpenVINO GenAI needs."""
+    return all((Path(folder) / name).is_file() for name in TOKENIZER_IRS)
 
 
 def card_section(folder: Path, repo_id: str | None) -> str:
@@ -243,8 +266,76 @@ def _export(source: Path, trust_remote_code: bool, **options):
                                                   trust_remote_code=trust_remote_code, **options)
 
 
-def save(model, folder: Path) -> None:
+def save(model, folder: Path, tokenizer=None) -> None:
+    """The IR as optimum-intel writes it, the tokenizer files, and the tokenizer as OpenVINO models for GenAI."""
     model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+        save_tokenizer_irs(tokenizer, Path(folder))
+
+
+def save_tokenizer_irs(tokenizer, folder: Path) -> bool:
+    """openvino_tokenizer/detokenizer.xml beside the model, as `optimum-cli export openvino` writes them with
+    openvino-tokenizers installed (OVModelForCausalLM.save_pretrained does not), checked to split a sample as
+    `tokenizer` does. Where they cannot be written or split differently, the folder keeps none of them (GenAI
+    then refuses it instead of tokenizing otherwise) and a warning says why; optimum-intel loads it either way."""
+    try:
+        import openvino_tokenizers  # noqa: F401 -- registers the tokenizer operations with OpenVINO
+        from optimum.exporters.openvino.convert import export_tokenizer
+    except ImportError:
+        log.warning("quantize: OpenVINO GenAI will not load %s: writing its tokenizer as OpenVINO models needs "
+                    "openvino-tokenizers (pip install openvino-tokenizers, or `make install`)", folder)
+        return False
+    # export_tokenizer logs why a conversion failed at debug level and returns: keep the reason to say it (and
+    # nothing else it logs); it also sets the tokenizer's padding and truncation side, which the stage goes on using
+    reasons = _Records()
+    convert_log = logging.getLogger("optimum.exporters.openvino.convert")
+    kept = convert_log.handlers[:], convert_log.level, convert_log.propagate
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    convert_log.handlers, convert_log.propagate = [reasons], False
+    convert_log.setLevel(logging.DEBUG)
+    try:
+        export_tokenizer(tokenizer, folder, task="text-generation-with-past")
+    finally:
+        convert_log.handlers, convert_log.propagate = kept[0], kept[2]
+        convert_log.setLevel(kept[1])
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+    problem = None
+    if not genai_ready(folder):
+        problem = ("openvino-tokenizers could not convert its tokenizer (" + type(tokenizer).__name__
+                   + (f": {reasons.messages[-1]}" if reasons.messages else "") + ")")
+    else:
+        ours, theirs = _ir_token_ids(folder, TOKENIZER_CHECK), tokenizer(TOKENIZER_CHECK)["input_ids"]
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            problem = (f"openvino-tokenizers' conversion of its tokenizer splits {TOKENIZER_CHECK!r} otherwise: "
+                       f"from token {at} on it gives {ours[at:at + 6]}, the tokenizer "
+                       f"{theirs[at:at + 6]} ({tokenizer.decode(theirs[at:at + 6])!r})")
+    if problem:
+        for name in TOKENIZER_IRS:
+            for path in (folder / name, (folder / name).with_suffix(".bin")):
+                path.unlink(missing_ok=True)
+        log.warning("quantize: OpenVINO GenAI will not load %s: %s; OVModelForCausalLM loads it", folder, problem)
+        return False
+    return True
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _ir_token_ids(folder: Path, text: str) -> list[int]:
+    """Token ids the tokenizer IR gives `text`, as GenAI computes them (openvino-tokenizers' operations)."""
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401
+
+    out = ov.Core().compile_model(str(folder / TOKENIZER_IRS[0]), "CPU")([text])
+    return [int(i) for i in out["input_ids"][0]]
 
 
 def describe(cand) -> str:

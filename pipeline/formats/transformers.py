@@ -150,11 +150,13 @@ def convert(cand, job):
                              quantization_config=bnb_config(cand), device_map=str(job.device))
 
 
-def save(model, folder: Path) -> None:
-    """Safetensors + config.json with quantization_config. Save before running the model: on CPUs with
-    AVX512-BF16, bitsandbytes repacks 4-bit weights on the first forward pass (scales rounded to bf16) and
-    saving unpacks them again, which is not exact."""
+def save(model, folder: Path, tokenizer=None) -> None:
+    """Safetensors + config.json with quantization_config, and the tokenizer. Save before running the model: on
+    CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first forward pass (scales rounded to bf16)
+    and saving unpacks them again, which is not exact."""
     model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def describe(cand) -> str:

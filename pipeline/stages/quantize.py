@@ -181,8 +181,7 @@ def try_candidate(cand: Candidate, source: Path, folder: Path, tokenizer, texts,
     started = time.time()
     try:
         model = backends.quantize(cand, source, device, ctx.trust_remote_code, calibration, name, lineage_origin)
-        backends.save(model, folder, cand)
-        tokenizer.save_pretrained(folder)
+        backends.save(model, folder, cand, tokenizer)
         del model
         model, _ = formats.load_folder(folder, device_map=str(device))  # score exactly what is shipped
         row.update(measure(model, tokenizer, texts, cfg, reference))
