@@ -152,7 +152,9 @@ def test_an_openvino_folder_runs_in_openvino_genai_as_in_optimum_intel(arch, tin
     config = openvino_genai.GenerationConfig()
     config.max_new_tokens, config.min_new_tokens, config.do_sample = 16, 16, False
     config.apply_chat_template = False
-    assert openvino_genai.LLMPipeline(str(out), "CPU").generate(prompt, config) == want
+    # GenAI's CPU default keeps the KV cache in 8 bits, optimum-intel's stateful model does not: on the quick start's
+    # int8 model that changes the greedy text after a few tokens (docs/reference.md); in float the two agree
+    assert openvino_genai.LLMPipeline(str(out), "CPU", KV_CACHE_PRECISION="f32").generate(prompt, config) == want
 
 
 def _unigram_tokenizer():
