@@ -322,6 +322,7 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
     fastest = max((p.get("gen_tok_s") or 0) for p in pts) or 1
     for ax, text in zip(axes[0], texts):
         shown = [p for p in pts if text in p["quality"]]
+        labels: list[tuple[dict, list[str]]] = []  # stage points and their labels; close points share one
         for p in shown:
             gen = p.get("gen_tok_s")
             stage = p["kind"] == "stage"
@@ -331,8 +332,14 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
                        edgecolors="red" if p["shipped"] else "black", linewidths=2.5 if p["shipped"] else 1)
             if stage:
                 label = p["name"] + (f"\n{gen:.1f} tok/s" if gen else "") + (" (shipped)" if p["shipped"] else "")
-                ax.annotate(label, (p["disk_mb"], p["quality"][text]), textcoords="offset points", xytext=(10, 6),
-                            fontsize=9)
+                near = next((group for group in labels if _close(group[0], p, shown, text)), None)
+                if near:  # a base and its fine-tune can sit on one spot (general English): one stacked label
+                    near[1].append(label)
+                else:
+                    labels.append((p, [label]))
+        for p, group in labels:
+            ax.annotate("\n".join(group), (p["disk_mb"], p["quality"][text]), textcoords="offset points",
+                        xytext=(10, 6), fontsize=9, va="bottom" if len(group) == 1 else "center")
         chain = {p["name"]: p for p in shown if p["kind"] == "stage"}
         # each model's arrow comes from the one it was made from (quantize: the input it shipped); a report
         # without parents (older runs) follows pipeline order
@@ -356,6 +363,20 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _close(a: dict, b: dict, shown: list[dict], text: str) -> bool:
+    """Whether two points are close enough on the plot for their labels to overlap: within 4% of the sizes' span
+    and 6% of the perplexities' (in log terms when they span a decade, as the axis then is)."""
+    import math
+
+    values = [p["quality"][text] for p in shown]
+    scale = math.log if max(values) / min(values) > 10 else (lambda v: v)
+    sizes = [p["disk_mb"] for p in shown]
+    span_x = (max(sizes) - min(sizes)) or 1
+    span_y = (scale(max(values)) - scale(min(values))) or 1
+    return (abs(a["disk_mb"] - b["disk_mb"]) < 0.04 * span_x
+            and abs(scale(a["quality"][text]) - scale(b["quality"][text])) < 0.06 * span_y)
 
 
 def _atomic(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import general, data
+from pipeline import general, data, report
 from pipeline.cli import main
 from pipeline.generate import GenerationConfig, generate
 from pipeline.metrics import guide_perplexity, perplexity, windows
@@ -192,3 +192,13 @@ def test_a_speed_taken_on_a_busy_machine_or_from_unstable_runs_is_flagged(monkey
            "speed_noisy": True, "speed_noise": {"generate": busy, "prefill": calm}}
     md = report.markdown("r", [row, {**row, "name": "finetune", "speed_noisy": False}])
     assert "| 8.3 (noisy) |" in md and "| 8.3 |" in md and f"load {2.0 * cores} on {cores} cores" in md
+
+
+def test_points_that_sit_together_on_the_report_plot_share_one_label():
+    """The quick start's base and fine-tuned model score about the same on general English at one size: their labels
+    were drawn over each other. Close points (in the axis' own terms) now get one stacked label; others their own."""
+    shown = [{"disk_mb": mb, "quality": {"general": ppl}}
+             for mb, ppl in [(513.2, 26.83), (513.2, 27.33), (405.6, 114.3), (405.6, 95.6), (97.0, 29.5)]]
+    assert report._close(shown[0], shown[1], shown, "general")
+    assert not report._close(shown[2], shown[3], shown, "general")  # one size, far apart in perplexity
+    assert not report._close(shown[0], shown[4], shown, "general")  # one perplexity, far apart in size
