@@ -64,8 +64,9 @@ class StageRun:
                            details=details)
 
 
-def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | None:
-    """Prepare a stage; None means its output is already current and the stage is skipped."""
+def begin(ctx: Context, stage: str, cfg, out: Path | None = None, extra: tuple = ()) -> StageRun | None:
+    """Prepare a stage; None means its output is already current and the stage is skipped. `extra`: more that the
+    stage's output depends on (see stage_fingerprint)."""
     folder = ctx.inputs[stage]
     parent = read_stage(folder)  # a finetune's adapter/ subfolder: the finetune folder's record
     if parent is None:
@@ -75,21 +76,22 @@ def begin(ctx: Context, stage: str, cfg, out: Path | None = None) -> StageRun | 
         )
     out = out or ctx.run_dir / stage
     config = dataclasses.asdict(cfg)
-    fp = stage_fingerprint(ctx, stage, cfg, parent)
+    fp = stage_fingerprint(ctx, stage, cfg, parent, extra)
     if up_to_date(ctx, stage, out, fp):
         return None
     log.info("%s: reading %s, writing %s", stage, folder, out)
     return StageRun(stage, out, fp, parent, config)
 
 
-def stage_fingerprint(ctx: Context, stage: str, cfg, parent: StageRecord) -> str:
+def stage_fingerprint(ctx: Context, stage: str, cfg, parent: StageRecord, extra: tuple = ()) -> str:
     """What a stage's record says when its output matches its input (`parent`), its settings, the recipe's data
-    and the local data files as they are now."""
+    and the local data files as they are now, and `extra` (what else a stage's output depends on: nothing by
+    default, so that the fingerprints of stages that give none stay what they were)."""
     parts = (stage, result_settings(cfg), parent.fingerprint, dataclasses.asdict(ctx.data), ctx.seed)
     files = data_stamps(ctx.data, getattr(cfg, "data", None))
     # (no files, no other inputs: as before, nothing re-runs)
     also = [(read_stage(f) or StageRecord(stage="missing")).fingerprint for f in ctx.also.get(stage, [])]
-    return fingerprint(*parts, *([files] if files else []), *([also] if also else []))
+    return fingerprint(*parts, *([files] if files else []), *([also] if also else []), *extra)
 
 
 def result_settings(cfg) -> dict:

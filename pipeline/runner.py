@@ -84,7 +84,8 @@ def stale_folders(recipe: Recipe, ctx: Context) -> dict[str, str]:
             expected = stage.fingerprint(cfg, ctx)
         else:
             parent_record = read_stage(parent)
-            expected = stage_fingerprint(ctx, stage.name, cfg, parent_record) if parent_record else None
+            extra = stage.extra(ctx) if stage.extra else ()
+            expected = stage_fingerprint(ctx, stage.name, cfg, parent_record, extra) if parent_record else None
         if record.fingerprint != expected:
             out[stage.folder] = (f"made with other settings, input or data than the recipe's now; run "
                                  f"`--stages {stage.name}` (or the whole recipe) to refresh it")

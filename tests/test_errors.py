@@ -37,6 +37,10 @@ def no_folder(run_dir: Path, *stages: str) -> None:
         assert not (run_dir / name).exists(), f"{name} folder left behind"
         assert not (run_dir / f".{name}.partial").exists(), f"{name} partial folder left behind"
     assert not list(run_dir.glob(".quantize-candidates-*")), "quantize candidates left behind"
+    work = run_dir / ".quantize-work"  # kept for the next run: finished candidates only, each folder beside its row
+    if work.exists():
+        names = {p.name for p in work.iterdir()}
+        assert names == {n for k in names if k.endswith(".json") for n in (k, k.removesuffix(".json"))}, names
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -647,7 +651,7 @@ def _full_while(monkeypatch, tmp_path, where: str) -> None:
     elif where == "quantize-candidate":
         from pipeline import quant_backends
 
-        def save(model, folder, cand):
+        def save(model, folder, cand, tokenizer=None):
             write(Path(folder) / "half.bin", b"\0" * 4096)
             raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "model.bin"))
         monkeypatch.setattr(quant_backends, "save", save)

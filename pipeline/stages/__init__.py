@@ -23,6 +23,8 @@ class Stage:
     # (cfg, ctx) -> the fingerprint its folder has when current, for a stage that reads no stage folder (load);
     # the chained stages' is context.stage_fingerprint of their input's record
     fingerprint: Callable | None = None
+    # ctx -> what more a chained stage's output depends on (its `begin(..., extra=)`), so the stale check agrees
+    extra: Callable | None = None
 
     @property
     def chained(self) -> bool:
@@ -37,7 +39,8 @@ STAGES = (
     Stage("finetune", finetune.FinetuneConfig, finetune.run, "finetune", trains=True, relation="finetune"),
     Stage("prune", prune.PruneConfig, prune.run, "prune", relation="finetune", student=True),
     Stage("distill", distill.DistillConfig, distill.run, "distill", trains=True, relation="finetune", student=True),
-    Stage("quantize", quantize.QuantizeConfig, quantize.run, "quantize", relation="quantized"),
+    Stage("quantize", quantize.QuantizeConfig, quantize.run, "quantize", relation="quantized",
+          extra=quantize.scored_general),
     Stage("evaluate", evaluate.EvaluateConfig, evaluate.run, None),
 )
 ORDER = tuple(s.name for s in STAGES)

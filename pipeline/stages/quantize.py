@@ -11,10 +11,11 @@ here or fails to convert is reported and the others go on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ import torch
 
 from pipeline import data, errors, formats, frontier, general, models, qat, scoring
 from pipeline import quant_backends as backends
-from pipeline.context import Context, begin
+from pipeline.context import Context, begin, stage_fingerprint
 from pipeline.errors import StageError
 from pipeline.folders import save_model, staging, write_record
 from pipeline.metrics import speed
 from pipeline.quant_backends import Candidate
-from pipeline.records import origin, read_record, read_stage
+from pipeline.records import fingerprint, origin, read_record, read_stage
 from pipeline.stages.evaluate import DEFAULT_PROMPTS, EvaluateConfig
 
 log = logging.getLogger("pipeline")
@@ -313,14 +314,81 @@ def resolve_inputs(ctx: Context) -> list[Path]:
     return [Path(ctx.inputs["quantize"]), *ctx.also.get("quantize", [])]
 
 
+# Candidates an unfinished run of the stage converted and scored (each a folder and, once scored, its row as JSON),
+# kept so that the same command goes on from them: after Ctrl-C or a kill, and after a gate that shipped nothing
+# (a changed budget re-scores nothing). Removed when the stage finishes, on --force, and on a full disk.
+WORK = ".quantize-work"
+# gate settings: they choose among the rows, they do not change any (a candidate's key leaves them out)
+GATE_ONLY = ("prefer", "try_over_budget_inputs", "candidates")
+
+
+def scored_general(ctx: Context) -> tuple:
+    """The general-English settings (the text every candidate is scored on besides the validation split) where they
+    are not the defaults: part of the stage's fingerprint, so that changing them re-runs the gate, while a run made
+    before they counted stays current."""
+    settings = dataclasses.asdict(ctx.general)
+    return () if settings == dataclasses.asdict(general.GeneralConfig()) else (settings,)
+
+
+def candidate_keys(cfg: QuantizeConfig, ctx: Context, stage, labels: list[str]) -> dict[tuple[str, str], str]:
+    """(input label, candidate label) -> a key that changes with whatever changes that candidate's folder or scores:
+    the stage's fingerprint without the gate's settings (the budgets, `prefer`, the candidate list), the input and
+    the candidate's own options."""
+    measured = dataclasses.replace(cfg, **{k: None for k in BUDGETS}, **{k: _default(cfg, k) for k in GATE_ONLY})
+    base = stage_fingerprint(ctx, "quantize", measured, stage.parent, scored_general(ctx))
+    return {(label, c.label): "candidate-" + fingerprint(base, label, dataclasses.asdict(c))
+            for label in labels for c in cfg.candidates}
+
+
+def _default(cfg, name: str):
+    f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _finished(work: Path, keys: set[str] | None = None) -> set[str]:
+    """The keys of the finished candidates in `work` (a folder beside its scored row), among `keys` when given;
+    everything else there (half-made candidates, other settings' ones, the moved winner, calibration caches) is
+    removed."""
+    done = {p.stem for p in work.glob("*.json") if (work / p.stem).is_dir() and (keys is None or p.stem in keys)}
+    for item in work.iterdir():
+        if item.name.removesuffix(".json") not in done:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    return done
+
+
+@contextlib.contextmanager
+def candidates_work(run_dir: Path, keys: set[str], force: bool):
+    """The stage's work folder (WORK), holding only the finished candidates whose key is still wanted; yields it
+    and the keys of those. Kept when the stage stops without shipping (interrupted, killed, no winner, a bug) while
+    it holds a finished candidate; removed when it ships or the disk is full."""
+    work = run_dir / WORK
+    for stale in run_dir.glob(".quantize-candidates-*"):  # the temporary folders of runs before WORK existed
+        shutil.rmtree(stale, ignore_errors=True)
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work, _finished(work, keys)
+    except BaseException as err:
+        kept = 0 if errors.is_disk_full(err) else len(_finished(work))
+        if not kept:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        note = (f"The {kept} candidate(s) made and scored are kept in '{work}' ({errors.mb(errors.bytes_under(work))}): "
+                "run again and they are not made again (--force makes them afresh; deleting the folder is safe).")
+        if isinstance(err, StageError):
+            raise StageError(f"{err}\n{note}") from err
+        log.warning("quantize: %s", note)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def run(cfg: QuantizeConfig, ctx: Context) -> Path:
-    stage = begin(ctx, "quantize", cfg)
+    stage = begin(ctx, "quantize", cfg, extra=scored_general(ctx))
     if stage is None:
         return ctx.run_dir / "quantize"
     device = models.pick_device()
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ctx.run_dir.glob(".quantize-candidates-*"):  # left by a killed run; never consumed
-        shutil.rmtree(stale, ignore_errors=True)
     inputs = resolve_inputs(ctx)
     for folder in inputs[1:]:
         if read_stage(folder) is None:
@@ -329,10 +397,10 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
     several = len(inputs) > 1
     base = ctx.run_dir / "base"  # what max_size_share is a share of
     base_mb = formats.disk_mb(base) if read_record(base) is not None else None
-    # Candidate folders live next to the run (same disk, so the winner is moved, not copied) and are
-    # removed whatever happens.
-    with tempfile.TemporaryDirectory(prefix=".quantize-candidates-", dir=ctx.run_dir) as work:
-        work = Path(work)
+    labels = [f.name if f.parent == ctx.run_dir else str(f) for f in inputs]
+    keys = candidate_keys(cfg, ctx, stage, labels)
+    # Candidate folders live next to the run (same disk, so the winner is moved, not copied)
+    with candidates_work(ctx.run_dir, set(keys.values()), ctx.force) as (work, finished):
         primary = full_precision(inputs[0], work / "merged-0", ctx.trust_remote_code)
         tokenizer = models.load_tokenizer(models.Source("folder", str(primary)))
         texts = scoring.texts(ctx, tokenizer, cfg.max_tokens)
@@ -353,7 +421,7 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         for i in order:
             folder = inputs[i]
             source = primary if i == 0 else full_precision(folder, work / f"merged-{i}", ctx.trust_remote_code)
-            label = folder.name if folder.parent == ctx.run_dir else str(folder)
+            label = labels[i]
             model, _ = formats.load_folder(source, device_map=str(device))
             params[label] = models.count_params(model)
             measured_inputs[label] = {"name": label, "folder": str(folder),
@@ -386,9 +454,19 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
                     rows.append({**candidate_row(cand, row_label, label), "status": "skipped",
                                  "error": f"the input {label} itself breaks " + "; ".join(broken)})
                     continue
-                folders[row_label] = work / f"candidate-{i}-{j}"
+                key = keys[label, cand.label]
+                folders[row_label] = work / key
+                if key in finished:  # converted and scored by an unfinished run of these settings
+                    rows.append(json.loads((work / f"{key}.json").read_text()))
+                    log.info("quantize: %s was converted and scored by an earlier run of these settings that did not "
+                             "finish: its folder and scores are reused (--force makes it again)", row_label)
+                    continue
                 rows.append(try_candidate(cand, source, folders[row_label], tokenizer, texts, cfg, device, ctx,
                                           calibration, reference, name, origin(folder), row_label, label))
+                if rows[-1].get("disk_mb") is not None:  # made and scored: worth keeping until the stage ships
+                    tmp = work / f"{key}.json.tmp"
+                    tmp.write_text(json.dumps(rows[-1]))
+                    tmp.replace(work / f"{key}.json")
         winner = gate(rows, ref_row, cfg, base_mb)
         input_rows = list(measured_inputs.values())
         scores = table(ref_row, rows, winner, input_rows)
@@ -424,6 +502,8 @@ def run(cfg: QuantizeConfig, ctx: Context) -> Path:
         # what the gate measured of the shipped candidate is what evaluate would measure of the stage folder
         store.remember(stage.fingerprint, folders[winner["name"]], texts, cfg.context, cfg.stride, reference,
                        str(device), winner["evaluations"])
+        # the winner's files are moved, not copied: it stops being a finished candidate a later run could reuse
+        folders[winner["name"]].with_name(folders[winner["name"]].name + ".json").unlink(missing_ok=True)
         with staging(stage.out) as tmp:
             for item in folders[winner["name"]].iterdir():
                 shutil.move(str(item), str(tmp / item.name))
