@@ -348,8 +348,7 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
         for a, b in links:
             ax.annotate("", xy=(b["disk_mb"], b["quality"][text]), xytext=(a["disk_mb"], a["quality"][text]),
                         arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "shrinkA": 8, "shrinkB": 8})
-        values = [p["quality"][text] for p in shown]
-        if values and max(values) / min(values) > 10:
+        if _log_axis([p["quality"][text] for p in shown]):
             ax.set_yscale("log")
         ax.set_xlabel("size on disk (MB)")
         ax.set_ylabel(f"perplexity on {text} (lower is better)")
@@ -365,13 +364,18 @@ def plot(rows: list[dict], recipe: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def _log_axis(values: list[float]) -> bool:
+    """Whether the plot shows these perplexities on a log axis: when they span more than a decade."""
+    return bool(values) and max(values) / min(values) > 10
+
+
 def _close(a: dict, b: dict, shown: list[dict], text: str) -> bool:
     """Whether two points are close enough on the plot for their labels to overlap: within 4% of the sizes' span
     and 6% of the perplexities' (in log terms when they span a decade, as the axis then is)."""
     import math
 
     values = [p["quality"][text] for p in shown]
-    scale = math.log if max(values) / min(values) > 10 else (lambda v: v)
+    scale = math.log if _log_axis(values) else (lambda v: v)
     sizes = [p["disk_mb"] for p in shown]
     span_x = (max(sizes) - min(sizes)) or 1
     span_y = (scale(max(values)) - scale(min(values))) or 1

@@ -334,15 +334,10 @@ def candidate_keys(cfg: QuantizeConfig, ctx: Context, stage, labels: list[str]) 
     """(input label, candidate label) -> a key that changes with whatever changes that candidate's folder or scores:
     the stage's fingerprint without the gate's settings (the budgets, `prefer`, the candidate list), the input and
     the candidate's own options."""
-    measured = dataclasses.replace(cfg, **{k: None for k in BUDGETS}, **{k: _default(cfg, k) for k in GATE_ONLY})
+    measured = dataclasses.replace(cfg, **dict.fromkeys(BUDGETS + GATE_ONLY))  # one value whatever the recipe says
     base = stage_fingerprint(ctx, "quantize", measured, stage.parent, scored_general(ctx))
     return {(label, c.label): "candidate-" + fingerprint(base, label, dataclasses.asdict(c))
             for label in labels for c in cfg.candidates}
-
-
-def _default(cfg, name: str):
-    f = next(f for f in dataclasses.fields(cfg) if f.name == name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _finished(work: Path, keys: set[str] | None = None) -> set[str]:
