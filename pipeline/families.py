@@ -15,9 +15,10 @@ class Family:
     model_types: tuple[str, ...]
     # how width cuts slice it: "gpt2" (fused Conv1D q|k|v, weights stored [in, out]), "llama" (separate q/k/v/o
     # and gate/up/down projections; grouped-query attention keeps or drops whole KV groups), "phi3" (the
-    # llama layout with q|k|v and gate|up fused), "neox" (one Linear query_key_value whose rows are per head
-    # [q | k | v], attention as wide as hidden as in GPT-2, partial rotary kept whole in each head, biases on every
-    # Linear and LayerNorm); None: depth cuts only, for the reason in `no_width`
+    # llama layout with q|k|v and gate|up fused), "phi" (the llama layout named q/k/v/dense and fc1/fc2, no
+    # gate), "neox" (one Linear query_key_value whose rows are per head [q | k | v], attention as wide as hidden
+    # as in GPT-2, partial rotary kept whole in each head, biases on every Linear and LayerNorm); None: depth cuts
+    # only, for the reason in `no_width`
     layout: str | None
     lora_targets: tuple[str, ...]  # every projection of every block, as QLoRA does
     gguf_arch: str | None = None  # what the GGUF writer writes it as (None: it writes no GGUF for this family)
@@ -94,6 +95,14 @@ FAMILIES = (
     Family("Phi-3", ("phi3",), "phi3", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3",
            ("fused qkv_proj and gate_up_proj", "untied head"),
            gguf_unread=("rope_parameters",)),
+    # Phi-1 / 1.5 / 2: the Llama layout's separate q/k/v under other names (dense, fc1/fc2: no gate), attention
+    # and MLP side by side on one LayerNorm, biases everywhere, the head's too (a hidden cut leaves its [vocab]
+    # bias whole); qk_layernorm sizes its norms hidden_size / heads, not head_dim, so a cut keeps that ratio
+    Family("Phi", ("phi",), "phi", ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), None,
+           ("attention and MLP in parallel on one LayerNorm", "partial rotary", "biases on every Linear and LayerNorm",
+            "untied head with a bias"),
+           gguf_no="transformers' GGUF loader reads no 'phi2' architecture (no GGUF_CONFIG_MAPPING entry), so the "
+                   "file could not be reloaded and scored; llama.cpp runs it"),
     Family("GPT-NeoX", ("gpt_neox",), "neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), None,
            ("per-head interleaved query_key_value", "parallel residual", "partial rotary", "LayerNorm with biases",
             "tied or untied head"),

@@ -8,7 +8,8 @@ custom code. Importance is measured by `measure` with forward hooks on calibrati
 
 Width cuts follow each family's weight layout (pipeline/families.py): GPT-2's fused `Conv1D` layers (stored
 [in, out]); the Llama layout (Llama, Mistral, Qwen2/3, Gemma 1/2/3: grouped-query attention keeps or drops whole
-KV groups); Phi-3's, the same with q|k|v and gate|up fused; GPT-NeoX's (one Linear q|k|v interleaved per head,
+KV groups); Phi-3's, the same with q|k|v and gate|up fused; Phi-1/2's, the same named q/k/v/dense and fc1/fc2
+with biases; GPT-NeoX's (one Linear q|k|v interleaved per head,
 partial rotary), whose attention is as wide as the residual stream, as GPT-2's is. Depth cuts (dropping layers)
 work on any architecture whose decoder layers are one `ModuleList`.
 """
@@ -26,8 +27,8 @@ from pipeline.errors import StageError
 
 
 def layout(config) -> str | None:
-    """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3", "neox"; None if they
-    cannot."""
+    """How width cuts slice this model's weights (pipeline.families): "gpt2", "llama", "phi3", "phi", "neox"; None
+    if they cannot."""
     described = families.of(config)
     return described.layout if described else None
 
@@ -255,18 +256,18 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
     hid = cut.hidden
     if fam == "neox":
         return _slice_neox(config, cut, layer, name, t)
-    if fam != "gpt2":  # the Llama layout, and Phi-3's with fused q|k|v and gate|up
-        if layer is None:  # embed_tokens [V, H], norm [H], lm_head [V, H]
-            return _take(t, t.dim() - 1, hid)
-        if name.endswith("layernorm.weight"):
-            return _take(t, 0, hid)
+    if fam != "gpt2":  # the Llama layout, Phi-3's with fused q|k|v and gate|up, Phi's with other names
+        if layer is None:  # embed_tokens [V, H], norm [H], lm_head [V, H]; Phi's head bias is [V]
+            return t if name == "lm_head.bias" else _take(t, t.dim() - 1, hid)
+        module, _, kind = name.rpartition(".")
+        if module.endswith("layernorm") and module not in ("self_attn.q_layernorm", "self_attn.k_layernorm"):
+            return _take(t, 0, hid)  # the residual stream's norms (Phi's with a bias); Phi's q/k norms are per head
         dim, s = head_dim(config), sizes(config)
         per_group = s["num_attention_heads"] // s["num_key_value_heads"]
         groups = cut.heads.get(layer)
         q_rows = _head_rows([g * per_group + i for g in groups for i in range(per_group)], dim) if groups else None
         kv_rows = _head_rows(groups, dim) if groups else None
         mlp = cut.mlp.get(layer)
-        module, _, kind = name.rpartition(".")
         if module in ("self_attn.q_norm", "self_attn.k_norm") and t.shape[0] != dim:
             # OLMo 2 normalises the whole q / k projection (a weight per row of it); Qwen3 and Gemma 3 each head
             return _take(t, 0, q_rows if module == "self_attn.q_norm" else kv_rows)
@@ -277,6 +278,8 @@ def _slice(fam: str, config, cut: Cut, layer: int | None, name: str, t: torch.Te
             "self_attn.q_proj": (q_rows, hid), "self_attn.k_proj": (kv_rows, hid), "self_attn.v_proj": (kv_rows, hid),
             "self_attn.o_proj": (hid, q_rows), "mlp.gate_proj": (mlp, hid), "mlp.up_proj": (mlp, hid),
             "mlp.down_proj": (hid, mlp),
+            # Phi: dense is o_proj, fc1 / fc2 the MLP's in / out (no gate)
+            "self_attn.dense": (hid, q_rows), "mlp.fc1": (mlp, hid), "mlp.fc2": (hid, mlp),
             # Phi-3: [q | k | v] and [gate | up] stacked in one weight each
             "self_attn.qkv_proj": (qkv, hid), "mlp.gate_up_proj": (None if mlp is None else [*mlp, *(inner + j for j in mlp)], hid),
         }.get(module, (None, None))
@@ -391,11 +394,14 @@ def _modules(fam: str, layer) -> dict:
     if fam == "neox":
         return {"attn_in": layer.attention.query_key_value, "attn_out": layer.attention.dense,
                 "mlp_out": layer.mlp.dense_4h_to_h}
+    if fam == "phi":
+        return {"attn_out": layer.self_attn.dense, "mlp_out": layer.mlp.fc2}
     return {"attn_out": layer.self_attn.o_proj, "mlp_out": layer.mlp.down_proj}
 
 
 REFIT_NAMES = {("gpt2", "attn_out"): "attn.c_proj.weight", ("gpt2", "mlp_out"): "mlp.c_proj.weight",
                ("neox", "attn_out"): "attention.dense.weight", ("neox", "mlp_out"): "mlp.dense_4h_to_h.weight",
+               ("phi", "attn_out"): "self_attn.dense.weight", ("phi", "mlp_out"): "mlp.fc2.weight",
                **{(fam, "attn_out"): "self_attn.o_proj.weight" for fam in ("llama", "phi3")},
                **{(fam, "mlp_out"): "mlp.down_proj.weight" for fam in ("llama", "phi3")}}
 

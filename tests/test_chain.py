@@ -206,8 +206,8 @@ def test_quickstart_recipe_on_smollm2(tmp_path):
 
 
 # the described families beyond GPT-2 and Llama, then some pipeline/families.py does not describe (depth cuts)
-FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox", "smollm3", "granite", "olmo", "olmo2", "falcon",
-            "mixtral", "qwen3_moe", "lfm2"]
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3", "phi3", "phi", "gpt_neox", "smollm3", "granite", "olmo", "olmo2",
+            "falcon", "mixtral", "qwen3_moe", "lfm2"]
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ CUTS = [
     # ... Qwen3 (q/k norms), Gemma (embedding scaling), Gemma 2 (four norms, soft-capping), Gemma 3, Phi-3 (fused
     # qkv_proj and gate_up_proj)
     *[(arch, cut) for arch in ("qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "granite",
-                                   "olmo", "olmo2") for cut in (
+                                   "olmo", "olmo2", "phi") for cut in (
         {"num_attention_heads": 2, "num_key_value_heads": 1}, {"hidden_size": 40},
         {"num_hidden_layers": 3, "intermediate_size": 64, "hidden_size": 48, "num_attention_heads": 2,
          "num_key_value_heads": 1})],
@@ -61,6 +61,12 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
         assert layer.mlp.gate_up_proj.weight.shape == (2 * s["intermediate_size"], s["hidden_size"])
         width = (s["num_attention_heads"] + 2 * s["num_key_value_heads"]) * s["head_dim"]
         assert layer.self_attn.qkv_proj.weight.shape == (width, s["hidden_size"])
+    elif arch == "phi":  # separate q/k/v/dense and fc1/fc2, every one with a bias; the head's [vocab] bias whole
+        s = got
+        assert layer.mlp.fc1.weight.shape == (s["intermediate_size"], s["hidden_size"])
+        assert layer.mlp.fc2.bias.shape == layer.input_layernorm.bias.shape == (s["hidden_size"],)
+        assert layer.self_attn.k_proj.bias.shape == (s["num_key_value_heads"] * s["head_dim"],)
+        assert reloaded.lm_head.bias.shape == (reloaded.config.vocab_size,)
     elif arch == "gpt_neox":  # one [heads x (q | k | v)] Linear, as wide as hidden; the rotary dimensions kept
         s = got
         assert layer.mlp.dense_h_to_4h.weight.shape == (s["intermediate_size"], s["hidden_size"])
@@ -85,7 +91,7 @@ def test_cut_reloads_with_expected_shapes_and_generates(arch, target, tokenizer,
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
-                                  "gpt_neox", "smollm3", "granite", "olmo", "olmo2"])
+                                  "gpt_neox", "smollm3", "granite", "olmo", "olmo2", "phi"])
 def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     imp = surgery.measure(teacher, IDS, grams=True)
@@ -93,7 +99,7 @@ def test_cut_that_removes_nothing_gives_identical_logits(arch, tokenizer):
     assert torch.equal(tiny.logits(same, IDS), tiny.logits(teacher, IDS))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox", "phi"])
 def test_importance_finds_what_was_zeroed(arch, tokenizer):
     teacher = _model(arch, tokenizer)
     with torch.no_grad():
@@ -104,6 +110,11 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
                 layer.mlp.dense_h_to_4h.bias[[5, 9]] = -1e4  # GELU(-1e4) = 0
                 layer.attention.query_key_value.weight[32:48] = 0  # head 0's values
                 layer.attention.query_key_value.bias[32:48] = 0
+            elif arch == "phi":  # no gate: fc1's rows and biases, GELU(-1e4) = 0
+                layer.mlp.fc1.weight[[5, 9]] = 0
+                layer.mlp.fc1.bias[[5, 9]] = -1e4
+                layer.self_attn.v_proj.weight[:16] = 0
+                layer.self_attn.v_proj.bias[:16] = 0
             elif arch != "gpt2":
                 layer.mlp.up_proj.weight[[5, 9]] = 0
                 layer.self_attn.v_proj.weight[:16] = 0  # KV group 0 outputs nothing
@@ -122,7 +133,7 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
         # layer 2 does nothing: its output projections are zero, so its output equals its input
         for name, p in stack[2].named_parameters():
             if any(k in name for k in ("o_proj", "down_proj", "attn.c_proj", "mlp.c_proj", "attention.dense.",
-                                       "dense_4h_to_h")):
+                                       "dense_4h_to_h", "self_attn.dense.", "mlp.fc2.")):
                 p.zero_()
     imp = surgery.measure(teacher, IDS)
     assert imp.layers[2] < 1e-6 < min(imp.layers[i] for i in (0, 1, 3))
@@ -137,6 +148,10 @@ def test_importance_finds_what_was_zeroed(arch, tokenizer):
     assert all(0 not in kept for kept in cut.heads.values())
     cut = surgery.plan(teacher, imp, {"hidden_size": s["hidden_size"] - 1})
     assert 7 not in cut.hidden
+    if arch == "phi":  # what the cut drops computed nothing: the cut model computes what the teacher does
+        cut = surgery.plan(teacher, imp, {"intermediate_size": s["intermediate_size"] - 2, "num_attention_heads": 2,
+                                          "num_key_value_heads": 1})
+        torch.testing.assert_close(tiny.logits(surgery.apply(teacher, cut), IDS), tiny.logits(teacher, IDS))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "gpt_neox"])
@@ -359,6 +374,29 @@ def test_a_phi3_cut_slices_its_fused_weights_as_the_llama_layout_slices_separate
     assert cut.heads and cut.mlp and cut.hidden  # something of each is cut
     torch.testing.assert_close(tiny.logits(surgery.apply(llama, cut), IDS[:2]),
                                tiny.logits(surgery.apply(phi, cut), IDS[:2]))
+
+
+def test_a_phi_with_qk_layernorm_is_cut_only_where_its_norms_keep_their_width(tokenizer, make_recipe, tmp_path, capsys):
+    """Phi's q/k LayerNorms are hidden_size / heads wide (not head_dim): a head or hidden cut that changes that
+    ratio is refused at validation with what works; one that keeps it runs and the model reloads."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    folder = tmp_path / "tiny-phi-qk"
+    config = PhiConfig(**{**tiny.build_model("phi", tokenizer).config.to_dict(), "qk_layernorm": True})
+    PhiForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    common = {"finetune": {"enabled": False}, "distill": {"enabled": False}, "quantize": {"enabled": False},
+              "evaluate": {"enabled": False}}
+    heads = make_recipe(folder, name="heads", prune={"enabled": True, "num_attention_heads": 2}, **common)
+    assert main(["validate", str(heads)]) == 2
+    err = capsys.readouterr().err
+    assert "qk_layernorm" in err and "head size 16" in err and "64 / 2 is not" in err, err
+    both = make_recipe(folder, name="both", prune={"enabled": True, "num_attention_heads": 2, "hidden_size": 32,
+                                                   "intermediate_size": 64, "calibration_blocks": 4}, **common)
+    assert main(["run", str(both)]) == 0, capsys.readouterr().err
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "both" / "prune").eval()
+    assert pruned.model.layers[0].self_attn.q_layernorm.weight.shape == (16,)
+    assert pruned.generate(IDS[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0).shape[1] == 10
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "phi3", "no layout"])

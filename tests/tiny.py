@@ -105,6 +105,10 @@ def build_model(arch: str, tokenizer, layers: int = 4):
         from transformers import Phi3Config, Phi3ForCausalLM
 
         return Phi3ForCausalLM(Phi3Config(**{**shape, "tie_word_embeddings": False}))
+    if arch == "phi":  # Phi-1/2: q/k/v/dense and fc1/fc2 with biases, parallel residual, partial rotary, head bias
+        from transformers import PhiConfig, PhiForCausalLM
+
+        return PhiForCausalLM(PhiConfig(**{**shape, "tie_word_embeddings": False}, partial_rotary_factor=0.5))
     if arch == "gpt_neox":  # fused query_key_value, parallel residual, partial rotary
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 

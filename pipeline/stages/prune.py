@@ -150,6 +150,12 @@ def targets(cfg: PruneConfig, config) -> dict:
 def _check_config(config, target: dict) -> None:
     """The config class's own rules (Llama's: hidden size a multiple of the heads), now and not at save time."""
     new = surgery.config_for(config, target)
+    if getattr(config, "qk_layernorm", False) and new.hidden_size // new.num_attention_heads != surgery.head_dim(new):
+        # Phi's q/k LayerNorms are built hidden_size / heads wide and applied to head_dim-wide heads
+        raise StageError(f"prune.hidden_size/num_attention_heads: {config.model_type} with qk_layernorm sizes its q/k "
+                         f"norms hidden_size / num_attention_heads, which must stay the head size "
+                         f"{surgery.head_dim(new)}; {new.hidden_size} / {new.num_attention_heads} is not. Cut both in "
+                         f"proportion, or only intermediate_size / layers")
     try:
         new.validate()
     except Exception as err:  # noqa: BLE001 -- huggingface_hub's strict-dataclass error wraps the config's ValueError
