@@ -247,6 +247,20 @@ def _sparse_speed(r: dict) -> list[str]:
                    f"CPU {amx}.*"]
 
 
+def _sparse_bound(r: dict) -> list[str]:
+    """bench/sparse_bound.py: each sparse int8 form, coded and at its order-0 entropy bound, against the dense one."""
+    codec = r["settings"]["codec"]
+    rows = [f"| int8 model | block weight zeros | {codec} MB (× dense) | order-0 bound MB (× dense) | ≤ 0.60× ({codec} / bound) |",
+            "|---|---|---|---|---|",
+            f"| dense fine-tuned | 0% | {r['dense']['int8_coded_mb']:.1f} | {r['dense']['int8_bound_mb']:.1f} | – |"]
+    for name, v in r["variants"].items():
+        met = v["meets_size_target"]
+        rows.append(f"| {name} | {v['block_weight_zeros']:.0%} | {v['int8_coded_mb']:.1f} "
+                    f"({v['coded_vs_dense_coded']:.3f}×) | {v['int8_bound_mb']:.1f} ({v['bound_vs_dense_bound']:.3f}×) "
+                    f"| {'yes' if met['coded'] else 'no'} / {'yes' if met['bound'] else 'no'} |")
+    return rows + ["", _machine(r["machine"])]
+
+
 def _gguf_targets(r: dict) -> list[str]:
     t = r.get("llamacpp_targets")
     if not t:
@@ -365,6 +379,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
     "sparsity-healed": [("sparsity-healed", _sparsity), ("sparsity-healed-wanda", _sparsity)],
     "sparse-speed": [("sparse-speed", _sparse_speed)],
+    "sparse-bound": [("sparse-bound", _sparse_bound)],
     "quantize-qat": [("quantize-qat", _quantize)],
     "quantize-gguf": [("quantize-gguf", _quantize)],
     "quantize-qat-q4_1": [("quantize-qat-q4_1", _quantize)],

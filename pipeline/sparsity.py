@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import zlib
@@ -565,10 +566,43 @@ def _int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _entropy_bits(symbols: torch.Tensor, count: int) -> float:
+    """What an ideal order-0 coder needs for these symbols (small non-negative integers), in bits: each symbol
+    costs -log2 of its frequency in the tensor."""
+    c = torch.bincount(symbols.flatten().long(), minlength=count).double()
+    c = c[c > 0]
+    return float(-(c * (c / c.sum()).log2()).sum())
+
+
+PATTERN = torch.tensor([8, 4, 2, 1])  # four mask bits -> one of 16 patterns
+
+
+def entropy_bound(tensors: dict[str, torch.Tensor], code=None) -> int:
+    """Bytes an int8 form (`_int8`'s output) needs when its int8 values and masks are coded by an ideal order-0
+    entropy coder, tensor by tensor: int8 values by their histogram; a bitmask by the histogram of its 4-weight
+    patterns along each stored row (a random 50% mask costs 1 bit a weight, a 2:4 mask along the rows
+    log2(6) / 4 = 0.65). The rest (scales, norms, biases, shapes) as `code` packs them (e.g. the codec; None: as
+    stored). What a coder of these symbols cannot beat: at 50% zeros the mask alone costs as much as an eighth
+    of the dense int8 values."""
+    bits, rest = 0.0, {}
+    for key, t in tensors.items():
+        if key.endswith(".bitmask"):
+            keep = _unpack(t, tensors[f"{key.removesuffix('.bitmask')}.shape"].tolist()).flatten()
+            keep = torch.cat([keep, keep.new_zeros((-keep.numel()) % 4)]).view(-1, 4).long()
+            bits += _entropy_bits(keep @ PATTERN, 16)
+        elif t.dtype == torch.int8:
+            bits += _entropy_bits(t.to(torch.int16) + 128, 256)
+        else:
+            rest[key] = t
+    stored = sum(t.numel() * t.element_size() for t in rest.values())
+    return math.ceil(bits / 8) + (stored if code is None or not rest else min(stored, len(code(_bytes(rest)))))
+
+
 def forms(model) -> dict:
     """The size in bytes of each on-disk form of the weights (safetensors as written, without the tokenizer):
     dense, bitmask, and each entropy-coded; then their int8 versions (every 2-D weight int8, the norms and biases
-    as stored), the Deep Compression sequence: prune, quantize, entropy-code."""
+    as stored), the Deep Compression sequence: prune, quantize, entropy-code; and for each int8 form the order-0
+    entropy bound (`entropy_bound`) its coded size is to be read against."""
     name, compress = codec()
     dense = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     seen, unique = set(), {}
@@ -582,9 +616,11 @@ def forms(model) -> dict:
         raw = _bytes(tensors)
         out[label] = len(raw)
         out[f"{label}_{name}"] = len(compress(raw))
-        q = _bytes(_int8(tensors))
+        quantized = _int8(tensors)
+        q = _bytes(quantized)
         out[f"{label}_int8"] = len(q)
         out[f"{label}_int8_{name}"] = len(compress(q))
+        out[f"{label}_int8_bound"] = entropy_bound(quantized, compress)
     return out
 
 
@@ -630,4 +666,6 @@ def describe(details: dict) -> str:
     return (f"{details['sparsity']:.1%} of the block linear weights are zero. Sizes: dense {f['dense'] / mb:.1f} MB, "
             f"bitmask {f['bitmask'] / mb:.1f} MB, bitmask + {codec_name} {f[f'bitmask_{codec_name}'] / mb:.1f} MB; "
             f"int8: dense + {codec_name} {f[f'dense_int8_{codec_name}'] / mb:.1f} MB, bitmask + {codec_name} "
-            f"{f[f'bitmask_int8_{codec_name}'] / mb:.1f} MB.")
+            f"{f[f'bitmask_int8_{codec_name}'] / mb:.1f} MB"
+            + (f" (order-0 entropy bounds: {f['dense_int8_bound'] / mb:.1f} and {f['bitmask_int8_bound'] / mb:.1f} MB)"
+               if "bitmask_int8_bound" in f else "") + ".")

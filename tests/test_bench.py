@@ -160,6 +160,19 @@ def test_sparse_speed_bench_schema_on_a_tiny_model(tmp_path):
     assert isinstance(result["amx"], bool) and result["openvino"]
 
 
+def test_sparse_bound_bench_on_a_tiny_model(tmp_path):
+    """Every variant has the zeros it asks for; the codec never beats the order-0 bound; a sparse embedding and the
+    cheaper 2:4 mask each make the bound smaller, the order the docs' argument rests on."""
+    result = _smoke("sparse_bound", tmp_path)
+    rows = result["variants"]
+    for row in rows.values():
+        assert row["block_weight_zeros"] == pytest.approx(0.5, abs=0.01)
+        assert row["int8_bound_mb"] <= row["int8_coded_mb"] and 0.5 < row["bound_vs_dense_bound"] < 1
+    unstructured, two_four = rows["50% unstructured (Wanda)"], rows["2:4 (Wanda)"]
+    assert two_four["bound_vs_dense_bound"] < unstructured["bound_vs_dense_bound"]
+    assert rows["50% unstructured (Wanda), embedding 50% too"]["bound_vs_dense_bound"] < unstructured["bound_vs_dense_bound"]
+
+
 def test_sparse_cuda_bench_measures_2_4_kernels_or_says_why_not(tmp_path):
     """PyTorch's 2:4 kernels: on a CUDA GPU of capability >= 8.0 the sparse student computes its dense self's
     logits and both are timed; anywhere else the JSON says why nothing was timed (this machine: no GPU)."""

@@ -108,6 +108,21 @@ def test_bitmask_form_reloads_bit_exactly_and_is_smaller(arch, tokenizer, tmp_pa
     assert sizes["bitmask"] < 0.5 * sizes["dense"] + 0.5 * sizes["dense"] * 0.3  # bits + 30% of the block values
     assert sizes["bitmask_int8"] < sizes["dense_int8"]
     assert sizes[f"bitmask_int8_{sizes['codec']}"] < sizes[f"dense_int8_{sizes['codec']}"]
+    for form in ("dense", "bitmask"):  # no coder of these symbols beats the order-0 bound: the codec does not
+        assert sizes[f"{form}_int8_bound"] < sizes[f"{form}_int8_{sizes['codec']}"]
+
+
+def test_the_entropy_bound_counts_value_histograms_and_mask_patterns_by_hand():
+    import math
+
+    values = torch.tensor([0, 0, 0, 0, 5, 5, -3, 7], dtype=torch.int8)  # frequencies 1/2, 1/4, 1/8, 1/8
+    scale = torch.ones(2)
+    two_four = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    form = {"v": values, "v.scale": scale, "w.bitmask": sparsity._pack(two_four), "w.shape": torch.tensor([1, 24])}
+    bits = (4 * 1 + 2 * 2 + 2 * 3) + 6 * math.log2(6)  # the values' histogram; six 2-of-4 patterns, each once
+    assert sparsity.entropy_bound(form) == math.ceil(bits / 8) + 4 * 2 + 8 * 2  # scales and shape as stored
+    assert sparsity.entropy_bound({"w.bitmask": sparsity._pack(torch.ones(1, 8, dtype=torch.bool)),
+                                   "w.shape": torch.tensor([1, 8])}) == 16  # one pattern: the mask costs nothing
 
 
 def test_keep_mask_callback_rezeros_after_a_step_and_l1_makes_exact_zeros(tokenizer):
