@@ -256,9 +256,10 @@ def _hub_hint(source: Source, err: Exception) -> ModelSourceError:
     )
 
 
-def peek_config(source: Source | None, trust_remote_code: bool = False):
+def peek_config(source: Source | None, trust_remote_code: bool = False, text: bool = True):
     """The model's config without its weights (a folder, a GGUF file's metadata), or None if it cannot be
-    read now (a Hub id offline, a folder a stage has yet to write)."""
+    read now (a Hub id offline, a folder a stage has yet to write). With `text`, a vision-language model's is its
+    language model's (what the load stage makes of it with text_only: the config every check reads)."""
     from transformers import AutoConfig
 
     if source is None or source.kind == "hub" or not Path(source.path).exists():
@@ -266,9 +267,42 @@ def peek_config(source: Source | None, trust_remote_code: bool = False):
     try:
         if source.gguf_file:
             return gguf_config(source)
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 -- a damaged file (a GGUF reader's IndexError, ...) is the load stage's to report
         return None
+    return config.get_text_config(decoder=True) if text else config
+
+
+def composite(config) -> str | None:
+    """What a config with a language model inside it is (a vision-language model's: 'a vision-language model
+    (Gemma3ForConditionalGeneration) around a gemma3_text language model'), None for a text model."""
+    if config is None:
+        return None
+    text = config.get_text_config(decoder=True)
+    if text is config:
+        return None
+    names = getattr(config, "architectures", None) or [config.model_type]
+    kind = "a vision-language model" if getattr(config, "vision_config", None) is not None else "a composite model"
+    return f"{kind} ({names[0]}) around a {text.model_type} language model"
+
+
+def text_model(model):
+    """The language model of a vision-language model as the causal LM transformers has for its text config (its
+    decoder and LM head copied over, tied as the text config says); StageError when transformers has none."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.get_text_config(decoder=True)
+    try:
+        text = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    except ValueError as err:
+        raise errors.StageError(f"load: {composite(model.config)}: transformers has no causal-LM class for "
+                         f"'{config.model_type}' ({str(err).splitlines()[0]}), so its language model cannot be loaded "
+                         "alone; use a text-only checkpoint of the model") from None
+    text.get_decoder().load_state_dict(model.get_decoder().state_dict())
+    text.get_output_embeddings().load_state_dict(model.get_output_embeddings().state_dict())
+    text.tie_weights()
+    text.generation_config = model.generation_config
+    return text.eval()
 
 
 def gguf_special_tokens(reader) -> dict[str, str]:
@@ -405,9 +439,17 @@ def _gguf_dense() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
-def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM from any source; safetensors only, never pickled weights."""
-    from transformers import AutoModelForCausalLM
+def load_model(source: Source, trust_remote_code: bool = False, text_only: bool = False, **kwargs):
+    """AutoModelForCausalLM from any source; safetensors only, never pickled weights. With `text_only`, a
+    vision-language model transformers has no causal-LM class for (Mistral 3, LLaVA, Qwen2.5-VL, ...) loads with
+    AutoModelForImageTextToText, for `text_model` to take its language model from."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForCausalLM
+    if text_only and not source.gguf_file:
+        whole = peek_config(source, trust_remote_code, text=False)
+        if whole is not None and composite(whole) and type(whole) not in AutoModelForCausalLM._model_mapping:
+            auto = AutoModelForImageTextToText
 
     if source.kind != "hub" and not source.gguf_file and Path(source.path).is_dir():
         check_weights(source.path)
@@ -420,7 +462,7 @@ def load_model(source: Source, trust_remote_code: bool = False, **kwargs):
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 source.path, use_safetensors=True, trust_remote_code=trust_remote_code, **_offline(source, model=True),
                 **kwargs
             )

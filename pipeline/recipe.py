@@ -62,6 +62,10 @@ class RecipeSettings:
     # text worse than lzma packs it (bits per byte: wrong or random weights, a wrong tokenizer, a BOS it needs and
     # does not get); false runs it anyway, and the report says so
     check_source: bool = True
+    # a vision-language checkpoint (Gemma 3 4B+, Mistral 3, Llama 4, ...): true loads its language model alone as
+    # the text model transformers has for it (vision tower and projector dropped: every output is text-only);
+    # false refuses such a model at validation, so that nothing is dropped unasked
+    text_only: bool = False
     data: DataConfig = field(default_factory=DataConfig)  # what to train and evaluate on
     # general English the base model writes, scored by every report and the quantize gate (never trained on)
     general: GeneralConfig = field(default_factory=GeneralConfig)
@@ -74,6 +78,14 @@ class RecipeSettings:
                 source = models.resolve(self.model, own_tokenizer=self.tokenizer is None)
             except models.ModelSourceError as err:
                 problems.append(f"model: {err}")
+        whole = models.peek_config(source, self.trust_remote_code, text=False)
+        composite = models.composite(whole)
+        if composite and not self.text_only:
+            problems.append(f"model: '{self.model}' is {composite}; the pipeline compresses its language model only. "
+                            "Set text_only: true to load that alone (the vision parts are dropped: every output is "
+                            "text-only)")
+        elif self.text_only and whole is not None and not composite:
+            problems.append(f"text_only: '{self.model}' is a text model already; remove text_only")
         if self.tokenizer is not None:
             try:
                 models.tokenizer_source(self.tokenizer)

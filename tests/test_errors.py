@@ -443,6 +443,39 @@ def test_bad_model_folders(case, tokenizer, make_recipe, tmp_path, capsys):
     no_folder(tmp_path / "runs" / "tiny", "load")
 
 
+@pytest.mark.parametrize("arch,text_type", [("gemma3", "gemma3_text"), ("mistral3", "mistral")])
+def test_a_vision_language_model_is_refused_unless_text_only_then_its_language_model_is_loaded(arch, text_type,
+                                                                                                tokenizer, make_recipe,
+                                                                                                tmp_path, capsys):
+    """A VLM checkpoint (Gemma 3 4B+, Mistral 3) is refused at validation with the key that takes it; with
+    text_only the base folder is the causal LM transformers has for its text config, computing the logits the
+    whole model computes on text; text_only on a text model is refused too."""
+    import tiny
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    ids = torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    folder = tiny.save_vlm(tmp_path / arch, arch, tokenizer)
+    off = {k: {"enabled": False} for k in ("finetune", "distill", "quantize", "evaluate")}
+    path = make_recipe(folder, **off)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a vision-language model" in err and f"around a {text_type} language model" in err, err
+    assert "text_only: true" in err and "Traceback" not in err
+    assert main(["run", str(path), "text_only=true"]) == 0, capsys.readouterr().err
+    base = tmp_path / "runs" / "tiny" / "base"
+    text = AutoModelForCausalLM.from_pretrained(base).eval()
+    whole = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert text.config.model_type == text_type and not any("vision" in k for k in text.state_dict())
+    assert sum(p.numel() for p in text.parameters()) < sum(p.numel() for p in whole.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(text(input_ids=ids).logits, whole(input_ids=ids).logits)
+    assert json.loads((base / "pipeline.json").read_text())["config"]["text_only"].startswith("a vision-language")
+    plain = make_recipe(tiny.save_tiny(tmp_path / "llama", "llama", tokenizer), name="plain", **off)
+    assert main(["validate", str(plain), "text_only=true"]) == 2
+    assert "text_only: '" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_block_longer_than_the_models_context_is_refused_at_validate(arch, tiny_models, make_recipe, tmp_path,
                                                                        capsys):

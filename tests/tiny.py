@@ -159,6 +159,33 @@ def build_model(arch: str, tokenizer, layers: int = 4):
     return LlamaForCausalLM(LlamaConfig(**shape))
 
 
+def save_vlm(folder: Path, arch: str, tokenizer) -> Path:
+    """A tiny vision-language checkpoint: Gemma 3 (gemma3_text inside; transformers' AutoModelForCausalLM loads
+    the whole model) or Mistral 3 (a Mistral inside a Pixtral vision tower's model; only the image-text-to-text
+    auto class loads it)."""
+    import transformers
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    text = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    if arch == "gemma3":
+        config = transformers.Gemma3Config(text_config={**text, "sliding_window": 16}, vision_config=vision,
+                                           mm_tokens_per_image=4, image_token_index=vocab - 1,
+                                           boi_token_index=vocab - 2, eoi_token_index=vocab - 3)
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    else:
+        config = transformers.Mistral3Config(text_config={**text, "model_type": "mistral"},
+                                             vision_config={**vision, "model_type": "pixtral", "head_dim": 16},
+                                             image_token_index=vocab - 1)
+        model = transformers.Mistral3ForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_tiny(folder: Path, arch: str, tokenizer, layers: int = 4) -> Path:
     model = build_model(arch, tokenizer, layers)
     model.save_pretrained(folder)

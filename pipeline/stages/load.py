@@ -24,6 +24,7 @@ class LoadConfig:
     model: str  # the recipe's `model`
     tokenizer: str | None = None  # the recipe's `tokenizer`
     check_source: bool = True  # the recipe's `check_source`
+    text_only: bool = False  # the recipe's `text_only`
 
 
 def stage_fingerprint(cfg: LoadConfig, ctx: Context, source: models.Source | None = None) -> str:
@@ -33,7 +34,7 @@ def stage_fingerprint(cfg: LoadConfig, ctx: Context, source: models.Source | Non
     if source.kind != "hub":
         path = Path(source.path) / (source.gguf_file or "config.json")
         stamp = (path.stat().st_size, int(path.stat().st_mtime))
-    parts = ["load", cfg.model, stamp, ctx.trust_remote_code]
+    parts = ["load", cfg.model, stamp, ctx.trust_remote_code] + (["text_only"] if cfg.text_only else [])
     if cfg.tokenizer is not None:  # (only then: the folders of runs made before the key keep their fingerprint)
         named = models.tokenizer_source(cfg.tokenizer)
         parts.append([cfg.tokenizer, *((f.name, f.stat().st_size, int(f.stat().st_mtime))
@@ -50,7 +51,16 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
         return out
     started = time.time()
     log.info("load: %s (%s)", source.label, source.kind)
-    model = models.load_model(source, trust_remote_code=ctx.trust_remote_code)
+    model = models.load_model(source, trust_remote_code=ctx.trust_remote_code, text_only=cfg.text_only)
+    composite = models.composite(model.config)  # (a Hub id: validation could not read its config offline)
+    if composite and not cfg.text_only:
+        raise StageError(f"load: '{cfg.model}' is {composite}; the pipeline compresses its language model only. Set "
+                         "text_only: true to load that alone (the vision parts are dropped: every output is text-only)")
+    if composite:
+        full = models.count_params(model)
+        model = models.text_model(model)
+        log.info("load: text_only: the %s language model alone (%d of %d parameters; the rest dropped)",
+                 model.config.model_type, models.count_params(model), full)
     tokenizer = models.load_tokenizer(source, trust_remote_code=ctx.trust_remote_code, named=named)
     findings, problems = source_check.check(source, tokenizer, _check_text(ctx), model)
     if problems and cfg.check_source:
@@ -66,10 +76,12 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
         write_record(tmp, StageRecord(
             stage="base", recipe=ctx.recipe, fingerprint=fp, parent=source.label, base_model=base_model,
             config={"model": cfg.model, "source_kind": source.kind,
-                    **({"tokenizer": cfg.tokenizer} if named is not None else {})},
+                    **({"tokenizer": cfg.tokenizer} if named is not None else {}),
+                    **({"text_only": composite} if composite else {})},
             metrics={"params": models.count_params(model)},
             summary=f"The unmodified source model `{cfg.model}`, saved as safetensors"
             + (" (dequantized from GGUF)" if source.gguf_file else "")
+            + (f"; its language model alone (text_only: the source is {composite})" if composite else "")
             + (f", with the tokenizer of `{cfg.tokenizer}`." if named is not None else "."),
             seconds=round(time.time() - started, 1),
             details={"source_check": findings},
