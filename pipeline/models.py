@@ -286,6 +286,12 @@ def composite(config) -> str | None:
     return f"{kind} ({names[0]}) around a {text.model_type} language model"
 
 
+def text_only_refusal(name: str, what: str) -> str:
+    """Why a vision-language model is refused without text_only, and the key that takes it."""
+    return (f"'{name}' is {what}; the pipeline compresses its language model only. Set text_only: true to load that "
+            "alone (the vision parts are dropped: every output is text-only)")
+
+
 def text_model(model):
     """The language model of a vision-language model as the causal LM transformers has for its text config (its
     decoder and LM head copied over, tied as the text config says); StageError when transformers has none."""
@@ -296,8 +302,8 @@ def text_model(model):
         text = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     except ValueError as err:
         raise errors.StageError(f"load: {composite(model.config)}: transformers has no causal-LM class for "
-                         f"'{config.model_type}' ({str(err).splitlines()[0]}), so its language model cannot be loaded "
-                         "alone; use a text-only checkpoint of the model") from None
+                                f"'{config.model_type}' ({str(err).splitlines()[0]}), so its language model cannot "
+                                "be loaded alone; use a text-only checkpoint of the model") from None
     text.get_decoder().load_state_dict(model.get_decoder().state_dict())
     text.get_output_embeddings().load_state_dict(model.get_output_embeddings().state_dict())
     text.tie_weights()

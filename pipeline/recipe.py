@@ -81,9 +81,7 @@ class RecipeSettings:
         whole = models.peek_config(source, self.trust_remote_code, text=False)
         composite = models.composite(whole)
         if composite and not self.text_only:
-            problems.append(f"model: '{self.model}' is {composite}; the pipeline compresses its language model only. "
-                            "Set text_only: true to load that alone (the vision parts are dropped: every output is "
-                            "text-only)")
+            problems.append(f"model: {models.text_only_refusal(self.model, composite)}")
         elif self.text_only and whole is not None and not composite:
             problems.append(f"text_only: '{self.model}' is a text model already; remove text_only")
         if self.tokenizer is not None:

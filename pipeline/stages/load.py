@@ -54,8 +54,7 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
     model = models.load_model(source, trust_remote_code=ctx.trust_remote_code, text_only=cfg.text_only)
     composite = models.composite(model.config)  # (a Hub id: validation could not read its config offline)
     if composite and not cfg.text_only:
-        raise StageError(f"load: '{cfg.model}' is {composite}; the pipeline compresses its language model only. Set "
-                         "text_only: true to load that alone (the vision parts are dropped: every output is text-only)")
+        raise StageError(f"load: {models.text_only_refusal(cfg.model, composite)}")
     if composite:
         full = models.count_params(model)
         model = models.text_model(model)
@@ -79,9 +78,10 @@ def run(cfg: LoadConfig, ctx: Context) -> Path:
                     **({"tokenizer": cfg.tokenizer} if named is not None else {}),
                     **({"text_only": composite} if composite else {})},
             metrics={"params": models.count_params(model)},
-            summary=f"The unmodified source model `{cfg.model}`, saved as safetensors"
+            summary=(f"The language model of `{cfg.model}` alone (text_only: the source is {composite}), "
+                     "unmodified, saved as safetensors" if composite
+                     else f"The unmodified source model `{cfg.model}`, saved as safetensors")
             + (" (dequantized from GGUF)" if source.gguf_file else "")
-            + (f"; its language model alone (text_only: the source is {composite})" if composite else "")
             + (f", with the tokenizer of `{cfg.tokenizer}`." if named is not None else "."),
             seconds=round(time.time() - started, 1),
             details={"source_check": findings},
