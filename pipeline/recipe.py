@@ -425,7 +425,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         duplicated = duplicate_keys(yaml.compose(text))
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise RecipeError([f"not valid YAML: {err}"], str(path)) from err
+        # YAML's own words for a tab ("found character '\t' that cannot start any token") do not say the fix
+        mark = getattr(err, "problem_mark", None)
+        tab = (f" (line {mark.line + 1} has a tab where YAML takes only spaces: indent with spaces)"
+               if "'\\t'" in str(err) and mark is not None else "")
+        raise RecipeError([f"not valid YAML{tab}: {err}"], str(path)) from err
     if duplicated:  # YAML lets the last one win without a word: the user meant one of them
         raise RecipeError(duplicated, str(path))
     if not isinstance(raw, dict):

@@ -66,6 +66,14 @@ def test_missing_recipe_file(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_tab_indent_names_its_line_and_the_fix(tiny_models, tmp_path, capsys):
+    path = tmp_path / "tab.yaml"
+    path.write_text(f"model: {tiny_models['llama']}\nfinetune:\n\tmax_steps: 2\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML (line 3 has a tab where YAML takes only spaces: indent with spaces)" in err, err
+
+
 @pytest.mark.parametrize("override, needle", [
     # a nested data section names its own bad key, not "expected DataConfig or null" with the whole mapping
     ("distill.data.mix=[{source: stdlib, weight: -1}]", "distill.data.mix[0].weight: -1.0 must be positive"),
