@@ -39,18 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _embedding_zeros(model, pattern: str | None) -> None:
-    """Half of every embedding row zeroed by magnitude (2:4: two of every four along the row)."""
+def _embedding_zeros(model, settings) -> None:
+    """Half of every embedding row zeroed by magnitude, by the prune stage's row rule (2:4: two of every four along
+    the row)."""
     import torch
+
+    from pipeline import sparsity
 
     w = model.get_input_embeddings().weight
     with torch.no_grad():
-        if pattern == "2:4":
-            groups = w.abs().view(w.shape[0], -1, 4)
-            keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
-        else:
-            keep = torch.zeros_like(w, dtype=torch.bool).scatter_(1, w.abs().topk(w.shape[1] // 2, 1).indices, True)
-        w.masked_fill_(~keep.view_as(w), 0.0)
+        w.masked_fill_(~sparsity.row_keep(w.abs(), settings), 0.0)
 
 
 def _sizes(forms: dict, dense: dict) -> dict:
@@ -98,7 +96,7 @@ def main(argv=None) -> dict:
         s = SparsitySettings(**settings)
         sparsity.apply(model, sparsity.masks(model, s, norms))
         if embedding:
-            _embedding_zeros(model, s.pattern if s.nm else None)
+            _embedding_zeros(model, s)
         row = {"block_weight_zeros": round(sparsity.measure(model)["sparsity"], 4), "embedding_zeros": embedding,
                **_sizes(sparsity.forms(model), dense)}
         row["meets_size_target"] = {"coded": row["coded_vs_dense_coded"] <= SIZE_TARGET,

@@ -291,6 +291,21 @@ def sparsegpt(model, settings: SparsitySettings, blocks: torch.Tensor, batch_siz
     return keep
 
 
+def row_keep(scores: torch.Tensor, settings: SparsitySettings) -> torch.Tensor:
+    """Bool keep-mask of a [rows, inputs] score matrix compared within each row: N of every M consecutive scores
+    with an N:M pattern, else all but the lowest `amount` of the row; ties broken by position."""
+    if settings.nm is not None:
+        n, m = settings.nm
+        groups = scores.reshape(scores.shape[0], -1, m)
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices,
+                                                                    True).reshape(scores.shape)
+    drop = int(round(settings.amount * scores.shape[1]))
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if drop:
+        keep.scatter_(1, scores.argsort(dim=1, stable=True)[:, :drop], False)
+    return keep
+
+
 def masks(model, settings: SparsitySettings, norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """name -> bool keep-mask shaped like the module's weight; ties broken by position (deterministic)."""
     imp = scores(model, norms if settings.method == "wanda" else None)
@@ -298,16 +313,11 @@ def masks(model, settings: SparsitySettings, norms: dict[str, torch.Tensor] | No
     keep: dict[str, torch.Tensor] = {}
     nm = settings.nm
     if nm is not None:
-        n, m = nm
         for name, s in imp.items():
-            out_f, in_f = s.shape
-            if in_f % m:
+            if s.shape[1] % nm[1]:
                 raise StageError(f"prune.sparsity.pattern: {settings.pattern} needs input widths that are multiples "
-                                 f"of {m}; {name} has {in_f} inputs")
-            groups = s.reshape(out_f, in_f // m, m)
-            top = groups.topk(n, dim=-1).indices
-            k = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
-            keep[name] = k.reshape(out_f, in_f)
+                                 f"of {nm[1]}; {name} has {s.shape[1]} inputs")
+            keep[name] = row_keep(s, settings)
     elif settings.scope == "global":
         flat = torch.cat([s.flatten() for s in imp.values()])
         drop = int(round(settings.amount * flat.numel()))
@@ -321,12 +331,7 @@ def masks(model, settings: SparsitySettings, norms: dict[str, torch.Tensor] | No
     else:
         for name, s in imp.items():
             # Wanda compares weights within each output row; magnitude within the whole matrix
-            groups = s if settings.method == "wanda" else s.reshape(1, -1)
-            drop = int(round(settings.amount * groups.shape[1]))
-            k = torch.ones_like(groups, dtype=torch.bool)
-            if drop:
-                k.scatter_(1, groups.argsort(dim=1, stable=True)[:, :drop], False)
-            keep[name] = k.reshape(s.shape)
+            keep[name] = row_keep(s if settings.method == "wanda" else s.reshape(1, -1), settings).reshape(s.shape)
     return {name: k if layout[name] == 1 else k.T.contiguous() for name, k in keep.items()}
 
 
@@ -574,9 +579,6 @@ def _entropy_bits(symbols: torch.Tensor, count: int) -> float:
     return float(-(c * (c / c.sum()).log2()).sum())
 
 
-PATTERN = torch.tensor([8, 4, 2, 1])  # four mask bits -> one of 16 patterns
-
-
 def entropy_bound(tensors: dict[str, torch.Tensor], code=None) -> int:
     """Bytes an int8 form (`_int8`'s output) needs when its int8 values and masks are coded by an ideal order-0
     entropy coder, tensor by tensor: int8 values by their histogram; a bitmask by the histogram of its 4-weight
@@ -586,10 +588,9 @@ def entropy_bound(tensors: dict[str, torch.Tensor], code=None) -> int:
     of the dense int8 values."""
     bits, rest = 0.0, {}
     for key, t in tensors.items():
-        if key.endswith(".bitmask"):
-            keep = _unpack(t, tensors[f"{key.removesuffix('.bitmask')}.shape"].tolist()).flatten()
-            keep = torch.cat([keep, keep.new_zeros((-keep.numel()) % 4)]).view(-1, 4).long()
-            bits += _entropy_bits(keep @ PATTERN, 16)
+        if key.endswith(".bitmask"):  # each packed byte's two nibbles are two 4-weight patterns, in order
+            count = int(np.prod(tensors[f"{key.removesuffix('.bitmask')}.shape"].tolist()))
+            bits += _entropy_bits(torch.stack([t >> 4, t & 15], -1).flatten()[: -(-count // 4)], 16)
         elif t.dtype == torch.int8:
             bits += _entropy_bits(t.to(torch.int16) + 128, 256)
         else:
