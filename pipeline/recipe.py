@@ -82,7 +82,7 @@ class RecipeSettings:
         composite = models.composite(whole)
         if composite and not self.text_only:
             problems.append(f"model: {models.text_only_refusal(self.model, composite)}")
-        elif self.text_only and whole is not None and not composite:
+        elif self.text_only is True and whole is not None and not composite:  # (a wrong type is said already)
             problems.append(f"text_only: '{self.model}' is a text model already; remove text_only")
         if self.tokenizer is not None:
             try:
