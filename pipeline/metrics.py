@@ -252,21 +252,31 @@ def _median_seconds(fn, repeats: int) -> tuple[float, dict]:
 
 
 @torch.no_grad()
+def prefill_ids(tokenizer, prompts: list[str], prefill_tokens: int, device) -> torch.Tensor:
+    """The speed measurement's prompt: the prompts joined and repeated to exactly `prefill_tokens` tokens."""
+    prompt_ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"]
+    return prompt_ids.repeat(1, prefill_tokens // prompt_ids.shape[1] + 1)[:, :prefill_tokens].to(device)
+
+
+def greedy(model, tokenizer, encoded, new_tokens: int):
+    """Exactly `new_tokens` greedy tokens after one tokenized prompt (the speed measurement's generation)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=pad)
+
+
 def speed(model, tokenizer, prompts: list[str], prefill_tokens: int, new_tokens: int, repeats: int) -> dict:
     """Prefill tokens/s (one forward pass over `prefill_tokens`) and greedy generate tokens/s
     (exactly `new_tokens` new tokens per prompt), median of `repeats` after a warm-up."""
     device = model_device(model)
-    prompt_ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"]
-    ids = prompt_ids.repeat(1, prefill_tokens // prompt_ids.shape[1] + 1)[:, :prefill_tokens].to(device)
+    ids = prefill_ids(tokenizer, prompts, prefill_tokens, device)
     prefill_s, prefill_noise = _median_seconds(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)),
                                                repeats)
     encoded = [tokenizer(p, return_tensors="pt").to(device) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def gen():
         for enc in encoded:
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=pad)
+            greedy(model, tokenizer, enc, new_tokens)
 
     gen_s, gen_noise = _median_seconds(gen, repeats)
     return {

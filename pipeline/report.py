@@ -177,8 +177,13 @@ def markdown(recipe: str, rows: list[dict]) -> str:
         if speed:
             lines.append(f"Speed: prefill of {speed['prefill_tokens']} tokens; greedy generation of "
                          f"{speed['new_tokens']} new tokens for {speed['prompts']} prompt(s); median of "
-                         f"{speed['repeats']} runs after a warm-up. Peak memory: what loading and "
-                         "scoring the model added (process RSS rise on CPU, allocator peak on CUDA).")
+                         f"{speed['repeats']} runs after a warm-up.")
+        if any("peak_mem_mb" in r or "peak_mem_error" in r for r in rows):
+            lines.append("Peak memory: measured for each model in a fresh process of its own (the same whatever the "
+                         "order), as the rise of its RSS once the format's libraries are imported (allocator peak on "
+                         "CUDA) while it loads the model and runs one prefill and generation of the speed settings."
+                         + "".join(f" `{r['name']}`: not measured ({r['peak_mem_error']})."
+                                   for r in rows if r.get("peak_mem_error")))
     for row in rows:
         summary = (row.get("quantization") or {}).get("summary")
         if summary:

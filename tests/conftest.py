@@ -49,8 +49,9 @@ TINY_SECTIONS = {
     "data": {"block_size": 64, "max_train_blocks": 96},
     "finetune": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
     "distill": {"max_steps": 12, "batch_size": 8, "learning_rate": 2.0e-3, "logging_steps": 1},
+    # (memory: a fresh process per model costs seconds; test_evaluate turns it on)
     "evaluate": {"context": 64, "stride": 32, "max_tokens": 1024, "repeats": 1, "new_tokens": 4,
-                 "prefill_tokens": 32, "generation": {"max_new_tokens": 4}},
+                 "prefill_tokens": 32, "generation": {"max_new_tokens": 4}, "memory": False},
     "quantize": {"context": 64, "stride": 32, "max_tokens": 512, "speed_tokens": 4},  # a quick quality gate
     "general": {"tokens": 256},  # a few base-model paragraphs: enough to score, quick to write
 }

@@ -99,7 +99,8 @@ def test_word_level_perplexity_is_reported(tiny_models, make_recipe, tmp_path):
 
 
 def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, tmp_path):
-    path = make_recipe(tiny_models["llama"], evaluate={"repeats": 1, "new_tokens": 4, "prompts": ["The list"]})
+    path = make_recipe(tiny_models["llama"], evaluate={"repeats": 1, "new_tokens": 4, "prompts": ["The list"],
+                                                       "memory": True})
     assert main(["run", str(path)]) == 0
     run_dir = tmp_path / "runs" / "tiny"
     report = json.loads((run_dir / "report.json").read_text())
@@ -120,6 +121,7 @@ def test_report_has_every_model_and_metric_and_a_png(tiny_models, make_recipe, t
     assert (width, height) == (1600, 500)  # one panel per text: the validation split and general English
     md = (run_dir / "report.md").read_text()
     assert "report.png" in md and "## Samples (greedy" in md and "**quantize**" in md
+    assert "Peak memory: measured for each model in a fresh process" in md
     assert "heldout_continuation acc |" in md
 
 
@@ -156,6 +158,34 @@ def test_peak_memory_sees_a_large_allocation():
         block = torch.ones(64, 2**20)  # 256 MB
         del block
     assert 200 < mem.peak_mb < 400  # the baseline the process already held is not counted
+
+
+def test_peak_memory_is_measured_in_a_process_of_its_own(tokenizer, tmp_path):
+    """Each folder in a fresh process: the rise follows the model's weights (measured in the evaluating process it
+    once showed 16 MB for a 513 MB model, the memory an earlier model freed being reused); a folder that fails to
+    load gives the reason, not a number."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import formats, memprobe
+
+    def save(name: str, intermediate: int):
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=256, intermediate_size=intermediate, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=256,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    small, large = save("small", 64), save("large", 8192)  # about 100 MB more weights in the MLPs
+    args = ("cpu", ["The list"], 32, 4)
+    small_mb = memprobe.measure(small, *args)["peak_mem_mb"]
+    large_mb = memprobe.measure(large, *args)["peak_mem_mb"]
+    more = formats.disk_mb(large) - formats.disk_mb(small)
+    assert more > 90 and 0.8 * more < large_mb - small_mb < 2 * more, (small_mb, large_mb, more)
+    (small / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = memprobe.measure(small, *args)
+    assert "peak_mem_mb" not in broken and broken["peak_mem_error"], broken
 
 
 def test_generate_from_an_empty_prompt_starts_at_bos(tiny_models, tokenizer, capsys):

@@ -563,6 +563,7 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
 NAME = "gguf"
 BACKEND = "gguf"
 PACKAGES = ["gguf"]
+RUNTIME = ("gguf",)  # imported before a folder's peak memory is measured (pipeline/memprobe.py)
 # GGUF types as llama.cpp names them; bits of the main weight type (Q8_0 stores 8.5 bits a weight, with scales)
 METHODS = {"gguf-f16": 16, "gguf-q8_0": 8, "gguf-q4_0": 4, "gguf-q4_1": 4, "gguf-q5_0": 5, "gguf-q5_1": 5}
 OPTIONS = {"output_tensor_type": tuple(METHODS)}

@@ -20,6 +20,8 @@ log = logging.getLogger("pipeline")
 NAME = "openvino"
 BACKEND = "openvino"
 PACKAGES = ["optimum-intel", "optimum", "openvino", "nncf"]
+# imported before a folder's peak memory is measured: library code, the same for every model (pipeline/memprobe.py)
+RUNTIME = ("openvino", "optimum.intel.openvino")  # (optimum.intel alone imports lazily)
 METHODS = {"openvino-int8": 8, "openvino-int4": 4}
 OPTIONS = {
     "sym": ("openvino-int8", "openvino-int4"),

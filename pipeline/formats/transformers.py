@@ -14,6 +14,7 @@ from pipeline import models
 NAME = "transformers"
 BACKEND = "bitsandbytes"  # the quantization library of this format's candidates
 PACKAGES = ["bitsandbytes"]
+RUNTIME = ("transformers",)  # imported before a folder's peak memory is measured (pipeline/memprobe.py)
 METHODS = {"bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4}  # candidate method -> bits of the main weight type
 OPTIONS = {  # candidate option -> the methods it applies to
     "threshold": ("bnb-int8",),

@@ -7,18 +7,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import answers, data, errors, formats, general, llamacpp, models, report, scoring, tasks
+from pipeline import answers, data, errors, formats, general, llamacpp, memprobe, models, report, scoring, tasks
 from pipeline.context import Context
 from pipeline.errors import StageError
 from pipeline.folders import write_record
 from pipeline.generate import GenerationConfig, describe, generate
-from pipeline.metrics import (
-    PeakMemory,
-    model_device,
-    repetition,
-    speed,
-    word_perplexity,
-)
+from pipeline.metrics import model_device, repetition, speed, word_perplexity
 from pipeline.records import fingerprint, read_record
 
 log = logging.getLogger("pipeline")
@@ -45,6 +39,9 @@ class EvaluateConfig:
     texts: list[str] = field(default_factory=list)
     word_level: bool = False  # also report word-level perplexity (same NLL over whitespace words)
     speed: bool = True  # measure prefill and generate tokens/s on the run's device
+    # measure each model's peak memory in a fresh process of its own (its load and one run of the speed
+    # workload; a few seconds a model): in the evaluating process, memory an earlier model freed hides a later one's
+    memory: bool = True
     prefill_tokens: int = 128  # prompt length for the prefill measurement
     new_tokens: int = 32  # greedy tokens generated per prompt when timing generation
     repeats: int = 3  # timed runs after one warm-up; the median is reported
@@ -96,8 +93,8 @@ class EvaluateConfig:
             problems.append(f"answer_tokens: {self.answer_tokens} must be at least 1")
         if self.max_answers is not None and self.max_answers < 1:
             problems.append(f"max_answers: {self.max_answers} must be at least 1, or null for all")
-        if (self.speed or self.samples) and not self.prompts:
-            problems.append("prompts: give at least one prompt, or set speed and samples to false")
+        if (self.speed or self.memory or self.samples) and not self.prompts:
+            problems.append("prompts: give at least one prompt, or set speed, memory and samples to false")
         problems += [f"prompts[{i}]: {p!r} is empty; give some text for the samples and the speed measurement "
                      "to continue" for i, p in enumerate(self.prompts) if isinstance(p, str) and not p.strip()]
         return problems
@@ -122,21 +119,28 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         return cached
     device = models.pick_device()
     started = time.time()
-    with PeakMemory(device) as mem:
-        model, tokenizer = formats.load_folder(folder, device_map=str(device))
-        chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
-        if chat and ctx.data.chat_template:
-            tokenizer.chat_template = ctx.data.chat_template
-        texts = scoring.texts(ctx, tokenizer, cfg.max_tokens, cfg.texts, keep_text=cfg.word_level)
-        evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, cfg.batch_size, reference, folder,
-                                      scoring.Measurements(ctx.run_dir, ctx.force), "evaluate")
-        for result, (name, _, text) in zip(evaluations, texts):
-            if cfg.word_level:
-                result["word_perplexity"] = word_perplexity(result, text)
-            versus = (f", KL {result['kl']:.4f} nats and top-1 {result['top1']:.1%} vs {reference.folder.name}"
-                      if "kl" in result else "")
-            log.info("evaluate: %s perplexity %.3f on %s (%d tokens)%s", folder.name, result["perplexity"], name,
-                     result["scored_tokens"], versus)
+    # before this process loads the model: two copies at once could exceed the memory one needs
+    memory = (memprobe.measure(folder, str(device), cfg.prompts, cfg.prefill_tokens, cfg.new_tokens)
+              if cfg.memory else {})
+    if "peak_mem_error" in memory:
+        log.warning("evaluate: %s: peak memory not measured: %s", folder.name, memory["peak_mem_error"])
+    elif memory:
+        log.info("evaluate: %s peak memory %.0f MB (loaded in a process of its own)", folder.name,
+                 memory["peak_mem_mb"])
+    model, tokenizer = formats.load_folder(folder, device_map=str(device))
+    chat = ctx.data.format == "chat"  # samples and answers under the chat template the model was tuned with
+    if chat and ctx.data.chat_template:
+        tokenizer.chat_template = ctx.data.chat_template
+    texts = scoring.texts(ctx, tokenizer, cfg.max_tokens, cfg.texts, keep_text=cfg.word_level)
+    evaluations = scoring.measure(model, texts, cfg.context, cfg.stride, cfg.batch_size, reference, folder,
+                                  scoring.Measurements(ctx.run_dir, ctx.force), "evaluate")
+    for result, (name, _, text) in zip(evaluations, texts):
+        if cfg.word_level:
+            result["word_perplexity"] = word_perplexity(result, text)
+        versus = (f", KL {result['kl']:.4f} nats and top-1 {result['top1']:.1%} vs {reference.folder.name}"
+                  if "kl" in result else "")
+        log.info("evaluate: %s perplexity %.3f on %s (%d tokens)%s", folder.name, result["perplexity"], name,
+                 result["scored_tokens"], versus)
     row = {
         "perplexity": evaluations[0]["perplexity"],
         "evaluations": evaluations,
@@ -144,8 +148,8 @@ def evaluate_folder(folder: Path, cfg: EvaluateConfig, ctx: Context, task_plan: 
         # an OpenVINO model has no torch parameters; its stage record knows the count
         "params": models.count_params(model) or record.params,
         "disk_mb": formats.disk_mb(folder),
-        "peak_mem_mb": round(mem.peak_mb, 1),
         "device": str(model_device(model)),  # OpenVINO runs on the CPU whatever torch could use
+        **memory,
     }
     if cfg.speed:
         row.update(speed(model, tokenizer, cfg.prompts, cfg.prefill_tokens, cfg.new_tokens, cfg.repeats))
