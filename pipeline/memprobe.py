@@ -3,13 +3,14 @@
 Measured inside the evaluating process, a model's memory depends on what ran before it: pages freed by the
 previous model (and by the reference log-probabilities) are reused without raising the process's RSS, so the
 quick start once reported 16 MB for a 513 MB model. A fresh process per model gives the same number whatever
-the order: the rise over its RSS (CUDA: the allocator's peak) once the libraries the folder's format needs are
-imported, while it loads the folder and runs the speed measurement's workload once (its prefill, and its greedy
-generation after the first prompt). `python -m pipeline.memprobe FOLDER ...` is that process; `measure` runs it.
+the order: the rise over its RSS (CUDA: the allocator's peak) once the libraries of the folder's format and
+model class are imported, while it loads the folder and runs the speed measurement's workload once (its
+prefill, and its greedy generation after the first prompt). `python -m pipeline.memprobe FOLDER ...` is that process; `measure` runs it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -50,22 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline import formats, quiet
-    from pipeline.metrics import PeakMemory, greedy, prefill_ids
+    from pipeline.metrics import PeakMemory, greedy, model_device, prefill_ids
 
     quiet.install()
     fmt = formats.of_folder(args.folder)
     if fmt is None:
         parser.error(f"'{args.folder}' is not a model folder")
-    for name in fmt.RUNTIME:  # library code is the same for every model of the format, not the model's memory
+    # library code, the same for every model of its format and class, is not the model's memory (transformers
+    # imports a model class's modules on first use: about 145 MB)
+    for name in fmt.RUNTIME:
         importlib.import_module(name)
+    config = Path(args.folder) / "config.json"
+    if config.is_file():
+        import transformers
+
+        for architecture in json.loads(config.read_text()).get("architectures") or []:
+            getattr(transformers, architecture, None)
     device = torch.device(args.device)
     prompts = json.loads(args.prompts)
-    with PeakMemory(device) as mem, torch.no_grad():
+    # both kinds of memory: a folder may run on the CPU whatever device it is given (OpenVINO)
+    cpu = PeakMemory(torch.device("cpu"))
+    gpu = PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext()
+    with cpu, gpu, torch.no_grad():
         model, tokenizer = formats.load_folder(args.folder, device_map=str(device))
-        ids = prefill_ids(tokenizer, prompts, args.prefill_tokens, device)
+        runs_on = model_device(model)
+        ids = prefill_ids(tokenizer, prompts, args.prefill_tokens, runs_on)
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        greedy(model, tokenizer, tokenizer(prompts[0], return_tensors="pt").to(device), args.new_tokens)
-    print(json.dumps({"peak_mem_mb": round(mem.peak_mb, 1)}))
+        greedy(model, tokenizer, tokenizer(prompts[0], return_tensors="pt").to(runs_on), args.new_tokens)
+    peak = gpu.peak_mb if runs_on.type == "cuda" else cpu.peak_mb
+    print(json.dumps({"peak_mem_mb": round(peak, 1)}))
     return 0
 
 

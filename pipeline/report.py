@@ -180,8 +180,9 @@ def markdown(recipe: str, rows: list[dict]) -> str:
                          f"{speed['repeats']} runs after a warm-up.")
         if any("peak_mem_mb" in r or "peak_mem_error" in r for r in rows):
             lines.append("Peak memory: measured for each model in a fresh process of its own (the same whatever the "
-                         "order), as the rise of its RSS once the format's libraries are imported (allocator peak on "
-                         "CUDA) while it loads the model and runs one prefill and generation of the speed settings."
+                         "order), as the rise of its RSS once the libraries of its format and model class are imported "
+                         "(allocator peak on CUDA) while it loads the model and runs one prefill and generation of "
+                         "the speed settings."
                          + "".join(f" `{r['name']}`: not measured ({r['peak_mem_error']})."
                                    for r in rows if r.get("peak_mem_error")))
     for row in rows:
