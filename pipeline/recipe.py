@@ -72,6 +72,10 @@ class RecipeSettings:
 
     def check(self) -> list[str]:
         problems = []
+        if isinstance(self.name, str) and (self.name.strip() in ("", ".", "..") or any(c in self.name for c in "/\\")):
+            # `<output_dir>/<name>/` must be a folder of its own there, not output_dir itself or one outside it
+            problems.append(f"name: {self.name!r} is not a folder name (the run folder is <output_dir>/<name>/); use "
+                            "one name without '/', e.g. name: quickstart-v2")
         source = None
         if isinstance(self.model, str):
             try:
@@ -438,7 +442,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     given = ignored.given_keys(raw)  # before <stage>.data takes the recipe's data keys: what the user wrote
-    raw.setdefault("name", path.stem)
+    if raw.get("name") is None:  # left out or null: the file's name
+        raw["name"] = path.stem
     for stage in [s.name for s in SECTIONS if "data" in {f.name for f in fields(s.config)}]:
         section = raw.get(stage)
         if isinstance(section, dict) and isinstance(section.get("data"), dict) and isinstance(raw.get("data", {}), dict):

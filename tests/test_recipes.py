@@ -82,12 +82,23 @@ def test_a_tab_indent_names_its_line_and_the_fix(tiny_models, tmp_path, capsys):
     ("=3", "'' is not a key"),
     ("prune..axes=[mlp]", "'prune..axes' is not a key"),
     ("evaluate.prompts=['The list', ' ']", "evaluate.prompts[1]: ' ' is empty"),
+    # the run folder must be a folder of its own in output_dir: not output_dir itself, nor one outside it
+    ("name=..", "name: '..' is not a folder name"),
+    ("name=.", "name: '.' is not a folder name"),
+    ("name=../elsewhere", "use one name without '/'"),
+    ("name=team/run", "name: 'team/run' is not a folder name"),
 ])
 def test_bad_override_names_the_key_and_the_fix(tiny_models, make_recipe, capsys, override, needle):
     assert main(["validate", str(make_recipe(tiny_models["llama"])), override]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert "1 problem(s)" in err, err  # one mistake, one message
+
+
+def test_a_null_name_is_the_file_name(tiny_models, make_recipe, capsys):
+    path = make_recipe(tiny_models["llama"], name="my-run")
+    assert main(["validate", str(path), "name=null"]) == 0
+    assert f"run folder {path.parent / 'runs' / 'my-run'}" in capsys.readouterr().out
 
 
 def test_bad_prune_axes_do_not_also_report_an_unreachable_target(tiny_models, make_recipe, capsys):
