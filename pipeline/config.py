@@ -109,7 +109,15 @@ def parse(cls: type, data: dict, prefix: str, errors: list[str]):
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             errors.append(f"{where}: unknown key{hint}; allowed keys: {', '.join(fields)}")
             continue
+        before = len(errors)
         kwargs[key] = _coerce(value, hints[key], where, errors)
+        if len(errors) > before and not dataclasses.is_dataclass(hints[key]):
+            # reported; the checks below see the default, not a null or a string where a path or number goes
+            field = fields[key]
+            if field.default is not dataclasses.MISSING:
+                kwargs[key] = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                kwargs[key] = field.default_factory()
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{prefix + '.' if prefix else ''}{name}: required key is missing")

@@ -87,6 +87,11 @@ def test_a_tab_indent_names_its_line_and_the_fix(tiny_models, tmp_path, capsys):
     ("name=.", "name: '.' is not a folder name"),
     ("name=../elsewhere", "use one name without '/'"),
     ("name=team/run", "name: 'team/run' is not a folder name"),
+    # a null or wrong type is said once; the checks that read the key see its default (they crashed on None)
+    ("output_dir=null", "output_dir: expected str, got None"),
+    ("data.source=null", "data.source: expected str, got None"),
+    ("data.mix=[null]", "data.mix[0].source: required key is missing"),
+    ("data.mix=[{source: null}]", "data.mix[0].source: expected str, got None"),
 ])
 def test_bad_override_names_the_key_and_the_fix(tiny_models, make_recipe, capsys, override, needle):
     assert main(["validate", str(make_recipe(tiny_models["llama"])), override]) == 2
