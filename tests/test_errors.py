@@ -564,9 +564,10 @@ def test_hub_dataset_while_offline(tiny_models, make_recipe, tmp_path, monkeypat
     no_folder(tmp_path / "runs" / "tiny", "finetune")
 
 
-@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"ok\n\xff\n", "not UTF-8 text: byte 0xff on line 2")])
+@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"ok\n\xff\n", "not UTF-8 text: byte 0xff on line 2"),
+                                            (None, "is a folder; give the .txt files in it")])
 def test_bad_evaluation_text(content, needle, tiny_models, make_recipe, tmp_path, capsys):
-    text = write(tmp_path / "extra.txt", content)
+    text = write(tmp_path / "extra.txt", content) if content is not None else write(tmp_path / "texts" / "a.txt", "x").parent
     err = fails(["run", make_recipe(tiny_models["gpt2"], evaluate={"texts": [str(text)]})], capsys)
     assert "evaluate.texts" in err and str(text) in err and needle in err, err
 

@@ -81,7 +81,8 @@ class EvaluateConfig:
                 problems.append(f"{key}: {getattr(self, key)} must be at least 1")
         for t in self.texts:
             path = Path(t).expanduser()
-            problem = "does not exist" if not path.is_file() else errors.file_problem(path)  # empty, not UTF-8
+            problem = ("is a folder; give the .txt files in it one by one" if path.is_dir() else
+                       "does not exist" if not path.is_file() else errors.file_problem(path))  # empty, not UTF-8
             problems += [f"texts: file '{t}' {problem}"] if problem else []
         if self.lm_eval_batch_size < 1:
             problems.append(f"lm_eval_batch_size: {self.lm_eval_batch_size} must be at least 1")
