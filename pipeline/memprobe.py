@@ -5,7 +5,8 @@ previous model (and by the reference log-probabilities) are reused without raisi
 quick start once reported 16 MB for a 513 MB model. A fresh process per model gives the same number whatever
 the order: the rise over its RSS (CUDA: the allocator's peak) once the libraries of the folder's format and
 model class are imported, while it loads the folder and runs the speed measurement's workload once (its
-prefill, and its greedy generation after the first prompt). `python -m pipeline.memprobe FOLDER ...` is that process; `measure` runs it.
+prefill, and its greedy generation after the first prompt). `python -m pipeline.memprobe FOLDER ...` is that
+process; `measure` runs it.
 """
 from __future__ import annotations
 
