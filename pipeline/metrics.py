@@ -251,7 +251,6 @@ def _median_seconds(fn, repeats: int) -> tuple[float, dict]:
                                        "noisy": spread > NOISY_SPREAD or busy}
 
 
-@torch.no_grad()
 def prefill_ids(tokenizer, prompts: list[str], prefill_tokens: int, device) -> torch.Tensor:
     """The speed measurement's prompt: the prompts joined and repeated to exactly `prefill_tokens` tokens."""
     prompt_ids = tokenizer(" ".join(prompts), return_tensors="pt")["input_ids"]
@@ -265,6 +264,7 @@ def greedy(model, tokenizer, encoded, new_tokens: int):
                           pad_token_id=pad)
 
 
+@torch.no_grad()
 def speed(model, tokenizer, prompts: list[str], prefill_tokens: int, new_tokens: int, repeats: int) -> dict:
     """Prefill tokens/s (one forward pass over `prefill_tokens`) and greedy generate tokens/s
     (exactly `new_tokens` new tokens per prompt), median of `repeats` after a warm-up."""

@@ -188,6 +188,17 @@ def test_peak_memory_is_measured_in_a_process_of_its_own(tokenizer, tmp_path):
     assert "peak_mem_mb" not in broken and broken["peak_mem_error"], broken
 
 
+def test_speed_runs_without_autograd(tiny_models, tokenizer):
+    """The timed passes build no autograd graph (a graph would slow them and hold every activation)."""
+    from pipeline.metrics import speed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    speed(model, tokenizer, ["The list"], 8, 2, 1)
+    assert seen and not any(seen)
+
+
 def test_generate_from_an_empty_prompt_starts_at_bos(tiny_models, tokenizer, capsys):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     cfg = GenerationConfig(max_new_tokens=6)
