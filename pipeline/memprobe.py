@@ -35,7 +35,10 @@ def measure(folder: Path, device: str, prompts: list[str], prefill_tokens: int, 
         return {"peak_mem_error": f"the measuring process ran past {TIMEOUT_S} s"}
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        try:  # the measure is the child's last line; a library printing after it leaves none to read
+            return json.loads(lines[-1])
+        except ValueError:
+            return {"peak_mem_error": f"the measuring process ended without its result (last line: {lines[-1]!r})"}
     why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     return {"peak_mem_error": why}
 
