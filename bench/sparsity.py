@@ -12,6 +12,9 @@ targets and placed against the structured cuts of bench/results/compress.json (s
     python bench/sparsity.py                               # six variants, zero-shot + healed (~1 h idle, 2 cores)
     python bench/sparsity.py --variants 2:4-sparsegpt --no-heal
     python bench/sparsity.py --smoke --out /tmp/s.json     # tiny Llama, a minute
+    python bench/sparsity.py --variants unstructured-50-sparsegpt \
+        --override "prune.data.mix=[{source: ../shared/data/wikitext-2/valid.txt, weight: 0.33}]" \
+        --override "distill.data.mix=[{source: ../shared/data/wikitext-2/valid.txt, weight: 0.33}]"  # general text too
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-sparsity"), help="where the variants' runs go")
     p.add_argument("--out", default=str(common.RESULTS / "sparsity.json"))
     p.add_argument("--smoke", action="store_true", help="tiny Llama teacher, for a quick check")
+    p.add_argument("--override", action="append", default=[],
+                   help="recipe override for every variant (key=value), e.g. a general-text mix in prune.data and "
+                        "distill.data, as bench/compress.py takes")
     return common.variant_args(p, argv, VARIANTS)
 
 
@@ -85,8 +91,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     overrides = [f"output_dir={args.work}", *OWN_OVERRIDES, f"distill.enabled={str(args.heal).lower()}"]
+    overrides += [*(SMOKE_OVERRIDES if args.smoke else []), *args.override]  # the caller's keys last: they win
     if args.smoke:
-        overrides += SMOKE_OVERRIDES
         tiny = recipe.load(ROOT / "recipes" / "quickstart.yaml",
                            [*overrides, "name=sparsity-teacher", "prune.enabled=false", "distill.enabled=false",
                             "check_source=false", f"model={common.tiny_folder(Path(tmp.name))}"])
@@ -129,7 +135,10 @@ def main(argv=None) -> None:
                            "validation_tokens": len(val_ids), "wikitext_tokens": len(wiki) if wiki else 0,
                            "healing": {"max_steps": d.max_steps, "batch_size": d.batch_size,
                                        "learning_rate": d.learning_rate, "alpha_kd": d.alpha_kd,
-                                       "alpha_ce": d.alpha_ce, "data": "the recipe's training split",
+                                       "alpha_ce": d.alpha_ce,
+                                       "data": "the recipe's training split" + (" with the overrides' distill.data"
+                                                                                if any(o.startswith("distill.data")
+                                                                                       for o in args.override) else ""),
                                        "mask": "fixed"} if args.heal else "none (zero-shot)",
                            "targets": {"ppl_ratio": TARGETS, "int8_compressed_vs_dense_int8_compressed": SIZE_TARGET},
                            "structured": str(structured_path.relative_to(ROOT)) if cuts and

@@ -422,10 +422,17 @@ def duplicate_keys(node, prefix: str = "") -> list[str]:
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"recipe file '{path}' is a folder; give a recipe's .yaml file, e.g. recipes/quickstart.yaml"],
+                          str(path))
     if not path.is_file():
         raise RecipeError([f"recipe file '{path}' does not exist; recipes live in recipes/"], str(path))
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML is UTF-8 whatever the locale says
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"not a text file in UTF-8 (byte {err.start} cannot be read): a recipe is YAML text; "
+                           "save it as UTF-8"], str(path)) from err
+    try:
         duplicated = duplicate_keys(yaml.compose(text))
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
