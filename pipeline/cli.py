@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("run", "validate", "push") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    if getattr(args, "stages", None) is not None:  # run and push: one list, checked once
+        args.stages = [s.strip() for s in args.stages.split(",")]
+        if not all(args.stages):  # `--stages ""` (an empty shell variable) would otherwise mean every stage
+            parser.error(f"--stages {','.join(args.stages)!r} has an empty stage name; give comma-separated names, "
+                         "e.g. --stages quantize,evaluate")
+    if getattr(args, "until", None) is not None and not args.until.strip():
+        parser.error(f"--until {args.until!r} names no stage; give one, e.g. --until distill")
     if args.command == "generate":
         return _generate(args)
     if args.command == "keys":
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return _push(recipe, args)
     from pipeline import runner
 
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    stages = args.stages
     with interrupts.interruptible():
         try:
             runner.run(recipe, stages, force=args.force, until=args.until, wait=args.wait)
@@ -192,7 +199,7 @@ def _keys(args) -> int:
 def _push(recipe, args) -> int:
     from pipeline import push
 
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    stages = args.stages
     try:
         if args.dry_run:
             print(push.dry_run(recipe, stages))

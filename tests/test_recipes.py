@@ -61,6 +61,19 @@ def test_unknown_stage_is_a_clear_error(tiny_models, make_recipe, capsys):
     assert "unknown stage(s) polish" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["run", "--stages", ""], ["run", "--stages", "load,,finetune"], ["run", "--until", " "],
+                                  ["push", "--stages", "", "--dry-run"]])
+def test_an_empty_stage_name_is_refused_not_read_as_every_stage(tiny_models, make_recipe, capsys, argv, tmp_path):
+    # `--stages ""` (an empty shell variable) ran every enabled stage; `--until ""` ran them all as well
+    command, *rest = argv
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(make_recipe(tiny_models["gpt2"])), f"output_dir={tmp_path / 'runs'}", *rest])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "names no stage" in err or "has an empty stage name" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_recipe_file(capsys):
     assert main(["validate", "recipes/nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
