@@ -378,6 +378,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize-all-layers": [("quantize-all-layers", _quantize), ("quantize-all-layers-lora", _quantize)],
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
     "sparsity-healed": [("sparsity-healed", _sparsity), ("sparsity-healed-wanda", _sparsity)],
+    "sparsity-healed-mix": [("sparsity-healed-mix", _sparsity)],
     "sparse-speed": [("sparse-speed", _sparse_speed)],
     "sparse-bound": [("sparse-bound", _sparse_bound)],
     "quantize-qat": [("quantize-qat", _quantize)],
