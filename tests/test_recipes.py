@@ -78,6 +78,7 @@ def test_missing_recipe_file(capsys):
     assert main(["validate", "recipes/nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
 def test_recipe_path_that_is_a_folder_or_not_utf8_text(tmp_path, capsys):
     # a folder read as "does not exist"; a binary or Latin-1 file ended in a UnicodeDecodeError ("a bug", exit 1)
     assert main(["validate", str(tmp_path)]) == 2
@@ -89,7 +90,6 @@ def test_recipe_path_that_is_a_folder_or_not_utf8_text(tmp_path, capsys):
         assert "not a text file in UTF-8" in err and "Traceback" not in err, err
     (tmp_path / "bom.yaml").write_bytes("\ufeffname: x\nmodel: m\n".encode("utf-8"))  # a BOM is still UTF-8
     assert main(["validate", str(tmp_path / "bom.yaml")]) == 0
-
 
 
 def test_a_tab_indent_names_its_line_and_the_fix(tiny_models, tmp_path, capsys):
