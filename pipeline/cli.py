@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         if not all(args.stages):  # `--stages ""` (an empty shell variable) would otherwise mean every stage
             parser.error(f"--stages {','.join(args.stages)!r} has an empty stage name; give comma-separated names, "
                          "e.g. --stages quantize,evaluate")
-    if getattr(args, "until", None) is not None and not args.until.strip():
-        parser.error(f"--until {args.until!r} names no stage; give one, e.g. --until distill")
+    if getattr(args, "until", None) is not None:  # stripped as the --stages names are
+        if not args.until.strip():
+            parser.error(f"--until {args.until!r} names no stage; give one, e.g. --until distill")
+        args.until = args.until.strip()
     if args.command == "generate":
         return _generate(args)
     if args.command == "keys":

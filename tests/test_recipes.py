@@ -74,6 +74,13 @@ def test_an_empty_stage_name_is_refused_not_read_as_every_stage(tiny_models, mak
     assert not (tmp_path / "runs").exists()
 
 
+def test_until_takes_a_stage_name_with_spaces_around_it_as_stages_does(tiny_models, make_recipe, tmp_path):
+    # `--until " load"` (a quoted list pasted with its space) was refused as an unknown stage, `--stages " load"` ran
+    runs = tmp_path / "runs"
+    assert main(["run", str(make_recipe(tiny_models["gpt2"])), f"output_dir={runs}", "--until", " load "]) == 0
+    assert sorted(p.name for p in (runs / "tiny").iterdir() if p.is_dir()) == ["base"]  # the load stage's folder
+
+
 def test_missing_recipe_file(capsys):
     assert main(["validate", "recipes/nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
