@@ -379,6 +379,7 @@ BLOCKS = {  # README block: the results it shows, in order
     "quantize-transformers": [("quantize-transformers", _quantize_versions)],
     "sparsity-healed": [("sparsity-healed", _sparsity), ("sparsity-healed-wanda", _sparsity)],
     "sparsity-healed-mix": [("sparsity-healed-mix", _sparsity)],
+    "sparsity-healed-tuned": [("sparsity-healed-tuned", _sparsity), ("sparsity-healed-tuned-2-4", _sparsity)],
     "sparse-speed": [("sparse-speed", _sparse_speed)],
     "sparse-bound": [("sparse-bound", _sparse_bound)],
     "quantize-qat": [("quantize-qat", _quantize)],

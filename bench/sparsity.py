@@ -15,6 +15,7 @@ targets and placed against the structured cuts of bench/results/compress.json (s
     python bench/sparsity.py --variants unstructured-50-sparsegpt \
         --override "prune.data.mix=[{source: ../shared/data/wikitext-2/valid.txt, weight: 0.33}]" \
         --override "distill.data.mix=[{source: ../shared/data/wikitext-2/valid.txt, weight: 0.33}]"  # general text too
+    # ... and --override prune.calibration_blocks=256 --override distill.alpha_ce=1.0: sparsity-healed-tuned.json
 """
 from __future__ import annotations
 

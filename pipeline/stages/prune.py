@@ -58,7 +58,9 @@ class PruneConfig:
     hidden_size: int | None = None  # ditto
     num_attention_heads: int | None = None  # ditto
     intermediate_size: int | None = None  # ditto
-    calibration_blocks: int = 64  # `data.block_size` blocks of the training split to measure importance on
+    # `data.block_size` blocks of the training split to measure importance on; SparseGPT's reconstruction gains from
+    # more (256 did better than 64 in bench/results/sparsity-sweep/, at twice the prune time)
+    calibration_blocks: int = 64
     # text to measure importance on, in the `data` schema (null = the recipe's `data`; the keys it gives replace the
     # recipe's, as in `distill.data`): importance follows its text, so calibrate on what the student must stay
     # good at, e.g. `{mix: [{source: wiki.txt}]}` for general English as well
